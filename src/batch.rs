@@ -1,0 +1,662 @@
+//! Batch: turns an OTLP `ExportMetricsServiceRequest` (the one data model of both routes, in
+//! process and over the wire) into per-run points with a step, a series name and a value.
+//!
+//! # Runs
+//! A resource is one run. Its identity comes from resource attributes (keys configurable, see
+//! [`IdentityKeys`]): `ml.experiment.name`, `ml.run.name`, `ml.run.id`; `ml.param.<name>` become
+//! params; every other resource attribute becomes a run tag. A run is keyed by its id, else its
+//! name, else `service.name`/`service.instance.id`, else `default`.
+//!
+//! # Steps
+//! Every data point carries its step as the attribute `step` (key configurable). Accepted forms,
+//! as other SDKs send them: an int, a double with no fractional part inside the int64 range, or
+//! a string holding either. Anything else is dropped and counted as `invalid_step`. The attribute
+//! is removed before the point is named.
+//!
+//! A data point without the attribute gets a step that never decreases and never piles up:
+//! if any point of its run has carried a step, the step is `max(largest step seen in the run,
+//! the step last given to this series)`; otherwise the series counts its own points `0, 1, 2, …`
+//! (one per data point, i.e. one per collection in process). Within one request, stepped points
+//! are seen first, so an unstepped point lands on the latest step of the same request.
+//!
+//! # Values
+//! Gauge and sum points give scalars (int values converted to f64). Explicit-bucket histograms
+//! keep their buckets. Exponential histograms and summaries are not mapped yet: counted
+//! `unsupported_type`. Points flagged "no recorded value" are skipped without counting. Points in
+//! the SDK's cardinality overflow series (`otel.metric.overflow=true`) cannot be placed at a step
+//! and are counted `cardinality_overflow`.
+//!
+//! The OTel SDK (0.33.1+) discards NaN and ±Inf measurements. [`crate::StepRecorder`] therefore
+//! records them as `0.0` with the attribute `trainmetrics.nonfinite` = `NaN` | `Infinity` |
+//! `-Infinity`; this module restores the value and removes the attribute.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, HistogramDataPoint};
+
+use crate::names::series_name;
+use crate::stats::DropReason;
+
+/// Attribute that carries a non-finite value past the SDK (see the module docs).
+pub const NONFINITE_ATTRIBUTE: &str = "trainmetrics.nonfinite";
+/// The OTel SDK's attribute on its cardinality overflow series (OTel metrics SDK spec).
+pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
+
+/// Which resource attributes identify a run (defaults in [`Default`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKeys {
+    /// Experiment name key; default `ml.experiment.name`.
+    pub experiment: String,
+    /// Run name key; default `ml.run.name`.
+    pub run_name: String,
+    /// Run id key (the trainer's own id for the run, not MLflow's); default `ml.run.id`.
+    pub run_id: String,
+    /// Prefix of param keys; default `ml.param.`.
+    pub param_prefix: String,
+}
+
+impl Default for IdentityKeys {
+    fn default() -> Self {
+        Self {
+            experiment: "ml.experiment.name".into(),
+            run_name: "ml.run.name".into(),
+            run_id: "ml.run.id".into(),
+            param_prefix: "ml.param.".into(),
+        }
+    }
+}
+
+/// One run as described by its resource.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunInfo {
+    /// Stable key of the run (see the module docs): what windows, files and MLflow runs hang on.
+    pub key: String,
+    /// Experiment name, if the resource names one.
+    pub experiment: Option<String>,
+    /// Human run name, if the resource names one.
+    pub run_name: Option<String>,
+    /// The trainer's id of the run, if given.
+    pub run_id: Option<String>,
+    /// Hyperparameters (`ml.param.<name>` → `<name>`), values as text.
+    pub params: BTreeMap<String, String>,
+    /// Every other resource attribute, as text.
+    pub tags: BTreeMap<String, String>,
+}
+
+impl RunInfo {
+    /// A display name: the run name, else the key.
+    pub fn display_name(&self) -> &str {
+        self.run_name.as_deref().unwrap_or(&self.key)
+    }
+}
+
+/// An OTel explicit-bucket histogram data point (bounds and counts as in OTLP: `counts.len() ==
+/// bounds.len() + 1`, checked at decode time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// Number of measurements.
+    pub count: u64,
+    /// Sum of measurements (NaN when the producer sent none).
+    pub sum: f64,
+    /// Smallest measurement, if known.
+    pub min: Option<f64>,
+    /// Largest measurement, if known.
+    pub max: Option<f64>,
+    /// Upper bounds of all buckets but the last (strictly increasing in valid OTLP).
+    pub bounds: Vec<f64>,
+    /// Counts per bucket.
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    /// Mean of the measurements (`sum / count`), NaN when empty.
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            f64::NAN
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+}
+
+/// The value of a point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointValue {
+    /// A scalar (gauge or sum), possibly NaN or ±Inf.
+    Scalar(f64),
+    /// A histogram.
+    Histogram(Histogram),
+}
+
+/// One data point at one step of one series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// The OTel metric name (for per-metric aggregation rules).
+    pub metric: String,
+    /// The series name (see [`crate::names`]): TensorBoard tag, MLflow key before sanitizing.
+    pub series: String,
+    /// The training step.
+    pub step: i64,
+    /// Time of the data point, ns since the Unix epoch (the collection time in process). Assigned
+    /// once here, so a retry re-sends identical timestamps.
+    pub time_unix_nano: u64,
+    /// The value.
+    pub value: PointValue,
+}
+
+/// The points of one run from one request.
+#[derive(Debug, Clone)]
+pub struct RunPoints {
+    /// The run.
+    pub run: Arc<RunInfo>,
+    /// Its points, in request order.
+    pub points: Vec<Point>,
+}
+
+/// What a request decoded to: points per run, plus data points that could not be used.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Usable points, grouped by run in first-seen order.
+    pub runs: Vec<RunPoints>,
+    /// Data points dropped, by reason.
+    pub dropped: Vec<(DropReason, u64)>,
+    /// One message per reason, for the log (first offender).
+    pub messages: Vec<(DropReason, String)>,
+}
+
+impl Decoded {
+    fn drop(&mut self, reason: DropReason, message: impl FnOnce() -> String) {
+        match self.dropped.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.dropped.push((reason, 1));
+                self.messages.push((reason, message()));
+            }
+        }
+    }
+}
+
+/// Number of data points in a request (all types), as counted for "received".
+pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
+    let mut n = 0u64;
+    for rm in &req.resource_metrics {
+        for sm in &rm.scope_metrics {
+            for m in &sm.metrics {
+                n += match &m.data {
+                    Some(metric::Data::Gauge(g)) => g.data_points.len(),
+                    Some(metric::Data::Sum(s)) => s.data_points.len(),
+                    Some(metric::Data::Histogram(h)) => h.data_points.len(),
+                    Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
+                    Some(metric::Data::Summary(s)) => s.data_points.len(),
+                    None => 0,
+                } as u64;
+            }
+        }
+    }
+    n
+}
+
+/// Settings of the decoder (validated once from config).
+#[derive(Debug, Clone)]
+pub struct DecodeSettings {
+    /// The step attribute's key; default `step`.
+    pub step_key: String,
+    /// Resource keys of the run identity.
+    pub identity: IdentityKeys,
+    /// Optional prefix of every series name.
+    pub prefix: Option<String>,
+}
+
+impl Default for DecodeSettings {
+    fn default() -> Self {
+        Self { step_key: "step".into(), identity: IdentityKeys::default(), prefix: None }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RunSteps {
+    max_step: Option<i64>,
+    last_by_series: HashMap<String, i64>,
+}
+
+/// Stateful decoder: one per exporter, because the step given to unstepped points depends on
+/// what that exporter has seen.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    settings: DecodeSettings,
+    steps: HashMap<String, RunSteps>,
+    runs: HashMap<String, Arc<RunInfo>>,
+}
+
+/// Renders an attribute value as text (for names, params and tags).
+pub fn any_value_text(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BytesValue(b)) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        Some(any_value::Value::ArrayValue(a)) => {
+            let items: Vec<String> = a.values.iter().map(|x| any_value_text(Some(x))).collect();
+            format!("[{}]", items.join(","))
+        }
+        Some(any_value::Value::KvlistValue(kv)) => {
+            let items: Vec<String> = kv
+                .values
+                .iter()
+                .map(|x| format!("{}={}", x.key, any_value_text(x.value.as_ref())))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        _ => String::new(),
+    }
+}
+
+/// Parses a step attribute value by the rules in the module docs.
+pub fn parse_step(v: Option<&AnyValue>) -> Option<i64> {
+    fn whole(d: f64) -> Option<i64> {
+        // 2^63 is exactly representable; anything at or above it is out of range.
+        (d.is_finite() && d.fract() == 0.0 && d >= -9.223_372_036_854_775_808e18 && d < 9.223_372_036_854_775_808e18)
+            .then_some(d as i64)
+    }
+    match v.and_then(|v| v.value.as_ref())? {
+        any_value::Value::IntValue(i) => Some(*i),
+        any_value::Value::DoubleValue(d) => whole(*d),
+        any_value::Value::StringValue(s) => {
+            let s = s.trim();
+            s.parse::<i64>().ok().or_else(|| s.parse::<f64>().ok().and_then(whole))
+        }
+        _ => None,
+    }
+}
+
+fn now_unix_nano() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A data point on its way through decoding, before its step is final.
+struct Pending {
+    metric: String,
+    series: String,
+    step: Option<i64>,
+    time_unix_nano: u64,
+    value: PointValue,
+}
+
+impl Decoder {
+    /// A decoder with these settings.
+    pub fn new(settings: DecodeSettings) -> Self {
+        Self { settings, steps: HashMap::new(), runs: HashMap::new() }
+    }
+
+    fn run_info(&mut self, attrs: &[KeyValue]) -> Arc<RunInfo> {
+        let keys = &self.settings.identity;
+        let mut info = RunInfo::default();
+        let mut service = (None, None);
+        for kv in attrs {
+            let text = any_value_text(kv.value.as_ref());
+            if kv.key == keys.experiment {
+                info.experiment = Some(text);
+            } else if kv.key == keys.run_name {
+                info.run_name = Some(text);
+            } else if kv.key == keys.run_id {
+                info.run_id = Some(text);
+            } else if let Some(p) = kv.key.strip_prefix(keys.param_prefix.as_str()) {
+                info.params.insert(p.to_string(), text);
+            } else {
+                if kv.key == "service.name" {
+                    service.0 = Some(text.clone());
+                } else if kv.key == "service.instance.id" {
+                    service.1 = Some(text.clone());
+                }
+                info.tags.insert(kv.key.clone(), text);
+            }
+        }
+        info.key = match (&info.run_id, &info.run_name, service) {
+            (Some(id), _, _) if !id.is_empty() => id.clone(),
+            (_, Some(name), _) if !name.is_empty() => name.clone(),
+            (_, _, (Some(s), Some(i))) => format!("{s}/{i}"),
+            (_, _, (Some(s), None)) => s,
+            _ => "default".to_string(),
+        };
+        // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
+        match self.runs.get(&info.key) {
+            Some(existing) if **existing == info => existing.clone(),
+            _ => {
+                let arc = Arc::new(info);
+                self.runs.insert(arc.key.clone(), arc.clone());
+                arc
+            }
+        }
+    }
+
+    /// Splits attributes into (step, remaining name attributes, non-finite override, overflow).
+    fn split_attributes(
+        &self,
+        attrs: &[KeyValue],
+    ) -> Result<(Option<i64>, Vec<(String, String)>, Option<f64>, bool), String> {
+        let mut step = None;
+        let mut rest = Vec::with_capacity(attrs.len());
+        let mut nonfinite = None;
+        let mut overflow = false;
+        for kv in attrs {
+            if kv.key == self.settings.step_key {
+                step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
+                    format!("step attribute {:?} is not an integer", any_value_text(kv.value.as_ref()))
+                })?);
+            } else if kv.key == NONFINITE_ATTRIBUTE {
+                nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
+                    "NaN" => Some(f64::NAN),
+                    "Infinity" => Some(f64::INFINITY),
+                    "-Infinity" => Some(f64::NEG_INFINITY),
+                    other => return Err(format!("{NONFINITE_ATTRIBUTE}={other:?} is not NaN, Infinity or -Infinity")),
+                };
+            } else if kv.key == OVERFLOW_ATTRIBUTE {
+                overflow = true;
+            } else {
+                rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
+            }
+        }
+        Ok((step, rest, nonfinite, overflow))
+    }
+
+    /// Decodes one request. Never fails: unusable data points are counted in
+    /// [`Decoded::dropped`].
+    pub fn decode(&mut self, req: &ExportMetricsServiceRequest) -> Decoded {
+        let mut out = Decoded::default();
+        let received_at = now_unix_nano();
+        for rm in &req.resource_metrics {
+            let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+            let run = self.run_info(attrs);
+            let mut pending: Vec<Pending> = Vec::new();
+            for sm in &rm.scope_metrics {
+                for m in &sm.metrics {
+                    self.decode_metric(m, received_at, &mut pending, &mut out);
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let points = self.assign_steps(&run.key, pending);
+            match out.runs.iter_mut().find(|r| r.run.key == run.key) {
+                Some(r) => r.points.extend(points),
+                None => out.runs.push(RunPoints { run, points }),
+            }
+        }
+        out
+    }
+
+    fn decode_metric(
+        &self,
+        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+        received_at: u64,
+        pending: &mut Vec<Pending>,
+        out: &mut Decoded,
+    ) {
+        const NO_RECORDED_VALUE: u32 = 1;
+        let prefix = self.settings.prefix.as_deref();
+        let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, out: &mut Decoded| {
+            if flags & NO_RECORDED_VALUE != 0 {
+                return;
+            }
+            match self.split_attributes(attrs) {
+                Err(msg) => out.drop(DropReason::InvalidStep, || format!("metric {:?}: {msg}", m.name)),
+                Ok((_, _, _, true)) => out.drop(DropReason::CardinalityOverflow, || {
+                    format!(
+                        "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
+                        m.name
+                    )
+                }),
+                Ok((step, rest, nonfinite, false)) => {
+                    let value = match (value, nonfinite) {
+                        (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
+                        (v, _) => v,
+                    };
+                    pending.push(Pending {
+                        metric: m.name.clone(),
+                        series: series_name(prefix, &m.name, &rest),
+                        step,
+                        time_unix_nano: if time == 0 { received_at } else { time },
+                        value,
+                    });
+                }
+            }
+        };
+        match &m.data {
+            Some(metric::Data::Gauge(g)) => {
+                for dp in &g.data_points {
+                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(number(dp.value)), out);
+                }
+            }
+            Some(metric::Data::Sum(s)) => {
+                for dp in &s.data_points {
+                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(number(dp.value)), out);
+                }
+            }
+            Some(metric::Data::Histogram(h)) => {
+                for dp in &h.data_points {
+                    match histogram(dp) {
+                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                    }
+                }
+            }
+            Some(metric::Data::ExponentialHistogram(h)) => {
+                for _ in &h.data_points {
+                    out.drop(DropReason::UnsupportedType, || {
+                        format!("metric {:?}: exponential histograms are not mapped yet", m.name)
+                    });
+                }
+            }
+            Some(metric::Data::Summary(s)) => {
+                for _ in &s.data_points {
+                    out.drop(DropReason::UnsupportedType, || format!("metric {:?}: summaries are not mapped yet", m.name));
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn assign_steps(&mut self, run_key: &str, pending: Vec<Pending>) -> Vec<Point> {
+        let state = self.steps.entry(run_key.to_string()).or_default();
+        for p in &pending {
+            if let Some(s) = p.step {
+                state.max_step = Some(state.max_step.map_or(s, |m| m.max(s)));
+            }
+        }
+        pending
+            .into_iter()
+            .map(|p| {
+                let step = match p.step {
+                    Some(s) => s,
+                    None => {
+                        let last = state.last_by_series.get(&p.series).copied();
+                        let s = match (state.max_step, last) {
+                            (Some(max), Some(l)) => max.max(l),
+                            (Some(max), None) => max,
+                            (None, Some(l)) => l.saturating_add(1),
+                            (None, None) => 0,
+                        };
+                        state.last_by_series.insert(p.series.clone(), s);
+                        s
+                    }
+                };
+                Point { metric: p.metric, series: p.series, step, time_unix_nano: p.time_unix_nano, value: p.value }
+            })
+            .collect()
+    }
+}
+
+fn number(v: Option<number_data_point::Value>) -> f64 {
+    match v {
+        Some(number_data_point::Value::AsDouble(d)) => d,
+        Some(number_data_point::Value::AsInt(i)) => i as f64,
+        None => f64::NAN,
+    }
+}
+
+fn histogram(dp: &HistogramDataPoint) -> Result<Histogram, String> {
+    let (bounds, counts) = if dp.bucket_counts.is_empty() {
+        (Vec::new(), vec![dp.count])
+    } else if dp.bucket_counts.len() == dp.explicit_bounds.len() + 1 {
+        (dp.explicit_bounds.clone(), dp.bucket_counts.clone())
+    } else {
+        return Err(format!(
+            "{} bucket counts for {} bounds (OTLP requires bounds + 1)",
+            dp.bucket_counts.len(),
+            dp.explicit_bounds.len()
+        ));
+    };
+    if bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("bucket bounds are not finite and strictly increasing".into());
+    }
+    let total: u128 = counts.iter().map(|c| u128::from(*c)).sum();
+    if total != u128::from(dp.count) {
+        return Err(format!("bucket counts add up to {total}, count is {}", dp.count));
+    }
+    Ok(Histogram {
+        count: dp.count,
+        sum: dp.sum.unwrap_or(f64::NAN),
+        min: dp.min,
+        max: dp.max,
+        bounds,
+        counts,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::metrics::v1::{Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    pub(crate) fn kv(k: &str, v: any_value::Value) -> KeyValue {
+        KeyValue { key: k.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
+    }
+    pub(crate) fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    /// A request with one gauge metric of (attributes, value) points, run `r1`.
+    pub(crate) fn gauge_request(name: &str, points: Vec<(Vec<KeyValue>, f64)>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![kv("ml.run.name", s("r1")), kv("ml.param.lr", s("0.1")), kv("host", s("h"))],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: name.into(),
+                        data: Some(metric::Data::Gauge(Gauge {
+                            data_points: points
+                                .into_iter()
+                                .map(|(attributes, v)| NumberDataPoint {
+                                    attributes,
+                                    time_unix_nano: 1_700_000_000_000_000_000,
+                                    value: Some(number_data_point::Value::AsDouble(v)),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn step_forms() {
+        let v = |x| Some(AnyValue { value: Some(x) });
+        assert_eq!(parse_step(v(any_value::Value::IntValue(7)).as_ref()), Some(7));
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(7.0)).as_ref()), Some(7));
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(7.5)).as_ref()), None);
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(9.3e18)).as_ref()), None);
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(f64::NAN)).as_ref()), None);
+        assert_eq!(parse_step(v(s(" 42 ")).as_ref()), Some(42));
+        assert_eq!(parse_step(v(s("42.0")).as_ref()), Some(42));
+        assert_eq!(parse_step(v(s("abc")).as_ref()), None);
+        assert_eq!(parse_step(v(s("99999999999999999999")).as_ref()), None);
+        assert_eq!(parse_step(v(any_value::Value::BoolValue(true)).as_ref()), None);
+        assert_eq!(parse_step(None), None);
+    }
+
+    #[test]
+    fn run_identity_params_tags_and_names() {
+        let req = gauge_request(
+            "eval.accuracy",
+            vec![(vec![kv("step", any_value::Value::IntValue(3)), kv("split", s("val"))], 0.5)],
+        );
+        let mut d = Decoder::new(DecodeSettings::default());
+        let out = d.decode(&req);
+        assert!(out.dropped.is_empty());
+        let run = &out.runs[0].run;
+        assert_eq!(run.key, "r1");
+        assert_eq!(run.params.get("lr").map(String::as_str), Some("0.1"));
+        assert_eq!(run.tags.get("host").map(String::as_str), Some("h"));
+        let p = &out.runs[0].points[0];
+        assert_eq!((p.series.as_str(), p.step, p.value.clone()), ("eval.accuracy/split=val", 3, PointValue::Scalar(0.5)));
+    }
+
+    #[test]
+    fn unstepped_points_never_decrease_and_never_pile_up() {
+        let mut d = Decoder::new(DecodeSettings::default());
+        // No step anywhere yet: the series counts its own points.
+        let steps: Vec<i64> = (0..3)
+            .map(|_| d.decode(&gauge_request("gpu.util", vec![(vec![], 1.0)])).runs[0].points[0].step)
+            .collect();
+        assert_eq!(steps, vec![0, 1, 2]);
+        // Once the run carries steps, unstepped points follow the latest step, never going back.
+        let mixed = d.decode(&gauge_request(
+            "gpu.util",
+            vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0), (vec![], 2.0)],
+        ));
+        let pts = &mixed.runs[0].points;
+        assert_eq!(pts[1].step, 2, "max(run step 1, series last 2)");
+        let later = d.decode(&gauge_request(
+            "gpu.util",
+            vec![(vec![kv("step", any_value::Value::IntValue(50))], 1.0), (vec![], 2.0)],
+        ));
+        assert_eq!(later.runs[0].points[1].step, 50);
+    }
+
+    #[test]
+    fn bad_points_are_counted_not_fatal() {
+        let req = gauge_request(
+            "x",
+            vec![
+                (vec![kv("step", s("abc"))], 1.0),
+                (vec![kv(OVERFLOW_ATTRIBUTE, any_value::Value::BoolValue(true))], 1.0),
+                (vec![kv("step", any_value::Value::IntValue(1)), kv(NONFINITE_ATTRIBUTE, s("-Infinity"))], 0.0),
+            ],
+        );
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        assert_eq!(out.dropped, vec![(DropReason::InvalidStep, 1), (DropReason::CardinalityOverflow, 1)]);
+        assert_eq!(out.runs[0].points.len(), 1);
+        assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(f64::NEG_INFINITY));
+        assert_eq!(out.runs[0].points[0].series, "x");
+    }
+
+    #[test]
+    fn histogram_shapes_are_checked() {
+        let dp = |counts: Vec<u64>, bounds: Vec<f64>, count| HistogramDataPoint {
+            count,
+            sum: Some(3.0),
+            bucket_counts: counts,
+            explicit_bounds: bounds,
+            ..Default::default()
+        };
+        assert!(histogram(&dp(vec![1, 2], vec![1.0], 3)).is_ok());
+        assert!(histogram(&dp(vec![1, 2, 3], vec![1.0], 6)).is_err());
+        assert!(histogram(&dp(vec![1, 2], vec![1.0], 4)).is_err());
+        assert!(histogram(&dp(vec![1, 2, 0], vec![2.0, 1.0], 3)).is_err());
+        assert_eq!(histogram(&dp(vec![], vec![], 5)).map(|h| h.counts), Ok(vec![5]));
+    }
+}

@@ -1,0 +1,505 @@
+//! Cadence and aggregation: when an exporter writes, and what one written point stands for.
+//!
+//! An exporter's cadence is `every_steps: N` and/or `interval: T`.
+//! - With `every_steps: N`, the points of a series fall into windows that end at each multiple of
+//!   N (`(0, N]`, `(N, 2N]`, …: step 1..=100 → window 100; step 0 → window 0). A window is written
+//!   when a point of the same run arrives with a later step than the window's end, or when its end
+//!   step has arrived and nothing newer came for `linger` (default 2 s), and is stamped with its
+//!   end step.
+//! - With `interval: T`, every T all open windows are written. A window closed this way before its
+//!   end step was reached (or the single open window when there is no `every_steps`) is stamped
+//!   with the largest step it holds.
+//! - Shutdown writes every open window the same way.
+//!
+//! Each written point aggregates the window's data points with the exporter's aggregation (or the
+//! one named for its metric or series): `last` (the point with the largest step; ties: the later
+//! arrival), `mean`, `min`, `max`, `sum`. `mean` and `sum` propagate NaN; `min` and `max` ignore
+//! NaN unless every value is NaN. Histogram data points aggregate exactly: their buckets are
+//! summed (for TensorBoard) and their scalar is `mean = Σsum / Σcount`, `sum = Σsum`, `min`/`max`
+//! from the points' min/max, `last` = the last point's `sum / count`.
+//!
+//! A data point at or below the step last written for its series is `late`: counted, not
+//! written, because TensorBoard discards points newer than a step that goes back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Histogram, PointValue, RunInfo, RunPoints};
+
+/// How a window's data points become one point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// The value at the largest step (default).
+    #[default]
+    Last,
+    /// Arithmetic mean.
+    Mean,
+    /// Smallest value.
+    Min,
+    /// Largest value.
+    Max,
+    /// Sum.
+    Sum,
+}
+
+/// Validated cadence of one exporter.
+#[derive(Debug, Clone)]
+pub struct CadenceSettings {
+    /// Window length in steps; `None` = time-only windows.
+    pub every_steps: Option<u64>,
+    /// Time after which all open windows are written.
+    pub interval: Option<Duration>,
+    /// How long a window whose end step has arrived waits for more points of that step.
+    pub linger: Duration,
+    /// Default aggregation.
+    pub aggregation: Aggregation,
+    /// Aggregation per metric name or series name (series name wins).
+    pub per_metric: HashMap<String, Aggregation>,
+}
+
+impl Default for CadenceSettings {
+    fn default() -> Self {
+        Self {
+            every_steps: Some(1),
+            interval: None,
+            linger: Duration::from_secs(2),
+            aggregation: Aggregation::Last,
+            per_metric: HashMap::new(),
+        }
+    }
+}
+
+impl CadenceSettings {
+    fn aggregation_for(&self, metric: &str, series: &str) -> Aggregation {
+        self.per_metric
+            .get(series)
+            .or_else(|| self.per_metric.get(metric))
+            .copied()
+            .unwrap_or(self.aggregation)
+    }
+
+    /// The window end for `step` (the key windows are stored under).
+    fn window_end(&self, step: i64) -> i64 {
+        match self.every_steps {
+            Some(n) => {
+                let n = i64::try_from(n).unwrap_or(i64::MAX).max(1);
+                let r = step.rem_euclid(n);
+                if r == 0 {
+                    step
+                } else {
+                    step.saturating_add(n - r)
+                }
+            }
+            None => i64::MAX,
+        }
+    }
+}
+
+/// One written point: the aggregate of a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutPoint {
+    /// Series name (TensorBoard tag; MLflow key before mapping).
+    pub series: String,
+    /// The step it is stamped with.
+    pub step: i64,
+    /// ns since the Unix epoch: the latest data point time in the window.
+    pub time_unix_nano: u64,
+    /// The aggregated scalar (for histograms, per the module docs).
+    pub scalar: f64,
+    /// The merged histogram, when the window held histograms.
+    pub histogram: Option<Histogram>,
+    /// How many input data points this point stands for.
+    pub inputs: u64,
+}
+
+/// The points of one run ready for an exporter, sorted by (step, series).
+#[derive(Debug, Clone)]
+pub struct OutBatch {
+    /// The run.
+    pub run: Arc<RunInfo>,
+    /// Its points.
+    pub points: Vec<OutPoint>,
+}
+
+impl OutBatch {
+    /// Input data points this batch stands for.
+    pub fn inputs(&self) -> u64 {
+        self.points.iter().map(|p| p.inputs).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Acc {
+    agg: Aggregation,
+    inputs: u64,
+    n: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: f64,
+    last_step: i64,
+    max_step: i64,
+    time: u64,
+    hist: Option<Histogram>,
+    hist_count: u64,
+}
+
+impl Acc {
+    fn new(agg: Aggregation) -> Self {
+        Self {
+            agg,
+            inputs: 0,
+            n: 0,
+            sum: 0.0,
+            min: f64::NAN,
+            max: f64::NAN,
+            last: f64::NAN,
+            last_step: i64::MIN,
+            max_step: i64::MIN,
+            time: 0,
+            hist: None,
+            hist_count: 0,
+        }
+    }
+
+    fn add(&mut self, step: i64, time: u64, value: &PointValue) {
+        self.inputs += 1;
+        self.time = self.time.max(time);
+        self.max_step = self.max_step.max(step);
+        let (contrib_n, contrib_sum, lo, hi, last) = match value {
+            PointValue::Scalar(v) => (1, *v, *v, *v, *v),
+            PointValue::Histogram(h) => {
+                self.merge_histogram(h);
+                (h.count, h.sum, h.min.unwrap_or(f64::NAN), h.max.unwrap_or(f64::NAN), h.mean())
+            }
+        };
+        self.n += contrib_n;
+        self.sum += contrib_sum;
+        // f64::min/max return the non-NaN operand, which is the documented NaN rule.
+        self.min = self.min.min(lo);
+        self.max = self.max.max(hi);
+        if step >= self.last_step {
+            self.last_step = step;
+            self.last = last;
+        }
+    }
+
+    fn merge_histogram(&mut self, h: &Histogram) {
+        self.hist_count += 1;
+        match &mut self.hist {
+            Some(acc) if acc.bounds == h.bounds => {
+                for (a, b) in acc.counts.iter_mut().zip(&h.counts) {
+                    *a = a.saturating_add(*b);
+                }
+                acc.count = acc.count.saturating_add(h.count);
+                acc.sum += h.sum;
+                acc.min = match (acc.min, h.min) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                acc.max = match (acc.max, h.max) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            // Bounds changed inside a window (a producer reconfigured its buckets): the buckets
+            // cannot be merged, so the latest layout is kept; the scalar stays exact.
+            _ => self.hist = Some(h.clone()),
+        }
+    }
+
+    fn scalar(&self) -> f64 {
+        match self.agg {
+            Aggregation::Last => self.last,
+            Aggregation::Sum => self.sum,
+            Aggregation::Min => self.min,
+            Aggregation::Max => self.max,
+            Aggregation::Mean => {
+                if self.n == 0 {
+                    f64::NAN
+                } else {
+                    self.sum / self.n as f64
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SeriesState {
+    metric: String,
+    windows: BTreeMap<i64, Acc>,
+    written_upto: Option<i64>,
+}
+
+#[derive(Debug)]
+struct RunState {
+    run: Arc<RunInfo>,
+    max_step: i64,
+    last_arrival: Instant,
+    series: HashMap<String, SeriesState>,
+}
+
+/// The open windows of one exporter, over all runs.
+#[derive(Debug)]
+pub struct Windows {
+    settings: CadenceSettings,
+    runs: HashMap<String, RunState>,
+    interval_started: Instant,
+}
+
+/// Why windows are being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Only what the cadence says is due.
+    Due,
+    /// Everything (shutdown).
+    All,
+}
+
+impl Windows {
+    /// Empty windows for this cadence; `now` starts the interval clock.
+    pub fn new(settings: CadenceSettings, now: Instant) -> Self {
+        Self { settings, runs: HashMap::new(), interval_started: now }
+    }
+
+    /// Adds points. Returns the number of points that were late (see the module docs).
+    pub fn push(&mut self, rp: RunPoints, now: Instant) -> u64 {
+        let settings = &self.settings;
+        let state = self.runs.entry(rp.run.key.clone()).or_insert_with(|| RunState {
+            run: rp.run.clone(),
+            max_step: i64::MIN,
+            last_arrival: now,
+            series: HashMap::new(),
+        });
+        state.run = rp.run.clone();
+        state.last_arrival = now;
+        let mut late = 0;
+        for p in rp.points {
+            let s = state.series.entry(p.series.clone()).or_default();
+            if s.written_upto.is_some_and(|w| p.step <= w) {
+                late += 1;
+                continue;
+            }
+            state.max_step = state.max_step.max(p.step);
+            if s.metric.is_empty() {
+                s.metric = p.metric.clone();
+            }
+            let agg = settings.aggregation_for(&p.metric, &p.series);
+            s.windows
+                .entry(settings.window_end(p.step))
+                .or_insert_with(|| Acc::new(agg))
+                .add(p.step, p.time_unix_nano, &p.value);
+        }
+        late
+    }
+
+    /// Data points held in open windows.
+    pub fn pending_inputs(&self) -> u64 {
+        self.runs
+            .values()
+            .flat_map(|r| r.series.values())
+            .flat_map(|s| s.windows.values())
+            .map(|a| a.inputs)
+            .sum()
+    }
+
+    /// When `take_ready(Close::Due)` may next have something to do without new input.
+    pub fn next_due(&self) -> Option<Instant> {
+        let interval = self.settings.interval.map(|i| self.interval_started + i);
+        let linger = self
+            .runs
+            .values()
+            .filter(|r| r.series.values().any(|s| !s.windows.is_empty()))
+            .map(|r| r.last_arrival + self.settings.linger)
+            .min();
+        match (interval, linger) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Closes the windows that are due (or all) and returns their points, one batch per run.
+    pub fn take_ready(&mut self, now: Instant, close: Close) -> Vec<OutBatch> {
+        let interval_due = self.settings.interval.is_some_and(|i| now >= self.interval_started + i);
+        if interval_due {
+            self.interval_started = now;
+        }
+        let all = close == Close::All || interval_due;
+        let linger = self.settings.linger;
+        let mut out = Vec::new();
+        for state in self.runs.values_mut() {
+            let lingered = now.duration_since(state.last_arrival) >= linger;
+            let max_step = state.max_step;
+            let mut points = Vec::new();
+            for (series, s) in state.series.iter_mut() {
+                while let Some((&end, _)) = s.windows.first_key_value() {
+                    let reached = end != i64::MAX && (end < max_step || (end == max_step && lingered));
+                    if !(reached || all) {
+                        break;
+                    }
+                    let Some((_, acc)) = s.windows.pop_first() else { break };
+                    let step = if reached { end } else { acc.max_step };
+                    s.written_upto = Some(s.written_upto.map_or(step, |w| w.max(step)));
+                    points.push(OutPoint {
+                        series: series.clone(),
+                        step,
+                        time_unix_nano: acc.time,
+                        scalar: acc.scalar(),
+                        histogram: acc.hist.clone(),
+                        inputs: acc.inputs,
+                    });
+                }
+            }
+            if !points.is_empty() {
+                points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
+                out.push(OutBatch { run: state.run.clone(), points });
+            }
+        }
+        out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Point;
+
+    fn run() -> Arc<RunInfo> {
+        Arc::new(RunInfo { key: "r".into(), ..Default::default() })
+    }
+
+    fn pts(metric: &str, steps: impl IntoIterator<Item = (i64, f64)>) -> RunPoints {
+        RunPoints {
+            run: run(),
+            points: steps
+                .into_iter()
+                .map(|(step, v)| Point {
+                    metric: metric.into(),
+                    series: metric.into(),
+                    step,
+                    time_unix_nano: step as u64 * 1000,
+                    value: PointValue::Scalar(v),
+                })
+                .collect(),
+        }
+    }
+
+    fn settings(every: Option<u64>, agg: Aggregation) -> CadenceSettings {
+        CadenceSettings { every_steps: every, aggregation: agg, ..Default::default() }
+    }
+
+    fn flat(batches: Vec<OutBatch>) -> Vec<(String, i64, f64, u64)> {
+        batches
+            .into_iter()
+            .flat_map(|b| b.points)
+            .map(|p| (p.series, p.step, p.scalar, p.inputs))
+            .collect()
+    }
+
+    #[test]
+    fn window_ends_are_multiples() {
+        let s = settings(Some(100), Aggregation::Last);
+        assert_eq!([1, 100, 101, 0, -1, -100].map(|x| s.window_end(x)), [100, 100, 200, 0, 0, -100]);
+        assert_eq!(settings(Some(1), Aggregation::Last).window_end(7), 7);
+        assert_eq!(s.window_end(i64::MAX - 3), i64::MAX);
+    }
+
+    #[test]
+    fn every_aggregation_over_windows_of_100() {
+        let t = Instant::now();
+        let values = |w: i64| (1..=100).map(move |i| ((w - 1) * 100 + i, ((w - 1) * 100 + i) as f64));
+        for (agg, expect) in [
+            (Aggregation::Mean, [50.5, 150.5]),
+            (Aggregation::Last, [100.0, 200.0]),
+            (Aggregation::Min, [1.0, 101.0]),
+            (Aggregation::Max, [100.0, 200.0]),
+            (Aggregation::Sum, [5050.0, 15050.0]),
+        ] {
+            let mut w = Windows::new(settings(Some(100), agg), t);
+            w.push(pts("loss", values(1).chain(values(2))), t);
+            // Window 200 is not closed yet: its end step arrived, but linger has not passed.
+            assert_eq!(flat(w.take_ready(t, Close::Due)), vec![("loss".into(), 100, expect[0], 100)]);
+            assert_eq!(w.pending_inputs(), 100);
+            let later = t + Duration::from_secs(3);
+            assert_eq!(flat(w.take_ready(later, Close::Due)), vec![("loss".into(), 200, expect[1], 100)]);
+            assert_eq!(w.pending_inputs(), 0);
+        }
+    }
+
+    #[test]
+    fn partial_window_on_shutdown_is_stamped_with_its_last_step() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(100), Aggregation::Mean), t);
+        w.push(pts("loss", [(101, 1.0), (150, 3.0)]), t);
+        assert!(w.take_ready(t, Close::Due).is_empty());
+        assert_eq!(flat(w.take_ready(t, Close::All)), vec![("loss".into(), 150, 2.0, 2)]);
+    }
+
+    #[test]
+    fn late_points_are_refused() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        w.push(pts("x", [(5, 5.0), (6, 6.0)]), t);
+        assert_eq!(flat(w.take_ready(t, Close::Due)), vec![("x".into(), 5, 5.0, 1)]);
+        assert_eq!(w.push(pts("x", [(3, 3.0), (5, 5.5)]), t), 2);
+        assert_eq!(w.push(pts("x", [(6, 6.5), (7, 7.0)]), t), 0);
+        let got = flat(w.take_ready(t, Close::All));
+        assert_eq!(got, vec![("x".into(), 6, 6.5, 2), ("x".into(), 7, 7.0, 1)]);
+    }
+
+    #[test]
+    fn interval_closes_everything_and_nan_rules_hold() {
+        let t = Instant::now();
+        let s = CadenceSettings {
+            every_steps: None,
+            interval: Some(Duration::from_secs(30)),
+            aggregation: Aggregation::Max,
+            per_metric: HashMap::from([("m".to_string(), Aggregation::Mean)]),
+            ..Default::default()
+        };
+        let mut w = Windows::new(s, t);
+        w.push(pts("x", [(1, f64::NAN), (2, 4.0), (3, 2.0)]), t);
+        w.push(pts("m", [(1, f64::NAN), (2, 4.0)]), t);
+        assert!(w.take_ready(t + Duration::from_secs(29), Close::Due).is_empty());
+        let got = flat(w.take_ready(t + Duration::from_secs(30), Close::Due));
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].1, got[0].2.is_nan()), (2, true), "mean propagates NaN");
+        assert_eq!((got[1].1, got[1].2), (3, 4.0), "max ignores NaN");
+    }
+
+    #[test]
+    fn histograms_aggregate_exactly() {
+        let t = Instant::now();
+        let h = |count, sum, counts: Vec<u64>| Histogram {
+            count,
+            sum,
+            min: Some(0.5),
+            max: Some(9.0),
+            bounds: vec![1.0, 5.0],
+            counts,
+        };
+        let mut w = Windows::new(settings(Some(10), Aggregation::Mean), t);
+        let mut rp = pts("h", []);
+        for (step, hist) in [(1, h(2, 3.0, vec![1, 1, 0])), (2, h(4, 17.0, vec![0, 2, 2]))] {
+            rp.points.push(Point {
+                metric: "h".into(),
+                series: "h".into(),
+                step,
+                time_unix_nano: 1,
+                value: PointValue::Histogram(hist),
+            });
+        }
+        w.push(rp, t);
+        let out = w.take_ready(t, Close::All);
+        let p = &out[0].points[0];
+        assert_eq!(p.scalar, 20.0 / 6.0);
+        let merged = p.histogram.clone().map(|h| (h.count, h.sum, h.counts));
+        assert_eq!(merged, Some((6, 20.0, vec![1, 3, 2])));
+    }
+}

@@ -1,0 +1,584 @@
+//! Config: what users write (serde structs, YAML or built in code), validated once at startup
+//! into runtime settings, with every problem reported at once. Keys follow the OpenTelemetry
+//! Collector's where they mean the same (`exporters`, `timeout`, `retry_on_failure`,
+//! `sending_queue`); durations are strings like `500ms`, `30s`, `5m`.
+//!
+//! ```yaml
+//! run:                       # in-process only: the identity of this process's run
+//!   experiment: iris         # default: MLFLOW_EXPERIMENT_NAME, else none (exporter default)
+//!   name: mlp-1              # default: run-<UTC date>-<time>
+//!   id: 3f2a…                # default: generated, unique per process
+//!   params: {lr: 0.01}       # → ml.param.<name> → MLflow params, TensorBoard hparams
+//!   tags: {team: vision}     # → resource attributes → MLflow run tags
+//! step_attribute: step       # data point attribute that carries the step
+//! identity:                  # resource attribute keys of the run identity
+//!   experiment: ml.experiment.name
+//!   run_name: ml.run.name
+//!   run_id: ml.run.id
+//!   param_prefix: ml.param.
+//! cardinality_limit: 20000   # SDK attribute sets per instrument per collection (in process)
+//! shutdown_timeout: 10s      # bound of Pipeline::shutdown, for all exporters together
+//! exporters:                 # "<type>" or "<type>/<name>"; types: tensorboard, mlflow
+//!   tensorboard:
+//!     logdir: runs           # tensorboard only; default runs
+//!     every_steps: 1         # cadence; default tensorboard 1, mlflow 100 (when no interval)
+//!   mlflow:
+//!     tracking_uri: http://127.0.0.1:5000   # mlflow only; default MLFLOW_TRACKING_URI
+//!     every_steps: 100
+//!     interval: 30s          # also write every 30 s; default none
+//!     aggregation: last      # last | mean | min | max | sum; default last
+//!     metrics: {train.loss: mean}   # per metric or series name
+//! ```
+//! Every exporter also takes: `prefix` (series name prefix, default none), `linger` (2s),
+//! `reader_interval` (in process: the SDK PeriodicReader's interval, default 1s), `timeout`
+//! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
+//! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
+//! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{DecodeSettings, IdentityKeys};
+use crate::cadence::{Aggregation, CadenceSettings};
+use crate::delivery::DeliverySettings;
+use crate::exporter::mlflow::MlflowSettings;
+use crate::exporter::tensorboard::TensorBoardSettings;
+use crate::retry::RetrySettings;
+
+/// A param or tag value as written in YAML (number, bool or text); kept as text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ScalarValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// Text.
+    Text(String),
+}
+
+impl fmt::Display for ScalarValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScalarValue::Bool(b) => write!(f, "{b}"),
+            ScalarValue::Int(i) => write!(f, "{i}"),
+            ScalarValue::Float(x) => write!(f, "{x}"),
+            ScalarValue::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The in-process run's identity (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Experiment name; default `MLFLOW_EXPERIMENT_NAME`, else left to the exporter.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// Run name; default `run-<UTC yyyymmdd-hhmmss>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Run id; default generated (unique per process).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Hyperparameters.
+    #[serde(default)]
+    pub params: BTreeMap<String, ScalarValue>,
+    /// Extra resource attributes (become MLflow run tags).
+    #[serde(default)]
+    pub tags: BTreeMap<String, ScalarValue>,
+}
+
+/// Resource attribute keys of the run identity (defaults as in [`IdentityKeys`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Default `ml.experiment.name`.
+    pub experiment: String,
+    /// Default `ml.run.name`.
+    pub run_name: String,
+    /// Default `ml.run.id`.
+    pub run_id: String,
+    /// Default `ml.param.`.
+    pub param_prefix: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        let k = IdentityKeys::default();
+        Self { experiment: k.experiment, run_name: k.run_name, run_id: k.run_id, param_prefix: k.param_prefix }
+    }
+}
+
+/// `retry_on_failure` (defaults in [`RetrySettings`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Default 1s.
+    #[serde(default, with = "humantime_serde")]
+    pub initial_interval: Option<Duration>,
+    /// Default 30s.
+    #[serde(default, with = "humantime_serde")]
+    pub max_interval: Option<Duration>,
+    /// Default 300s.
+    #[serde(default, with = "humantime_serde")]
+    pub max_elapsed_time: Option<Duration>,
+}
+
+/// `sending_queue` (defaults in [`DeliverySettings`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Requests the queue holds; default 1000.
+    #[serde(default)]
+    pub queue_size: Option<usize>,
+    /// Aggregated points that may await delivery; default 100000.
+    #[serde(default)]
+    pub max_pending_points: Option<usize>,
+}
+
+/// One exporter as written by users. Keys of the other exporter type are rejected at validation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExporterConfig {
+    /// tensorboard: the logdir; default `runs`.
+    #[serde(default)]
+    pub logdir: Option<PathBuf>,
+    /// mlflow: server URI; default `MLFLOW_TRACKING_URI`.
+    #[serde(default)]
+    pub tracking_uri: Option<String>,
+    /// mlflow: experiment of runs that name none; default `MLFLOW_EXPERIMENT_NAME`, else `Default`.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// mlflow: an existing MLflow run id to continue; default `MLFLOW_RUN_ID`.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// Window length in steps (see [`crate::cadence`]).
+    #[serde(default)]
+    pub every_steps: Option<u64>,
+    /// Write all open windows this often.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Wait for more points of a window's end step; default 2s.
+    #[serde(default, with = "humantime_serde")]
+    pub linger: Option<Duration>,
+    /// Default aggregation; default `last`.
+    #[serde(default)]
+    pub aggregation: Option<Aggregation>,
+    /// Aggregation per metric or series name.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Aggregation>,
+    /// Series name prefix; default none.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// In process: the SDK PeriodicReader's interval; default 1s.
+    #[serde(default, with = "humantime_serde")]
+    pub reader_interval: Option<Duration>,
+    /// Bound of one export call; default 10s.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry_on_failure: RetryConfig,
+    /// Queue sizes.
+    #[serde(default)]
+    pub sending_queue: QueueConfig,
+}
+
+/// The whole pipeline as written by users (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The in-process run.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// Step attribute key; default `step`.
+    #[serde(default = "default_step_attribute")]
+    pub step_attribute: String,
+    /// Run identity keys.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// SDK cardinality limit per instrument; default 20000.
+    #[serde(default = "default_cardinality_limit")]
+    pub cardinality_limit: usize,
+    /// Bound of shutdown; default 10s.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Exporters by `<type>[/<name>]`.
+    #[serde(default)]
+    pub exporters: BTreeMap<String, ExporterConfig>,
+}
+
+fn default_step_attribute() -> String {
+    "step".into()
+}
+fn default_cardinality_limit() -> usize {
+    20_000
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            run: RunConfig::default(),
+            step_attribute: default_step_attribute(),
+            identity: IdentityConfig::default(),
+            cardinality_limit: default_cardinality_limit(),
+            shutdown_timeout: default_shutdown_timeout(),
+            exporters: BTreeMap::new(),
+        }
+    }
+}
+
+/// One problem found in a config: where (dotted key path) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `exporters.mlflow.every_steps`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Problems collected during validation.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<Problem>);
+
+impl Problems {
+    /// Records a problem at `path`.
+    pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem { path: path.into(), message: message.into() });
+    }
+    /// Records `path.key` as a problem when `present` (a key that belongs to another type).
+    pub fn reject_key(&mut self, path: &str, key: &str, present: bool, what: &str) {
+        if present {
+            self.add(format!("{path}.{key}"), format!("is {what}, not valid here"));
+        }
+    }
+}
+
+/// Why a config could not be loaded or validated.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this schema (unknown key, wrong type, …).
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The config parsed but has invalid values; every problem is listed.
+    #[error("invalid config:{}", .0.iter().map(|p| format!("\n  {}: {}", p.path, p.message)).collect::<String>())]
+    Invalid(Vec<Problem>),
+}
+
+/// Which backend an exporter writes to.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// TensorBoard event files.
+    TensorBoard(TensorBoardSettings),
+    /// An MLflow tracking server.
+    Mlflow(MlflowSettings),
+}
+
+/// One validated exporter.
+#[derive(Debug, Clone)]
+pub struct ExporterSettings {
+    /// Its config name (`tensorboard`, `mlflow/slow`, …).
+    pub name: String,
+    /// Its backend.
+    pub backend: Backend,
+    /// Queue, cadence, retry, timeout.
+    pub delivery: DeliverySettings,
+    /// In process: the PeriodicReader interval.
+    pub reader_interval: Duration,
+}
+
+/// The in-process run, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Experiment name, if any.
+    pub experiment: Option<String>,
+    /// Run name.
+    pub name: String,
+    /// Run id.
+    pub id: String,
+    /// Params as text.
+    pub params: BTreeMap<String, String>,
+    /// Tags as text.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A validated pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// The in-process run.
+    pub run: RunSettings,
+    /// Step key and identity keys (prefix set per exporter).
+    pub decode: DecodeSettings,
+    /// SDK cardinality limit.
+    pub cardinality_limit: usize,
+    /// Bound of shutdown.
+    pub shutdown_timeout: Duration,
+    /// Exporters in name order.
+    pub exporters: Vec<ExporterSettings>,
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `run-YYYYMMDD-HHMMSS` in UTC for `secs` since the epoch.
+pub fn default_run_name(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!("run-{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl PipelineConfig {
+    /// Reads and parses a YAML file (no validation yet).
+    pub fn from_yaml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Validates everything, returning all problems at once.
+    pub fn validate(&self) -> Result<PipelineSettings, ConfigError> {
+        let mut p = Problems::default();
+        if self.step_attribute.is_empty() {
+            p.add("step_attribute", "must not be empty");
+        }
+        if self.cardinality_limit == 0 {
+            p.add("cardinality_limit", "must be at least 1");
+        }
+        if self.shutdown_timeout.is_zero() {
+            p.add("shutdown_timeout", "must be positive");
+        }
+        let id = &self.identity;
+        for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix)] {
+            if v.is_empty() {
+                p.add(format!("identity.{k}"), "must not be empty");
+            }
+        }
+        let decode = DecodeSettings {
+            step_key: self.step_attribute.clone(),
+            identity: IdentityKeys {
+                experiment: id.experiment.clone(),
+                run_name: id.run_name.clone(),
+                run_id: id.run_id.clone(),
+                param_prefix: id.param_prefix.clone(),
+            },
+            prefix: None,
+        };
+        let exporters: Vec<ExporterSettings> = self
+            .exporters
+            .iter()
+            .filter_map(|(name, c)| exporter_settings(name, c, &decode, &mut p))
+            .collect();
+        if !p.0.is_empty() {
+            return Err(ConfigError::Invalid(p.0));
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let run = RunSettings {
+            experiment: self.run.experiment.clone().or_else(|| std::env::var("MLFLOW_EXPERIMENT_NAME").ok().filter(|s| !s.is_empty())),
+            name: self.run.name.clone().unwrap_or_else(|| default_run_name(now.as_secs())),
+            id: self.run.id.clone().unwrap_or_else(|| {
+                format!("{:x}-{:x}-{:08x}", now.as_secs(), std::process::id(), rand::random::<u32>())
+            }),
+            params: self.run.params.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+            tags: self.run.tags.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        };
+        Ok(PipelineSettings {
+            run,
+            decode,
+            cardinality_limit: self.cardinality_limit,
+            shutdown_timeout: self.shutdown_timeout,
+            exporters,
+        })
+    }
+}
+
+fn positive(p: &mut Problems, path: &str, key: &str, d: Option<Duration>) {
+    if d.is_some_and(|d| d.is_zero()) {
+        p.add(format!("{path}.{key}"), "must be positive");
+    }
+}
+
+fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p: &mut Problems) -> Option<ExporterSettings> {
+    let path = format!("exporters.{name}");
+    let (kind, instance) = name.split_once('/').unwrap_or((name, ""));
+    if name.contains('/') && instance.is_empty() {
+        p.add(&path, "the name after '/' must not be empty");
+    }
+    let (backend, default_every) = match kind {
+        "tensorboard" => (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1),
+        "mlflow" => (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100),
+        other => {
+            p.add(&path, format!("unknown exporter type {other:?} (known: tensorboard, mlflow)"));
+            return None;
+        }
+    };
+    if c.every_steps == Some(0) {
+        p.add(format!("{path}.every_steps"), "must be at least 1");
+    }
+    for (key, d) in [("interval", c.interval), ("linger", c.linger), ("reader_interval", c.reader_interval), ("timeout", c.timeout)] {
+        positive(p, &path, key, d);
+    }
+    let r = &c.retry_on_failure;
+    for (key, d) in [("initial_interval", r.initial_interval), ("max_interval", r.max_interval), ("max_elapsed_time", r.max_elapsed_time)] {
+        positive(p, &format!("{path}.retry_on_failure"), key, d);
+    }
+    if c.sending_queue.queue_size == Some(0) {
+        p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
+    }
+    let defaults = DeliverySettings::default();
+    let retry_defaults = RetrySettings::default();
+    let every_steps = match (c.every_steps, c.interval) {
+        (None, None) => Some(default_every),
+        (e, _) => e,
+    };
+    let cadence = CadenceSettings {
+        every_steps,
+        interval: c.interval,
+        linger: c.linger.unwrap_or(CadenceSettings::default().linger),
+        aggregation: c.aggregation.unwrap_or_default(),
+        per_metric: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect::<HashMap<_, _>>(),
+    };
+    let delivery = DeliverySettings {
+        queue_size: c.sending_queue.queue_size.unwrap_or(defaults.queue_size),
+        max_pending_points: c.sending_queue.max_pending_points.unwrap_or(defaults.max_pending_points),
+        timeout: c.timeout.unwrap_or(defaults.timeout),
+        retry: RetrySettings {
+            enabled: r.enabled.unwrap_or(retry_defaults.enabled),
+            initial_interval: r.initial_interval.unwrap_or(retry_defaults.initial_interval),
+            max_interval: r.max_interval.unwrap_or(retry_defaults.max_interval),
+            max_elapsed_time: r.max_elapsed_time.unwrap_or(retry_defaults.max_elapsed_time),
+        },
+        cadence,
+        decode: DecodeSettings { prefix: c.prefix.clone().filter(|s| !s.is_empty()), ..decode.clone() },
+    };
+    Some(ExporterSettings {
+        name: name.to_string(),
+        backend,
+        delivery,
+        reader_interval: c.reader_interval.unwrap_or(Duration::from_secs(1)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_with_every_key_parses_and_validates() {
+        let yaml = r#"
+run: {experiment: e, name: n, id: i, params: {lr: 0.01, layers: 3, opt: adam, bn: true}}
+exporters:
+  tensorboard: {logdir: /tmp/x, every_steps: 1}
+  mlflow/slow:
+    tracking_uri: http://u:p@127.0.0.1:5000/
+    every_steps: 100
+    interval: 30s
+    aggregation: mean
+    metrics: {train.lr: last}
+    timeout: 5s
+    retry_on_failure: {enabled: true, initial_interval: 500ms, max_interval: 10s, max_elapsed_time: 2m}
+    sending_queue: {queue_size: 10, max_pending_points: 50}
+"#;
+        let c: PipelineConfig = match serde_yaml_ng::from_str(yaml) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let s = match c.validate() {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(s.run.params.get("lr").map(String::as_str), Some("0.01"));
+        assert_eq!(s.run.params.get("bn").map(String::as_str), Some("true"));
+        let ml = &s.exporters[0];
+        assert_eq!(ml.name, "mlflow/slow");
+        match &ml.backend {
+            Backend::Mlflow(m) => {
+                assert_eq!(m.tracking_uri, "http://127.0.0.1:5000");
+                assert_eq!(m.authorization.as_deref(), Some("Basic dTpw"));
+                assert!(!format!("{m:?}").contains("dTpw"), "credentials must not be printed");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ml.delivery.cadence.every_steps, Some(100));
+        assert_eq!(ml.delivery.cadence.interval, Some(Duration::from_secs(30)));
+        assert_eq!(ml.delivery.retry.max_elapsed_time, Duration::from_secs(120));
+        assert_eq!(ml.delivery.queue_size, 10);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let yaml = r#"
+step_attribute: ""
+exporters:
+  tensorboard: {every_steps: 0, tracking_uri: "http://x"}
+  mlflow: {tracking_uri: "ftp://secret@host", timeout: 0s}
+  prometheus: {}
+"#;
+        let c: PipelineConfig = match serde_yaml_ng::from_str(yaml) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let msg = match c.validate() {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("must fail"),
+        };
+        for needle in [
+            "step_attribute",
+            "exporters.tensorboard.every_steps",
+            "exporters.tensorboard.tracking_uri",
+            "exporters.mlflow.tracking_uri: must start with http",
+            "exporters.mlflow.timeout",
+            "unknown exporter type \"prometheus\"",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} missing in {msg}");
+        }
+        assert!(!msg.contains("secret"), "the URI may hold credentials: {msg}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let r: Result<PipelineConfig, _> = serde_yaml_ng::from_str("exporters: {tensorboard: {logdri: x}}");
+        assert!(r.is_err_and(|e| e.to_string().contains("logdri")));
+    }
+
+    #[test]
+    fn default_run_names_are_utc_dates() {
+        assert_eq!(default_run_name(0), "run-19700101-000000");
+        assert_eq!(default_run_name(1_795_965_104), "run-20261129-151144");
+    }
+}

@@ -1,0 +1,447 @@
+//! Delivery: what is wrapped once around every exporter. Each exporter gets its own thread with a
+//! bounded queue of OTLP requests in front; the thread decodes them ([`crate::batch`]), applies the
+//! exporter's cadence and aggregation ([`crate::cadence`]), keeps the resulting batches in order
+//! (bounded), and calls the exporter with a timeout, retrying per [`RetrySettings`]. Submitting
+//! never blocks: a full queue drops the request and counts it (`queue_full`), so the trainer's
+//! hot path and the SDK's reader thread never wait on disk or network.
+//!
+//! Shutdown closes every window, delivers within its timeout, counts what could not be delivered
+//! (`shutdown_timeout`), ends the exporter's runs, and returns a report. It is idempotent: a second
+//! call returns the first report.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+
+use crate::batch::{count_data_points, DecodeSettings, Decoder};
+use crate::cadence::{CadenceSettings, Close, OutBatch, Windows};
+use crate::exporter::{ExportError, Exporter, RunOutcome};
+use crate::retry::RetrySettings;
+use crate::stats::{DropReason, ExporterReport, ExporterStats};
+
+/// Validated settings of one exporter's delivery.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Requests the queue holds (`sending_queue.queue_size`). Default 1000.
+    pub queue_size: usize,
+    /// Aggregated points that may wait for delivery (`sending_queue.max_pending_points`); past
+    /// it the oldest batch is dropped (`pending_full`). Default 100 000.
+    pub max_pending_points: usize,
+    /// Bound of one export call (`timeout`). Default 10 s.
+    pub timeout: Duration,
+    /// Retry policy (`retry_on_failure`).
+    pub retry: RetrySettings,
+    /// Cadence and aggregation.
+    pub cadence: CadenceSettings,
+    /// Step key, run identity keys, name prefix.
+    pub decode: DecodeSettings,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            queue_size: 1000,
+            max_pending_points: 100_000,
+            timeout: Duration::from_secs(10),
+            retry: RetrySettings::default(),
+            cadence: CadenceSettings::default(),
+            decode: DecodeSettings::default(),
+        }
+    }
+}
+
+/// Why a request was not accepted by [`Delivery::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full; the request's data points were counted `queue_full`.
+    #[error("the exporter's queue is full")]
+    QueueFull,
+    /// The exporter has shut down; the data points were counted `queue_full`.
+    #[error("the exporter has shut down")]
+    Closed,
+}
+
+/// Why [`Delivery::flush`] did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FlushError {
+    /// The worker did not answer in time (an export is slow or retrying).
+    #[error("flush did not complete within {0:?}")]
+    Timeout(Duration),
+    /// Some ready points are still waiting (the backend is failing and being retried).
+    #[error("{0} data points still wait for a retry")]
+    Pending(u64),
+    /// The exporter has shut down.
+    #[error("the exporter has shut down")]
+    Closed,
+}
+
+enum Msg {
+    Batch(Arc<ExportMetricsServiceRequest>, u64),
+    Flush(mpsc::Sender<u64>),
+    Shutdown { outcome: RunOutcome, deadline: Instant, ack: mpsc::Sender<()> },
+}
+
+/// Handle of one exporter's delivery thread. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Delivery {
+    name: String,
+    tx: SyncSender<Msg>,
+    stats: Arc<ExporterStats>,
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    report: Mutex<Option<ExporterReport>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Data points in requests sitting in the queue.
+    queued: AtomicU64,
+    /// Data points the worker holds (windows + batches awaiting delivery).
+    held: AtomicU64,
+}
+
+impl Delivery {
+    /// Starts the worker thread for `exporter`.
+    ///
+    /// Errors: the OS refused to spawn a thread.
+    pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(settings.queue_size.max(1));
+        let stats = Arc::new(ExporterStats::default());
+        exporter.attach_stats(stats.clone());
+        let shared = Arc::new(Shared::default());
+        let worker = Worker {
+            name: name.to_string(),
+            exporter,
+            decoder: Decoder::new(settings.decode.clone()),
+            windows: Windows::new(settings.cadence.clone(), Instant::now()),
+            out: VecDeque::new(),
+            out_points: 0,
+            failing: None,
+            settings,
+            stats: stats.clone(),
+            shared: shared.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("trainmetrics-{name}"))
+            .spawn(move || worker.run(rx))?;
+        Ok(Self {
+            name: name.to_string(),
+            tx,
+            stats,
+            shared,
+            worker: Mutex::new(Some(handle)),
+            report: Mutex::new(None),
+        })
+    }
+
+    /// The exporter's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Hands a request to the exporter without blocking. Its data points count as received; if
+    /// the queue is full or closed they also count as dropped (`queue_full`).
+    pub fn submit(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
+        let n = count_data_points(&req);
+        self.stats.add_received(n);
+        self.shared.queued.fetch_add(n, Ordering::Relaxed);
+        let err = match self.tx.try_send(Msg::Batch(req, n)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => SubmitError::QueueFull,
+            Err(TrySendError::Disconnected(_)) => SubmitError::Closed,
+        };
+        self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+        self.stats.add_dropped(DropReason::QueueFull, n);
+        Err(err)
+    }
+
+    /// Delivers what the cadence has made ready, waiting at most `timeout`. Windows that are
+    /// still open stay open.
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        let (ack, done) = mpsc::channel();
+        self.tx.send(Msg::Flush(ack)).map_err(|_| FlushError::Closed)?;
+        match done.recv_timeout(timeout) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(FlushError::Pending(n)),
+            Err(_) => Err(FlushError::Timeout(timeout)),
+        }
+    }
+
+    /// A live snapshot of the counters.
+    pub fn report(&self) -> ExporterReport {
+        if let Ok(r) = self.report.lock() {
+            if let Some(r) = r.as_ref() {
+                return r.clone();
+            }
+        }
+        let pending = self.shared.queued.load(Ordering::Relaxed) + self.shared.held.load(Ordering::Relaxed);
+        self.stats.report(&self.name, pending)
+    }
+
+    /// Shuts the exporter down within `timeout` (see the module docs) and returns its report.
+    /// Idempotent: later calls return the first report at once.
+    pub fn shutdown(&self, outcome: RunOutcome, timeout: Duration) -> ExporterReport {
+        let Ok(mut cached) = self.report.lock() else {
+            return self.stats.report(&self.name, 0);
+        };
+        if let Some(r) = cached.as_ref() {
+            return r.clone();
+        }
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let (ack, done) = mpsc::channel();
+        let mut msg = Msg::Shutdown { outcome, deadline, ack };
+        // The queue may be full while the worker exports; keep trying until the deadline rather
+        // than blocking without bound.
+        let sent = loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break true,
+                Err(TrySendError::Disconnected(_)) => break false,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        break false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        let finished = sent && done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok();
+        if finished {
+            if let Ok(mut w) = self.worker.lock() {
+                if let Some(h) = w.take() {
+                    let _ = h.join();
+                }
+            }
+        } else {
+            // The worker is stuck in an export; everything it still holds is reported as not
+            // delivered. Its thread is left to finish on its own.
+            let left = self.shared.queued.load(Ordering::Relaxed) + self.shared.held.load(Ordering::Relaxed);
+            self.stats.add_dropped(DropReason::ShutdownTimeout, left);
+            self.stats.set_last_error(format!("shutdown timed out after {timeout:?}"));
+            tracing::warn!(exporter = %self.name, not_delivered = left, "shutdown timed out");
+        }
+        let report = self.stats.report(&self.name, 0);
+        *cached = Some(report.clone());
+        report
+    }
+}
+
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    next_at: Instant,
+}
+
+struct Worker<E: Exporter> {
+    name: String,
+    exporter: E,
+    decoder: Decoder,
+    windows: Windows,
+    out: VecDeque<OutBatch>,
+    out_points: usize,
+    failing: Option<Failing>,
+    settings: DeliverySettings,
+    stats: Arc<ExporterStats>,
+    shared: Arc<Shared>,
+}
+
+/// How often the worker wakes without input, to close windows whose linger or interval passed.
+const TICK: Duration = Duration::from_millis(200);
+
+impl<E: Exporter> Worker<E> {
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let now = Instant::now();
+            let mut wake = now + TICK;
+            if let Some(due) = self.windows.next_due() {
+                wake = wake.min(due.max(now));
+            }
+            if let Some(f) = &self.failing {
+                if !self.out.is_empty() {
+                    wake = wake.min(f.next_at.max(now));
+                }
+            }
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(Msg::Batch(req, n)) => self.ingest(&req, n),
+                Ok(Msg::Flush(ack)) => {
+                    self.drain_queue(&rx);
+                    self.close_windows(Close::Due);
+                    self.deliver(None);
+                    let _ = ack.send(self.out.iter().map(OutBatch::inputs).sum());
+                }
+                Ok(Msg::Shutdown { outcome, deadline, ack }) => {
+                    self.finish(&rx, outcome, deadline);
+                    let _ = ack.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone without a shutdown call: finish as cleanly as we can.
+                    self.finish(&rx, RunOutcome::Finished, Instant::now() + Duration::from_secs(5));
+                    return;
+                }
+            }
+            self.close_windows(Close::Due);
+            self.deliver(None);
+            self.publish_held();
+        }
+    }
+
+    fn publish_held(&self) {
+        let held = self.windows.pending_inputs() + self.out.iter().map(OutBatch::inputs).sum::<u64>();
+        self.shared.held.store(held, Ordering::Relaxed);
+    }
+
+    fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64) {
+        self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+        let decoded = self.decoder.decode(req);
+        for (reason, count) in &decoded.dropped {
+            self.stats.add_dropped(*reason, *count);
+        }
+        for (reason, message) in &decoded.messages {
+            tracing::warn!(exporter = %self.name, %reason, "{message}");
+        }
+        let now = Instant::now();
+        for rp in decoded.runs {
+            let late = self.windows.push(rp, now);
+            if late > 0 {
+                self.stats.add_dropped(DropReason::Late, late);
+                tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
+            }
+        }
+    }
+
+    fn drain_queue(&mut self, rx: &Receiver<Msg>) -> Vec<Msg> {
+        let mut other = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Msg::Batch(req, n) => self.ingest(&req, n),
+                m => other.push(m),
+            }
+        }
+        other
+    }
+
+    fn close_windows(&mut self, close: Close) {
+        for b in self.windows.take_ready(Instant::now(), close) {
+            self.out_points += b.points.len();
+            self.out.push_back(b);
+        }
+        while self.out_points > self.settings.max_pending_points {
+            let Some(old) = self.out.pop_front() else { break };
+            self.out_points -= old.points.len();
+            self.stats.add_dropped(DropReason::PendingFull, old.inputs());
+            tracing::warn!(exporter = %self.name, dropped = old.inputs(), "too many points wait for delivery; oldest dropped");
+            self.failing = None;
+        }
+    }
+
+    /// Exports queued batches in order until one fails. With a deadline (shutdown), retries wait
+    /// for the backoff but never past the deadline, and `max_elapsed_time` does not apply.
+    fn deliver(&mut self, deadline: Option<Instant>) {
+        while let Some(batch) = self.out.front() {
+            let now = Instant::now();
+            if let Some(f) = &self.failing {
+                if now < f.next_at {
+                    match deadline {
+                        Some(d) if f.next_at < d => std::thread::sleep(f.next_at - now),
+                        _ => return,
+                    }
+                }
+            }
+            let mut timeout = self.settings.timeout;
+            if let Some(d) = deadline {
+                timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+                if timeout.is_zero() {
+                    return;
+                }
+            }
+            match self.exporter.export(batch, timeout) {
+                Ok(exported) => {
+                    let mut refused = 0;
+                    for (i, reason) in exported.refused {
+                        if let Some(p) = batch.points.get(i) {
+                            self.stats.add_dropped(reason, p.inputs);
+                            refused += p.inputs;
+                        }
+                    }
+                    self.stats.add_delivered(batch.inputs() - refused);
+                    if let Some(f) = self.failing.take() {
+                        tracing::info!(exporter = %self.name, attempts = f.attempts, down_for = ?f.since.elapsed(), "export recovered");
+                    }
+                    self.pop_front();
+                }
+                Err(ExportError::Permanent { message }) => {
+                    self.stats.add_dropped(DropReason::Rejected, batch.inputs());
+                    tracing::error!(exporter = %self.name, points = batch.inputs(), "batch rejected: {message}");
+                    self.stats.set_last_error(message);
+                    self.failing = None;
+                    self.pop_front();
+                }
+                Err(ExportError::Retryable { message, retry_after }) => {
+                    self.stats.add_retry();
+                    let now = Instant::now();
+                    let f = self.failing.get_or_insert_with(|| {
+                        tracing::warn!(exporter = %self.name, "export failing, will retry: {message}");
+                        Failing { since: now, attempts: 0, next_at: now }
+                    });
+                    f.attempts += 1;
+                    let exhausted = !self.settings.retry.enabled
+                        || (deadline.is_none() && now.duration_since(f.since) >= self.settings.retry.max_elapsed_time);
+                    self.stats.set_last_error(message);
+                    if exhausted {
+                        let n = batch.inputs();
+                        self.stats.add_dropped(DropReason::RetryExhausted, n);
+                        tracing::error!(exporter = %self.name, points = n, "giving up on a batch after retries");
+                        self.failing = None;
+                        self.pop_front();
+                        continue;
+                    }
+                    f.next_at = now + self.settings.retry.delay(f.attempts, retry_after);
+                    if deadline.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(b) = self.out.pop_front() {
+            self.out_points -= b.points.len();
+        }
+    }
+
+    fn finish(&mut self, rx: &Receiver<Msg>, outcome: RunOutcome, deadline: Instant) {
+        for m in self.drain_queue(rx) {
+            if let Msg::Flush(ack) = m {
+                let _ = ack.send(0);
+            }
+        }
+        self.close_windows(Close::All);
+        // Keep a slice of the time for ending runs (MLflow run status) after delivery.
+        let total = deadline.saturating_duration_since(Instant::now());
+        let reserve = (total / 5).min(Duration::from_secs(2));
+        self.deliver(Some(deadline - reserve));
+        let left: u64 = self.out.iter().map(OutBatch::inputs).sum();
+        if left > 0 {
+            self.stats.add_dropped(DropReason::ShutdownTimeout, left);
+            tracing::warn!(exporter = %self.name, not_delivered = left, "shutdown deadline reached before delivery");
+            self.out.clear();
+            self.out_points = 0;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = self.exporter.end_runs(outcome, remaining.max(Duration::from_millis(100))) {
+            tracing::warn!(exporter = %self.name, "could not end runs: {e}");
+            self.stats.set_last_error(e.to_string());
+        }
+        self.shared.held.store(0, Ordering::Relaxed);
+        self.shared.queued.store(0, Ordering::Relaxed);
+    }
+}

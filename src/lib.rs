@@ -1,0 +1,51 @@
+//! trainmetrics: an OpenTelemetry pipeline for ML training metrics.
+//!
+//! A trainer records loss, learning rate, accuracy… once, through the OpenTelemetry metrics API,
+//! with the training step as a data point attribute. Each configured exporter gets the data on
+//! its own cadence and aggregation: TensorBoard event files every step, an MLflow tracking
+//! server every 100 steps with the loss averaged, say. Exporters work on their own threads
+//! behind bounded queues, so the trainer never waits on disk or network.
+//!
+//! ```text
+//!  trainer ──OTel API──▶ SdkMeterProvider ─┬─ PeriodicReader ─▶ Delivery(queue ▶ cadence ▶ retry) ─▶ TensorBoardExporter
+//!  (StepRecorder)                          └─ PeriodicReader ─▶ Delivery(queue ▶ cadence ▶ retry) ─▶ MlflowExporter
+//! ```
+//! Both readers hand the exporters OTLP (`ExportMetricsServiceRequest`), the same model the
+//! OTLP receiver uses, so there is one decoding, naming and cadence path for both routes.
+//!
+//! ```no_run
+//! use trainmetrics::{config::ExporterConfig, Pipeline};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pipeline = Pipeline::builder()
+//!     .experiment("iris")
+//!     .run_name("mlp-1")
+//!     .param("lr", 0.01)
+//!     .exporter("tensorboard", ExporterConfig { logdir: Some("runs".into()), ..Default::default() })
+//!     .exporter("mlflow", ExporterConfig {
+//!         tracking_uri: Some("http://127.0.0.1:5000".into()),
+//!         every_steps: Some(100),
+//!         aggregation: Some(trainmetrics::cadence::Aggregation::Mean),
+//!         ..Default::default()
+//!     })
+//!     .build()?;
+//! let rec = pipeline.recorder();
+//! for step in 1..=1000 {
+//!     rec.record_all(step, &[("train.loss", 1.0 / step as f64), ("train.lr", 0.01)]);
+//! }
+//! println!("{}", pipeline.shutdown());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod batch;
+pub mod cadence;
+pub mod config;
+pub mod delivery;
+pub mod exporter;
+pub mod names;
+pub mod retry;
+pub mod sdk;
+pub mod stats;
+
+pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};
+pub use stats::{DropReason, ExporterReport};

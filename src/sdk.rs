@@ -1,0 +1,520 @@
+//! The in-process route: an `SdkMeterProvider` with one `PeriodicReader` per configured
+//! exporter (its own interval, delta temporality), each reader feeding an adapter that converts
+//! the SDK's `ResourceMetrics` to OTLP (opentelemetry-proto's `From` impl) and hands it to that
+//! exporter's [`Delivery`] without blocking. Plus [`StepRecorder`], which records scalars at a
+//! step through OTel gauges, and [`Pipeline`], which owns it all and reports on shutdown.
+//!
+//! Why delta: the step travels as an attribute, so every step is its own attribute set; with
+//! cumulative temporality the SDK would keep and re-export every step ever recorded. With delta
+//! only the steps recorded since the last collection are exported, and the SDK's cardinality
+//! limit (set for every instrument by a view to `cardinality_limit`, default 20 000) bounds
+//! the attribute sets of one collection. Overflow is counted (`cardinality_overflow`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::metrics::{Gauge, Histogram, Meter, MeterProvider as _};
+use opentelemetry::{Key, KeyValue};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
+use opentelemetry_sdk::Resource;
+
+use crate::batch::NONFINITE_ATTRIBUTE;
+use crate::config::{Backend, ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
+use crate::delivery::{Delivery, FlushError};
+use crate::exporter::mlflow::exporter::RunIds;
+use crate::exporter::mlflow::MlflowExporter;
+use crate::exporter::tensorboard::TensorBoardExporter;
+use crate::exporter::RunOutcome;
+use crate::names::run_dir_name;
+use crate::stats::ExporterReport;
+
+/// The SDK side of an exporter: converts each collection to OTLP and submits it.
+#[derive(Debug)]
+struct DeliveryExporter {
+    delivery: Arc<Delivery>,
+}
+
+impl PushMetricExporter for DeliveryExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        // A full queue is counted by the delivery; returning an error would only make the SDK
+        // log once more, so the reader always sees success.
+        let _ = self.delivery.submit(Arc::new(ExportMetricsServiceRequest::from(metrics)));
+        Ok(())
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        // The pipeline shuts the delivery down after the provider, with its own timeout.
+        Ok(())
+    }
+    fn temporality(&self) -> Temporality {
+        Temporality::Delta
+    }
+}
+
+/// Why a pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The config is invalid (all problems listed).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The config names no exporter.
+    #[error("no exporter configured")]
+    NoExporter,
+    /// An exporter's worker thread could not be started.
+    #[error("starting exporter {name}: {source}")]
+    Spawn {
+        /// The exporter.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where one exporter puts the run, for people to find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A TensorBoard run directory (`tensorboard --logdir <logdir>` shows it as `run`).
+    TensorBoard {
+        /// Exporter name.
+        exporter: String,
+        /// The logdir.
+        logdir: PathBuf,
+        /// The run directory inside it.
+        run_dir: PathBuf,
+    },
+    /// An MLflow run (known once the first batch was delivered).
+    Mlflow {
+        /// Exporter name.
+        exporter: String,
+        /// Tracking URI.
+        tracking_uri: String,
+        /// Experiment id, if known.
+        experiment_id: Option<String>,
+        /// MLflow run id, if the run exists yet.
+        run_id: Option<String>,
+    },
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::TensorBoard { exporter, logdir, run_dir } => write!(
+                f,
+                "{exporter}: {} (view: tensorboard --logdir {})",
+                run_dir.display(),
+                logdir.display()
+            ),
+            Location::Mlflow { exporter, tracking_uri, experiment_id, run_id: Some(run_id) } => {
+                match experiment_id.as_deref().filter(|e| !e.is_empty()) {
+                    Some(e) => write!(f, "{exporter}: run {run_id} at {tracking_uri}/#/experiments/{e}/runs/{run_id}"),
+                    None => write!(f, "{exporter}: run {run_id} at {tracking_uri}/#/runs/{run_id}"),
+                }
+            }
+            Location::Mlflow { exporter, tracking_uri, .. } => {
+                write!(f, "{exporter}: no MLflow run yet at {tracking_uri}")
+            }
+        }
+    }
+}
+
+/// What shutdown did, per exporter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// How the run was ended.
+    pub outcome: RunOutcome,
+    /// Per exporter, in config order.
+    pub exporters: Vec<ExporterReport>,
+    /// How long shutdown took.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "run ended {:?} in {:.2}s", self.outcome, self.elapsed.as_secs_f64())?;
+        for e in &self.exporters {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+enum Target {
+    TensorBoard { logdir: PathBuf },
+    Mlflow { tracking_uri: String, run_ids: RunIds },
+}
+
+/// A running in-process pipeline: the meter provider and every exporter behind it. Dropping it
+/// shuts it down (FAILED if the thread is panicking or [`Pipeline::fail`] was called, else
+/// FINISHED).
+pub struct Pipeline {
+    provider: SdkMeterProvider,
+    deliveries: Vec<(Arc<Delivery>, Target)>,
+    run: RunSettings,
+    step_key: String,
+    shutdown_timeout: Duration,
+    failed: AtomicBool,
+    report: Mutex<Option<ShutdownReport>>,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline").field("run", &self.run).finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Pipeline`] in code; the same as a [`PipelineConfig`] (see [`crate::config`]).
+#[derive(Debug, Clone, Default)]
+pub struct PipelineBuilder {
+    config: PipelineConfig,
+}
+
+impl PipelineBuilder {
+    /// Sets the experiment name.
+    pub fn experiment(mut self, name: impl Into<String>) -> Self {
+        self.config.run.experiment = Some(name.into());
+        self
+    }
+    /// Sets the run name.
+    pub fn run_name(mut self, name: impl Into<String>) -> Self {
+        self.config.run.name = Some(name.into());
+        self
+    }
+    /// Sets the run id (the trainer's identity of the run; the same id continues the MLflow run).
+    pub fn run_id(mut self, id: impl Into<String>) -> Self {
+        self.config.run.id = Some(id.into());
+        self
+    }
+    /// Adds a hyperparameter.
+    pub fn param(mut self, name: impl Into<String>, value: impl fmt::Display) -> Self {
+        self.config.run.params.insert(name.into(), ScalarValue::Text(value.to_string()));
+        self
+    }
+    /// Adds a run tag.
+    pub fn tag(mut self, name: impl Into<String>, value: impl fmt::Display) -> Self {
+        self.config.run.tags.insert(name.into(), ScalarValue::Text(value.to_string()));
+        self
+    }
+    /// Adds an exporter under `name` (`tensorboard`, `mlflow`, `mlflow/<any>`…).
+    pub fn exporter(mut self, name: impl Into<String>, config: ExporterConfig) -> Self {
+        self.config.exporters.insert(name.into(), config);
+        self
+    }
+    /// Sets the bound of shutdown.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+    /// Sets the step attribute key (default `step`).
+    pub fn step_attribute(mut self, key: impl Into<String>) -> Self {
+        self.config.step_attribute = key.into();
+        self
+    }
+    /// Sets the SDK cardinality limit per instrument (default 20 000).
+    pub fn cardinality_limit(mut self, limit: usize) -> Self {
+        self.config.cardinality_limit = limit;
+        self
+    }
+    /// The config built so far.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+    /// Validates and starts the pipeline.
+    pub fn build(self) -> Result<Pipeline, BuildError> {
+        Pipeline::from_config(&self.config)
+    }
+}
+
+impl Pipeline {
+    /// A builder.
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
+    /// Validates `config` and starts the pipeline.
+    pub fn from_config(config: &PipelineConfig) -> Result<Self, BuildError> {
+        Self::from_settings(config.validate()?)
+    }
+
+    /// Starts a pipeline from validated settings.
+    pub fn from_settings(s: PipelineSettings) -> Result<Self, BuildError> {
+        if s.exporters.is_empty() {
+            return Err(BuildError::NoExporter);
+        }
+        let keys = &s.decode.identity;
+        let mut attrs = vec![
+            KeyValue::new(keys.run_name.clone(), s.run.name.clone()),
+            KeyValue::new(keys.run_id.clone(), s.run.id.clone()),
+        ];
+        if let Some(e) = &s.run.experiment {
+            attrs.push(KeyValue::new(keys.experiment.clone(), e.clone()));
+        }
+        for (k, v) in &s.run.params {
+            attrs.push(KeyValue::new(format!("{}{k}", keys.param_prefix), v.clone()));
+        }
+        for (k, v) in &s.run.tags {
+            attrs.push(KeyValue::new(k.clone(), v.clone()));
+        }
+        let limit = s.cardinality_limit;
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(Resource::builder_empty().with_attributes(attrs).build())
+            .with_view(move |_: &Instrument| Stream::builder().with_cardinality_limit(limit).build().ok());
+        let mut deliveries = Vec::new();
+        for e in s.exporters {
+            let spawn_err = |source| BuildError::Spawn { name: e.name.clone(), source };
+            let (delivery, target) = match &e.backend {
+                Backend::TensorBoard(tb) => (
+                    Delivery::start(&e.name, TensorBoardExporter::new(tb.clone()), e.delivery.clone()).map_err(spawn_err)?,
+                    Target::TensorBoard { logdir: tb.logdir.clone() },
+                ),
+                Backend::Mlflow(m) => {
+                    let exporter = MlflowExporter::new(m.clone());
+                    let run_ids = exporter.run_ids();
+                    (
+                        Delivery::start(&e.name, exporter, e.delivery.clone()).map_err(spawn_err)?,
+                        Target::Mlflow { tracking_uri: m.tracking_uri.clone(), run_ids },
+                    )
+                }
+            };
+            let delivery = Arc::new(delivery);
+            let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone() })
+                .with_interval(e.reader_interval)
+                .build();
+            builder = builder.with_reader(reader);
+            deliveries.push((delivery, target));
+        }
+        Ok(Self {
+            provider: builder.build(),
+            deliveries,
+            run: s.run,
+            step_key: s.decode.step_key,
+            shutdown_timeout: s.shutdown_timeout,
+            failed: AtomicBool::new(false),
+            report: Mutex::new(None),
+        })
+    }
+
+    /// The meter provider (clone it freely; e.g. `opentelemetry::global::set_meter_provider`).
+    pub fn meter_provider(&self) -> &SdkMeterProvider {
+        &self.provider
+    }
+
+    /// A meter of this pipeline's provider.
+    pub fn meter(&self, name: &'static str) -> Meter {
+        self.provider.meter(name)
+    }
+
+    /// A recorder that attaches the step attribute for you.
+    pub fn recorder(&self) -> StepRecorder {
+        StepRecorder::new(self.meter("trainmetrics"), &self.step_key)
+    }
+
+    /// The run's identity.
+    pub fn run(&self) -> &RunSettings {
+        &self.run
+    }
+
+    /// Where each exporter puts the run.
+    pub fn locations(&self) -> Vec<Location> {
+        self.deliveries
+            .iter()
+            .map(|(d, t)| match t {
+                Target::TensorBoard { logdir } => Location::TensorBoard {
+                    exporter: d.name().to_string(),
+                    logdir: logdir.clone(),
+                    run_dir: logdir.join(run_dir_name(&self.run.name)),
+                },
+                Target::Mlflow { tracking_uri, run_ids } => {
+                    let r = run_ids.lock().ok().and_then(|m| m.get(&self.run.id).cloned());
+                    Location::Mlflow {
+                        exporter: d.name().to_string(),
+                        tracking_uri: tracking_uri.clone(),
+                        experiment_id: r.as_ref().map(|r| r.experiment_id.clone()),
+                        run_id: r.map(|r| r.run_id),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Live per-exporter counters.
+    pub fn reports(&self) -> Vec<ExporterReport> {
+        self.deliveries.iter().map(|(d, _)| d.report()).collect()
+    }
+
+    /// Marks the run as failed: shutdown ends it FAILED in MLflow.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Collects now and delivers what each exporter's cadence has made ready, waiting at most
+    /// `timeout` per exporter. Open windows stay open.
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        // The SDK's force_flush blocks until every reader has exported, which our exporters do
+        // without blocking.
+        let _ = self.provider.force_flush();
+        for (d, _) in &self.deliveries {
+            d.flush(timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Shuts down: a final collection, then every exporter closes its windows and delivers
+    /// within the configured `shutdown_timeout` (all exporters in parallel), and runs are ended
+    /// (FAILED if [`Pipeline::fail`] was called or the thread is panicking). Idempotent: later
+    /// calls return the first report.
+    pub fn shutdown(&self) -> ShutdownReport {
+        let outcome = if self.failed.load(Ordering::Relaxed) || std::thread::panicking() {
+            RunOutcome::Failed
+        } else {
+            RunOutcome::Finished
+        };
+        self.shutdown_with(outcome)
+    }
+
+    fn shutdown_with(&self, outcome: RunOutcome) -> ShutdownReport {
+        let mut cached = match self.report.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(r) = cached.as_ref() {
+            return r.clone();
+        }
+        let started = Instant::now();
+        // Final collection and export by every reader; our exporters only enqueue.
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!("meter provider shutdown: {e}");
+        }
+        let left = self.shutdown_timeout.saturating_sub(started.elapsed());
+        let exporters = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                self.deliveries.iter().map(|(d, _)| s.spawn(move || d.shutdown(outcome, left))).collect();
+            handles
+                .into_iter()
+                .zip(&self.deliveries)
+                .map(|(h, (d, _))| h.join().unwrap_or_else(|_| d.report()))
+                .collect()
+        });
+        let report = ShutdownReport { outcome, exporters, elapsed: started.elapsed() };
+        *cached = Some(report.clone());
+        report
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let report = self.shutdown();
+        tracing::info!("trainmetrics pipeline shut down: {}", report.to_string().trim_end());
+    }
+}
+
+/// Records scalars and histograms at a step through OTel instruments, attaching the step
+/// attribute. Instruments are created on first use of a name and cached. Cheap to clone.
+///
+/// Non-finite scalars (which the OTel SDK discards) are recorded as `0.0` with the attribute
+/// `trainmetrics.nonfinite` and restored by the exporters (see [`crate::batch`]).
+#[derive(Clone)]
+pub struct StepRecorder {
+    meter: Meter,
+    step_key: Key,
+    gauges: Arc<Mutex<HashMap<String, Gauge<f64>>>>,
+    histograms: Arc<Mutex<HashMap<String, Histogram<f64>>>>,
+}
+
+impl fmt::Debug for StepRecorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepRecorder").field("step_key", &self.step_key).finish_non_exhaustive()
+    }
+}
+
+fn nonfinite_text(v: f64) -> Option<&'static str> {
+    if v.is_nan() {
+        Some("NaN")
+    } else if v == f64::INFINITY {
+        Some("Infinity")
+    } else if v == f64::NEG_INFINITY {
+        Some("-Infinity")
+    } else {
+        None
+    }
+}
+
+impl StepRecorder {
+    /// A recorder on `meter` with the step attribute `step_key`.
+    pub fn new(meter: Meter, step_key: &str) -> Self {
+        Self {
+            meter,
+            step_key: Key::new(step_key.to_string()),
+            gauges: Arc::default(),
+            histograms: Arc::default(),
+        }
+    }
+
+    fn gauge(&self, name: &str) -> Option<Gauge<f64>> {
+        let mut g = self.gauges.lock().ok()?;
+        if let Some(x) = g.get(name) {
+            return Some(x.clone());
+        }
+        let x = self.meter.f64_gauge(name.to_string()).build();
+        g.insert(name.to_string(), x.clone());
+        Some(x)
+    }
+
+    /// Records `value` for metric `name` at `step`.
+    pub fn record(&self, step: i64, name: &str, value: f64) {
+        self.record_with(step, name, value, &[]);
+    }
+
+    /// Records `value` for `name` at `step` with extra attributes (they become part of the
+    /// series name: `name/key=value`).
+    pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
+        let Some(g) = self.gauge(name) else { return };
+        let mut attrs = Vec::with_capacity(attributes.len() + 2);
+        attrs.push(KeyValue::new(self.step_key.clone(), step));
+        attrs.extend_from_slice(attributes);
+        match nonfinite_text(value) {
+            None => g.record(value, &attrs),
+            Some(t) => {
+                attrs.push(KeyValue::new(NONFINITE_ATTRIBUTE, t));
+                g.record(0.0, &attrs);
+            }
+        }
+    }
+
+    /// Records several scalars at one step.
+    pub fn record_all(&self, step: i64, values: &[(&str, f64)]) {
+        for (name, v) in values {
+            self.record(step, name, *v);
+        }
+    }
+
+    /// Records measurements into histogram `name` at `step` (non-finite measurements are
+    /// discarded by the SDK). `boundaries` are used when the histogram is first created.
+    pub fn record_histogram(&self, step: i64, name: &str, values: &[f64], boundaries: Option<Vec<f64>>) {
+        let h = {
+            let Ok(mut hs) = self.histograms.lock() else { return };
+            hs.entry(name.to_string())
+                .or_insert_with(|| {
+                    let b = self.meter.f64_histogram(name.to_string());
+                    match boundaries {
+                        Some(bounds) => b.with_boundaries(bounds).build(),
+                        None => b.build(),
+                    }
+                })
+                .clone()
+        };
+        let attrs = [KeyValue::new(self.step_key.clone(), step)];
+        for v in values {
+            h.record(*v, &attrs);
+        }
+    }
+}
