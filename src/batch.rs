@@ -29,6 +29,11 @@
 //! The OTel SDK (0.33.1+) discards NaN and ±Inf measurements. [`crate::StepRecorder`] therefore
 //! records them as `0.0` with the attribute `trainmetrics.nonfinite` = `NaN` | `Infinity` |
 //! `-Infinity`; this module restores the value and removes the attribute.
+//!
+//! OTel instrument names must match `[A-Za-z][A-Za-z0-9_.\-/]{0,254}` (OTel API spec), so names
+//! like `acc@1`, `timing(s)/gen` or `lossé` cannot be instruments. [`crate::StepRecorder`] records
+//! them on a shared instrument with the attribute `trainmetrics.name` holding the real name; any
+//! producer may do the same. The attribute's value replaces the metric name here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -43,6 +48,9 @@ use crate::stats::DropReason;
 
 /// Attribute that carries a non-finite value past the SDK (see the module docs).
 pub const NONFINITE_ATTRIBUTE: &str = "trainmetrics.nonfinite";
+/// Attribute that carries a metric name the OTel API cannot take as an instrument name (see the
+/// module docs); its value replaces the instrument's name.
+pub const NAME_ATTRIBUTE: &str = "trainmetrics.name";
 /// The OTel SDK's attribute on its cardinality overflow series (OTel metrics SDK spec).
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
 
@@ -278,6 +286,15 @@ fn now_unix_nano() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// A data point's attributes, split by meaning.
+struct Split {
+    step: Option<i64>,
+    rest: Vec<(String, String)>,
+    nonfinite: Option<f64>,
+    overflow: bool,
+    name: Option<String>,
+}
+
 /// A data point on its way through decoding, before its step is final.
 struct Pending {
     metric: String,
@@ -334,12 +351,13 @@ impl Decoder {
         }
     }
 
-    /// Splits attributes into (step, remaining name attributes, non-finite override, overflow).
+    /// Splits attributes into step, name override, non-finite override, overflow and the rest.
     fn split_attributes(
         &self,
         attrs: &[KeyValue],
-    ) -> Result<(Option<i64>, Vec<(String, String)>, Option<f64>, bool), String> {
+    ) -> Result<Split, String> {
         let mut step = None;
+        let mut name = None;
         let mut rest = Vec::with_capacity(attrs.len());
         let mut nonfinite = None;
         let mut overflow = false;
@@ -357,11 +375,13 @@ impl Decoder {
                 };
             } else if kv.key == OVERFLOW_ATTRIBUTE {
                 overflow = true;
+            } else if kv.key == NAME_ATTRIBUTE {
+                name = Some(any_value_text(kv.value.as_ref()));
             } else {
                 rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
             }
         }
-        Ok((step, rest, nonfinite, overflow))
+        Ok(Split { step, rest, nonfinite, overflow, name })
     }
 
     /// Decodes one request. Never fails: unusable data points are counted in
@@ -405,20 +425,21 @@ impl Decoder {
             }
             match self.split_attributes(attrs) {
                 Err(msg) => out.drop(DropReason::InvalidStep, || format!("metric {:?}: {msg}", m.name)),
-                Ok((_, _, _, true)) => out.drop(DropReason::CardinalityOverflow, || {
+                Ok(Split { overflow: true, .. }) => out.drop(DropReason::CardinalityOverflow, || {
                     format!(
                         "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
                         m.name
                     )
                 }),
-                Ok((step, rest, nonfinite, false)) => {
+                Ok(Split { step, rest, nonfinite, name, .. }) => {
                     let value = match (value, nonfinite) {
                         (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
                         (v, _) => v,
                     };
+                    let metric = name.unwrap_or_else(|| m.name.clone());
                     pending.push(Pending {
-                        metric: m.name.clone(),
-                        series: series_name(prefix, &m.name, &rest),
+                        series: series_name(prefix, &metric, &rest),
+                        metric,
                         step,
                         time_unix_nano: if time == 0 { received_at } else { time },
                         value,

@@ -309,6 +309,7 @@ impl<E: Exporter> Worker<E> {
         }
         let now = Instant::now();
         for rp in decoded.runs {
+            self.exporter.observe_run(&rp.run);
             let late = self.windows.push(rp, now);
             if late > 0 {
                 self.stats.add_dropped(DropReason::Late, late);

@@ -161,6 +161,18 @@ impl MlflowKeys {
     }
 }
 
+/// Longest MLflow run name we send, in code points: the `runs.name` column of MLflow's SQL schema
+/// is `String(250)` (enforced by PostgreSQL and MySQL, not by SQLite).
+pub const MLFLOW_MAX_RUN_NAME_CHARS: usize = 250;
+
+/// Maps a run name to what the MLflow exporter sends as `run_name`: control characters
+/// (including NUL, which PostgreSQL cannot store) become `_`, and the name is cut to
+/// [`MLFLOW_MAX_RUN_NAME_CHARS`]. Run names need not be unique in MLflow; the run's identity
+/// is kept in the tag `trainmetrics.run_key`.
+pub fn mlflow_run_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_control() { '_' } else { c }).take(MLFLOW_MAX_RUN_NAME_CHARS).collect()
+}
+
 /// Longest run directory name we write, in bytes: well under the 255-byte limit of common file
 /// systems, leaving room for the hash suffix.
 const MAX_RUN_DIR_BYTES: usize = 200;

@@ -26,7 +26,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::batch::NONFINITE_ATTRIBUTE;
+use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE};
 use crate::config::{Backend, ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
 use crate::exporter::mlflow::exporter::RunIds;
@@ -448,6 +448,20 @@ fn nonfinite_text(v: f64) -> Option<&'static str> {
     }
 }
 
+/// Whether the OTel API accepts `name` as an instrument name: 1–255 bytes, an ASCII letter first,
+/// then ASCII letters, digits, `_`, `.`, `-`, `/` (OTel metrics API spec, enforced by the SDK).
+pub fn is_instrument_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+}
+
+/// Instrument that carries scalars whose names are not valid instrument names.
+const NAMED_GAUGE: &str = "trainmetrics.named";
+/// Instrument that carries histograms whose names are not valid instrument names.
+const NAMED_HISTOGRAM: &str = "trainmetrics.named_histogram";
+
 impl StepRecorder {
     /// A recorder on `meter` with the step attribute `step_key`.
     pub fn new(meter: Meter, step_key: &str) -> Self {
@@ -469,6 +483,15 @@ impl StepRecorder {
         Some(x)
     }
 
+    /// The instrument name and extra attribute for metric `name` (see [`crate::batch`]).
+    fn instrument_for(name: &str) -> (&str, Option<KeyValue>) {
+        if is_instrument_name(name) {
+            (name, None)
+        } else {
+            (NAMED_GAUGE, Some(KeyValue::new(NAME_ATTRIBUTE, name.to_string())))
+        }
+    }
+
     /// Records `value` for metric `name` at `step`.
     pub fn record(&self, step: i64, name: &str, value: f64) {
         self.record_with(step, name, value, &[]);
@@ -476,10 +499,14 @@ impl StepRecorder {
 
     /// Records `value` for `name` at `step` with extra attributes (they become part of the
     /// series name: `name/key=value`).
+    /// Names the OTel API rejects (`acc@1`, `lossé`, …) are recorded on a shared instrument
+    /// with the attribute `trainmetrics.name`, which the exporters turn back into the name.
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
-        let Some(g) = self.gauge(name) else { return };
-        let mut attrs = Vec::with_capacity(attributes.len() + 2);
+        let (instrument, name_attr) = Self::instrument_for(name);
+        let Some(g) = self.gauge(instrument) else { return };
+        let mut attrs = Vec::with_capacity(attributes.len() + 3);
         attrs.push(KeyValue::new(self.step_key.clone(), step));
+        attrs.extend(name_attr);
         attrs.extend_from_slice(attributes);
         match nonfinite_text(value) {
             None => g.record(value, &attrs),
@@ -500,11 +527,15 @@ impl StepRecorder {
     /// Records measurements into histogram `name` at `step` (non-finite measurements are
     /// discarded by the SDK). `boundaries` are used when the histogram is first created.
     pub fn record_histogram(&self, step: i64, name: &str, values: &[f64], boundaries: Option<Vec<f64>>) {
+        let (instrument, name_attr) = match Self::instrument_for(name) {
+            (_, Some(a)) => (NAMED_HISTOGRAM.to_string(), Some(a)),
+            (n, None) => (n.to_string(), None),
+        };
         let h = {
             let Ok(mut hs) = self.histograms.lock() else { return };
-            hs.entry(name.to_string())
+            hs.entry(instrument.clone())
                 .or_insert_with(|| {
-                    let b = self.meter.f64_histogram(name.to_string());
+                    let b = self.meter.f64_histogram(instrument);
                     match boundaries {
                         Some(bounds) => b.with_boundaries(bounds).build(),
                         None => b.build(),
@@ -512,7 +543,8 @@ impl StepRecorder {
                 })
                 .clone()
         };
-        let attrs = [KeyValue::new(self.step_key.clone(), step)];
+        let mut attrs = vec![KeyValue::new(self.step_key.clone(), step)];
+        attrs.extend(name_attr);
         for v in values {
             h.record(*v, &attrs);
         }

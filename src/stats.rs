@@ -107,6 +107,9 @@ impl ExporterStats {
     }
     /// Counts one named event (e.g. `param_conflict`).
     pub fn add_event(&self, name: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
         if let Ok(mut e) = self.events.lock() {
             *e.entry(name.to_string()).or_default() += n;
         }

@@ -12,6 +12,7 @@ pub mod tensorboard;
 
 use std::time::Duration;
 
+use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
 use crate::stats::{DropReason, ExporterStats};
 
@@ -63,6 +64,11 @@ pub trait Exporter: Send + 'static {
     /// Ends every run this exporter started (MLflow: status per `outcome`; TensorBoard: flush and
     /// close files). Bounded by `timeout`.
     fn end_runs(&mut self, outcome: RunOutcome, timeout: Duration) -> Result<(), ExportError>;
+
+    /// Sees each run's description (resource) as it arrives, in arrival order, before cadence
+    /// holds the points back; lets an exporter judge params in the order they were sent. Must not
+    /// block or do I/O.
+    fn observe_run(&mut self, _run: &RunInfo) {}
 
     /// Gives the exporter the shared counters, for events that are not point drops (called once
     /// before the first export).

@@ -37,7 +37,7 @@ use super::request_builder::{
 use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
-use crate::names::{mlflow_key, MlflowKeys};
+use crate::names::{mlflow_key, mlflow_run_name, MlflowKeys};
 use crate::stats::ExporterStats;
 
 /// Run tag holding the trainer's run key, used to find the run again after a restart.
@@ -51,6 +51,13 @@ struct RunState {
     tags: BTreeMap<String, String>,
 }
 
+/// Params of a run as they arrived: the first value of each key wins, as on the server.
+#[derive(Debug, Default)]
+struct ObservedParams {
+    first: BTreeMap<String, String>,
+    conflicts: std::collections::HashSet<(String, String)>,
+}
+
 /// Delivers to an MLflow tracking server. See the module docs.
 #[derive(Debug)]
 pub struct MlflowExporter {
@@ -60,6 +67,7 @@ pub struct MlflowExporter {
     runs: HashMap<String, RunState>,
     stats: Option<Arc<ExporterStats>>,
     run_ids: RunIds,
+    observed: HashMap<String, ObservedParams>,
 }
 
 /// Where a run went in MLflow.
@@ -104,6 +112,7 @@ impl MlflowExporter {
             runs: HashMap::new(),
             stats: None,
             run_ids: RunIds::default(),
+            observed: HashMap::new(),
         }
     }
 
@@ -193,10 +202,10 @@ impl MlflowExporter {
                         let mut body = json!({
                             "experiment_id": exp_id,
                             "start_time": now_ms(),
-                            "tags": [key_value(RUN_KEY_TAG, &run.key)],
+                            "tags": [key_value(RUN_KEY_TAG, &truncate_chars(&run.key, MAX_TAG_VALUE_CHARS).0)],
                         });
                         if let Some(name) = &run.run_name {
-                            body["run_name"] = Value::from(name.as_str());
+                            body["run_name"] = Value::from(mlflow_run_name(name));
                         }
                         let v = self.client.post("runs/create", &body, budget.left()?)?;
                         let id = v.pointer("/run/info/run_id").and_then(Value::as_str).ok_or_else(|| {
@@ -221,24 +230,13 @@ impl MlflowExporter {
     /// Logs params and tags of `run` not logged yet (see the module docs for conflicts).
     fn sync_params_and_tags(&mut self, run: &RunInfo, budget: &Budget) -> Result<(), ExportError> {
         let Some(state) = self.runs.get(&run.key) else { return Ok(()) };
-        let mut new_params = Vec::new();
-        let mut conflicts = 0;
-        let mut truncated = 0;
-        for (k, v) in &run.params {
-            let key = mlflow_key(k);
-            let (value, cut) = truncate_chars(v, MAX_PARAM_VALUE_CHARS);
-            match state.params.get(&key) {
-                Some(old) if *old == value => {}
-                Some(old) => {
-                    conflicts += 1;
-                    tracing::warn!(run = %run.key, param = %key, old = %old, new = %value, "param changed value; MLflow keeps the first, new value not logged");
-                }
-                None => {
-                    truncated += u64::from(cut);
-                    new_params.push((key, value));
-                }
-            }
-        }
+        let new_params: Vec<(String, String)> = self
+            .observed
+            .get(&run.key)
+            .map(|o| {
+                o.first.iter().filter(|(k, _)| !state.params.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+            })
+            .unwrap_or_default();
         let new_tags: Vec<(String, String)> = run
             .tags
             .iter()
@@ -246,8 +244,6 @@ impl MlflowExporter {
             .filter(|(k, v)| state.tags.get(k) != Some(v))
             .collect();
         let run_id = state.mlflow_run_id.clone();
-        self.event("param_conflict", conflicts);
-        self.event("param_truncated", truncated);
         // Params alone: a conflict rejects the whole request it is in.
         let params: Vec<Value> = new_params.iter().map(|(k, v)| key_value(k, v)).collect();
         for mut body in split_log_batch(vec![], params, vec![]) {
@@ -331,6 +327,31 @@ impl Exporter for MlflowExporter {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    fn observe_run(&mut self, run: &RunInfo) {
+        let mut truncated = 0;
+        let mut conflicts = 0;
+        let o = self.observed.entry(run.key.clone()).or_default();
+        for (k, v) in &run.params {
+            let key = mlflow_key(k);
+            let (value, cut) = truncate_chars(v, MAX_PARAM_VALUE_CHARS);
+            match o.first.get(&key) {
+                None => {
+                    truncated += u64::from(cut);
+                    o.first.insert(key, value);
+                }
+                Some(first) if *first == value => {}
+                Some(first) => {
+                    if o.conflicts.insert((key.clone(), value.clone())) {
+                        conflicts += 1;
+                        tracing::warn!(run = %run.key, param = %key, first = %first, new = %value, "param changed value; MLflow keeps the first, the new value is not logged");
+                    }
+                }
+            }
+        }
+        self.event("param_truncated", truncated);
+        self.event("param_conflict", conflicts);
     }
 
     fn attach_stats(&mut self, stats: Arc<ExporterStats>) {

@@ -55,6 +55,8 @@ struct RunFile {
 pub struct TensorBoardExporter {
     settings: TensorBoardSettings,
     runs: HashMap<String, RunFile>,
+    /// The params each run first arrived with (what hparams shows, as MLflow keeps the first).
+    params: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 fn now_secs() -> f64 {
@@ -88,7 +90,7 @@ impl TensorBoardExporter {
     /// An exporter writing under `settings.logdir`. Nothing touches the disk until the first
     /// export.
     pub fn new(settings: TensorBoardSettings) -> Self {
-        Self { settings, runs: HashMap::new() }
+        Self { settings, runs: HashMap::new(), params: HashMap::new() }
     }
 
     /// The directory a run writes to (`<logdir>/<run dir>`).
@@ -163,9 +165,10 @@ impl Exporter for TensorBoardExporter {
                 if !session_started {
                     session_started = true;
                     append_record(&mut buf, &encoder::session_start_event(wall, step).encode_to_vec());
-                    if !batch.run.params.is_empty() {
+                    let params = self.params.get(&batch.run.key).unwrap_or(&batch.run.params);
+                    if !params.is_empty() {
                         let hp: Vec<(String, HParamValue)> =
-                            batch.run.params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
+                            params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
                         let v = encoder::hparams_value(&hp, batch.run.display_name(), wall);
                         append_record(&mut buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
                     }
@@ -195,6 +198,12 @@ impl Exporter for TensorBoardExporter {
                     retry_after: None,
                 })
             }
+        }
+    }
+
+    fn observe_run(&mut self, run: &RunInfo) {
+        if !self.params.contains_key(&run.key) {
+            self.params.insert(run.key.clone(), run.params.clone());
         }
     }
 

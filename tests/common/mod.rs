@@ -1,0 +1,313 @@
+//! Test harness: the real components. A real MLflow server (one per test binary, on a free
+//! 127.0.0.1 port, stopped when the test process exits: its launcher watches our PID), MLflow's
+//! REST API to read back what landed, and TensorBoard's own loaders (Python's and RustBoard) via
+//! `tests/support/read_tb.py`. A missing component fails the test with a message naming it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project venv's Python, which has mlflow and tensorboard.
+pub fn python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "missing component: the Python venv {} (mlflow, tensorboard). Run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+struct Server {
+    uri: String,
+    _child: Child,
+    _dir: tempfile::TempDir,
+}
+
+static MLFLOW: OnceLock<Server> = OnceLock::new();
+
+/// The tracking URI of this test binary's MLflow server, started on first use.
+pub fn mlflow_uri() -> String {
+    MLFLOW
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir for mlflow");
+            let port = free_port();
+            let mut child = Command::new(python())
+                .arg(root().join("tests/support/mlflow_server.py"))
+                .args(["--port", &port.to_string()])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(["--parent-pid", &std::process::id().to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("missing component: could not run tests/support/mlflow_server.py with the venv's python");
+            let stdout = child.stdout.take().expect("stdout");
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).expect("read mlflow_server.py output");
+            let uri = line
+                .trim()
+                .strip_prefix("READY ")
+                .unwrap_or_else(|| panic!("missing component: MLflow server did not start: {line}"))
+                .to_string();
+            Server { uri, _child: child, _dir: dir }
+        })
+        .uri
+        .clone()
+}
+
+fn get(uri: &str, endpoint: &str, query: &[(&str, &str)]) -> Value {
+    let mut req = ureq::get(format!("{uri}/api/2.0/mlflow/{endpoint}"));
+    for (k, v) in query {
+        req = req.query(*k, *v);
+    }
+    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {endpoint}: {e}"));
+    let text = resp.body_mut().read_to_string().expect("body");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn post(uri: &str, endpoint: &str, body: &Value) -> Value {
+    let mut resp = ureq::post(format!("{uri}/api/2.0/mlflow/{endpoint}"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap_or_else(|e| panic!("POST {endpoint}: {e}"));
+    let text = resp.body_mut().read_to_string().expect("body");
+    serde_json::from_str(&text).expect("json")
+}
+
+/// A metric value as MLflow returns it (numbers, or "NaN"/"Infinity"/"-Infinity").
+pub fn json_f64(v: &Value) -> f64 {
+    match v {
+        Value::Number(n) => n.as_f64().expect("f64"),
+        Value::String(s) if s == "NaN" => f64::NAN,
+        Value::String(s) if s == "Infinity" => f64::INFINITY,
+        Value::String(s) if s == "-Infinity" => f64::NEG_INFINITY,
+        other => panic!("not a metric value: {other}"),
+    }
+}
+
+/// Full history of one metric: (step, value, timestamp ms), in the server's order.
+pub fn history(uri: &str, run_id: &str, key: &str) -> Vec<(i64, f64, i64)> {
+    let v = get(uri, "metrics/get-history", &[("run_id", run_id), ("metric_key", key)]);
+    v.get("metrics")
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    (
+                        m["step"].as_i64().unwrap_or(0),
+                        json_f64(&m["value"]),
+                        m["timestamp"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `runs/get` → `run`.
+pub fn run(uri: &str, run_id: &str) -> Value {
+    get(uri, "runs/get", &[("run_id", run_id)])["run"].clone()
+}
+
+/// key → value of a run's `data.params` or `data.tags`.
+pub fn kv(run: &Value, what: &str) -> BTreeMap<String, String> {
+    run["data"][what]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| (x["key"].as_str().unwrap_or("").to_string(), x["value"].as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs of an experiment by name (empty if the experiment does not exist).
+pub fn runs_of_experiment(uri: &str, experiment: &str) -> Vec<Value> {
+    let e = get(uri, "experiments/get-by-name", &[("experiment_name", experiment)]);
+    let Some(id) = e.pointer("/experiment/experiment_id").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let body = serde_json::json!({"experiment_ids": [id], "max_results": 1000});
+    post(uri, "runs/search", &body)["runs"].as_array().cloned().unwrap_or_default()
+}
+
+/// A unique name for this test's experiment.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// What TensorBoard's loaders show.
+#[derive(Debug, Default)]
+pub struct Tb {
+    /// run → tag → [(step, value)]
+    pub scalars: BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>>,
+    /// run → tag → [(step, rows [left, right, count])]
+    pub histograms: BTreeMap<String, BTreeMap<String, Vec<(i64, Vec<[f64; 3]>)>>>,
+    /// run → param → value (as JSON)
+    pub hparams: BTreeMap<String, BTreeMap<String, Value>>,
+    /// run → steps of SessionLog START (Python loader only)
+    pub session_starts: BTreeMap<String, Vec<i64>>,
+}
+
+/// Which TensorBoard loader.
+#[derive(Debug, Clone, Copy)]
+pub enum Loader {
+    /// The legacy Python loader (EventMultiplexer).
+    Python,
+    /// RustBoard, the default loader (`--load_fast=true`).
+    Rust,
+}
+
+/// Reads `logdir` with TensorBoard's own loader.
+pub fn read_tb(logdir: &Path, loader: Loader) -> Tb {
+    let name = match loader {
+        Loader::Python => "python",
+        Loader::Rust => "rust",
+    };
+    let out = Command::new(python())
+        .arg(root().join("tests/support/read_tb.py"))
+        .arg("--logdir")
+        .arg(logdir)
+        .args(["--loader", name])
+        .output()
+        .expect("missing component: could not run tests/support/read_tb.py");
+    assert!(
+        out.status.success(),
+        "read_tb.py --loader {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("read_tb.py JSON");
+    let mut tb = Tb::default();
+    for (run, tags) in v["scalars"].as_object().into_iter().flatten() {
+        for (tag, pts) in tags.as_object().into_iter().flatten() {
+            let pts = pts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| (p[0].as_i64().expect("step"), json_f64(&p[1])))
+                .collect();
+            tb.scalars.entry(run.clone()).or_default().insert(tag.clone(), pts);
+        }
+    }
+    for (run, tags) in v["histograms"].as_object().into_iter().flatten() {
+        for (tag, pts) in tags.as_object().into_iter().flatten() {
+            let pts = pts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let rows = p[1]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| [json_f64(&r[0]), json_f64(&r[1]), json_f64(&r[2])])
+                        .collect();
+                    (p[0].as_i64().expect("step"), rows)
+                })
+                .collect();
+            tb.histograms.entry(run.clone()).or_default().insert(tag.clone(), pts);
+        }
+    }
+    for (run, hp) in v["hparams"].as_object().into_iter().flatten() {
+        if let Some(m) = hp.as_object() {
+            tb.hparams.insert(run.clone(), m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        }
+    }
+    for (run, steps) in v["session_starts"].as_object().into_iter().flatten() {
+        tb.session_starts.insert(run.clone(), steps.as_array().into_iter().flatten().filter_map(Value::as_i64).collect());
+    }
+    tb
+}
+
+/// Both loaders, checked to agree on every scalar; returns the Python loader's view.
+pub fn read_tb_both(logdir: &Path) -> Tb {
+    let py = read_tb(logdir, Loader::Python);
+    let rs = read_tb(logdir, Loader::Rust);
+    assert_eq!(fmt_scalars(&py), fmt_scalars(&rs), "TensorBoard's Python and Rust loaders disagree");
+    py
+}
+
+/// Scalars with NaN made comparable.
+pub fn fmt_scalars(tb: &Tb) -> BTreeMap<String, BTreeMap<String, Vec<(i64, String)>>> {
+    tb.scalars
+        .iter()
+        .map(|(r, tags)| {
+            (
+                r.clone(),
+                tags.iter().map(|(t, p)| (t.clone(), p.iter().map(|(s, v)| (*s, format!("{v:?}"))).collect())).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Pauses briefly (used only to let a server-side effect settle, never to assert speed).
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+/// OTLP requests built by hand, as a collector or another SDK would send them.
+pub mod otlp {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    /// A string attribute.
+    pub fn s(k: &str, v: &str) -> KeyValue {
+        KeyValue { key: k.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.into())) }), ..Default::default() }
+    }
+
+    /// An int attribute.
+    pub fn i(k: &str, v: i64) -> KeyValue {
+        KeyValue { key: k.into(), value: Some(AnyValue { value: Some(any_value::Value::IntValue(v)) }), ..Default::default() }
+    }
+
+    /// One resource (run) with gauge points `(metric, step, value)`; `step: None` sends no step.
+    pub fn resource(attrs: Vec<KeyValue>, points: &[(&str, Option<i64>, f64)]) -> ResourceMetrics {
+        let metrics = points
+            .iter()
+            .map(|(name, step, v)| Metric {
+                name: name.to_string(),
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![NumberDataPoint {
+                        attributes: step.map(|st| vec![i("step", st)]).unwrap_or_default(),
+                        time_unix_nano: 1_790_000_000_000_000_000 + step.unwrap_or(0).max(0) as u64 * 1_000_000,
+                        value: Some(number_data_point::Value::AsDouble(*v)),
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            })
+            .collect();
+        ResourceMetrics {
+            resource: Some(Resource { attributes: attrs, ..Default::default() }),
+            scope_metrics: vec![ScopeMetrics { metrics, ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    /// A request of resources.
+    pub fn request(resources: Vec<ResourceMetrics>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest { resource_metrics: resources }
+    }
+}
