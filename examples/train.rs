@@ -257,9 +257,8 @@ impl Mlp {
         for w in sizes.windows(2) {
             let (fan_in, fan_out) = (w[0], w[1]);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let mut uniform = |n: usize| -> Vec<f32> {
-                (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
-            };
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect() };
             let weight = Var::from_vec(uniform(fan_out * fan_in), (fan_out, fan_in), device)?;
             let bias = Var::from_vec(uniform(fan_out), fan_out, device)?;
             // The Linear holds the same tensors (same ids) as the Vars, so the gradients of the
@@ -408,8 +407,7 @@ fn train(args: &Args, data: &Data, model: &Mlp, rec: &mut Recorder) -> Result<Su
             let t_eval = Instant::now();
             let eval_logits = model.forward(&data.eval.x)?;
             let (eval_loss, eval_acc) = loss_and_accuracy(&eval_logits, &data.eval.y)?;
-            let batch_logits: Vec<f64> =
-                logits.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+            let batch_logits: Vec<f64> = logits.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
             s.eval_ms.push(t_eval.elapsed().as_secs_f64() * 1e3);
 
             let t_rec = Instant::now();

@@ -1,0 +1,301 @@
+//! The pipeline's promises beyond the cases: histograms, run status on failure and panic,
+//! continuing a run, cardinality overflow, a full queue never blocking, and the retry policy
+//! (the last two with faults a real server cannot produce on demand: a blocking exporter and a
+//! scripted HTTP server).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{history, mlflow_uri, otlp, read_tb, run, runs_of_experiment, unique, Loader};
+use trainmetrics::cadence::{Aggregation, CadenceSettings, OutBatch};
+use trainmetrics::config::ExporterConfig;
+use trainmetrics::delivery::{Delivery, DeliverySettings, SubmitError};
+use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
+use trainmetrics::exporter::{ExportError, Exported, Exporter, RunOutcome};
+use trainmetrics::retry::RetrySettings;
+use trainmetrics::{Location, Pipeline};
+
+fn mlflow(every: u64) -> ExporterConfig {
+    ExporterConfig {
+        tracking_uri: Some(mlflow_uri()),
+        every_steps: Some(every),
+        reader_interval: Some(Duration::from_millis(100)),
+        ..Default::default()
+    }
+}
+
+fn mlflow_run_id(p: &Pipeline) -> String {
+    p.locations()
+        .into_iter()
+        .find_map(|l| match l {
+            Location::Mlflow { run_id: Some(id), .. } => Some(id),
+            _ => None,
+        })
+        .expect("an MLflow run")
+}
+
+#[test]
+fn histograms_reach_tensorboard_as_buckets_and_mlflow_as_exact_means() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let p = Pipeline::builder()
+        .experiment(unique("hist"))
+        .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
+        .exporter("mlflow", ExporterConfig { aggregation: Some(Aggregation::Mean), ..mlflow(10) })
+        .build()
+        .expect("pipeline");
+    let rec = p.recorder();
+    let bounds = vec![0.0, 1.0, 2.0];
+    for step in 1..=10 {
+        let values: Vec<f64> = (0..step).map(|i| i as f64 * 0.25).collect();
+        rec.record_histogram(step, "grad.hist", &values, Some(bounds.clone()));
+    }
+    let report = p.shutdown();
+    assert!(report.exporters.iter().all(|e| e.received == 10 && e.delivered == 10), "{report}");
+
+    // Step 3 holds 0, 0.25, 0.5: bucket (-inf,0] has 1, (0,1] has 2; open ends use min/max.
+    let want3 = vec![[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 0.0], [2.0, 2.0, 0.0]];
+    for loader in [Loader::Python, Loader::Rust] {
+        let tb = read_tb(logdir.path(), loader);
+        let h = &tb.histograms.values().next().expect("one run")["grad.hist"];
+        assert_eq!(h.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>(), "{loader:?}");
+        let rows3 = &h[2].1;
+        let total: f64 = rows3.iter().map(|r| r[2]).sum();
+        assert_eq!(total, 3.0, "{loader:?}: {rows3:?}");
+        assert_eq!(rows3, &want3, "{loader:?}");
+    }
+    // One window of 10 steps: Σsum / Σcount over all 55 measurements.
+    let (sum, count) = (1..=10).fold((0.0, 0.0), |(s, c), step| {
+        ((0..step).map(|i| i as f64 * 0.25).sum::<f64>() + s, c + step as f64)
+    });
+    let h = history(&mlflow_uri(), &mlflow_run_id(&p), "grad.hist");
+    assert_eq!(h.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(), vec![(10, sum / count)]);
+}
+
+#[test]
+fn a_failed_or_panicking_trainer_ends_its_run_failed() {
+    let exp = unique("failed");
+    let p = Pipeline::builder().experiment(&exp).run_name("told").exporter("mlflow", mlflow(1)).build().expect("pipeline");
+    p.recorder().record(1, "x", 1.0);
+    p.fail();
+    drop(p);
+    let panicked = std::thread::spawn({
+        let exp = exp.clone();
+        move || {
+            let p = Pipeline::builder().experiment(&exp).run_name("panicked").exporter("mlflow", mlflow(1)).build().expect("pipeline");
+            p.recorder().record(1, "x", 2.0);
+            panic!("trainer crashed (expected by this test)");
+        }
+    })
+    .join();
+    assert!(panicked.is_err());
+    let uri = mlflow_uri();
+    let mut got: Vec<(String, String, usize)> = runs_of_experiment(&uri, &exp)
+        .iter()
+        .map(|r| {
+            let id = r["info"]["run_id"].as_str().unwrap_or("");
+            (
+                r["info"]["run_name"].as_str().unwrap_or("").to_string(),
+                r["info"]["status"].as_str().unwrap_or("").to_string(),
+                history(&uri, id, "x").len(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![("panicked".into(), "FAILED".into(), 1), ("told".into(), "FAILED".into(), 1)]);
+}
+
+#[test]
+fn the_same_run_id_continues_the_same_mlflow_run() {
+    let exp = unique("resume");
+    for (first, last) in [(1, 5), (6, 10)] {
+        let p = Pipeline::builder()
+            .experiment(&exp)
+            .run_name("resumable")
+            .run_id("resume-run-1")
+            .exporter("mlflow", mlflow(1))
+            .build()
+            .expect("pipeline");
+        let rec = p.recorder();
+        for step in first..=last {
+            rec.record(step, "x", step as f64);
+        }
+        drop(p);
+    }
+    let uri = mlflow_uri();
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1, "one MLflow run for one run id");
+    let id = runs[0]["info"]["run_id"].as_str().expect("id");
+    assert_eq!(history(&uri, id, "x").iter().map(|m| m.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(run(&uri, id)["info"]["status"], "FINISHED");
+}
+
+#[test]
+fn cardinality_overflow_is_counted_never_silent() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let p = Pipeline::builder()
+        .cardinality_limit(10)
+        .exporter(
+            "tensorboard",
+            ExporterConfig {
+                logdir: Some(logdir.path().into()),
+                reader_interval: Some(Duration::from_secs(3600)),
+                ..Default::default()
+            },
+        )
+        .build()
+        .expect("pipeline");
+    let rec = p.recorder();
+    for step in 1..=50 {
+        rec.record(step, "x", step as f64);
+    }
+    let report = p.shutdown();
+    let e = &report.exporters[0];
+    assert_eq!(e.received, e.delivered + e.dropped_total(), "{e}");
+    assert!(e.dropped.get("cardinality_overflow").is_some_and(|n| *n >= 1), "{e}");
+    assert!(e.delivered <= 10, "{e}");
+}
+
+/// An exporter that blocks until released: stands in for a backend that hangs.
+struct Stuck {
+    release: Arc<Mutex<bool>>,
+    seen: Arc<AtomicUsize>,
+}
+
+impl Exporter for Stuck {
+    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+        while !*self.release.lock().expect("lock") {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.seen.fetch_add(batch.points.len(), Ordering::Relaxed);
+        Ok(Exported::default())
+    }
+    fn end_runs(&mut self, _: RunOutcome, _: Duration) -> Result<(), ExportError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_without_blocking() {
+    let release = Arc::new(Mutex::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let settings = DeliverySettings {
+        queue_size: 2,
+        cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
+        ..Default::default()
+    };
+    let d = Delivery::start("stuck", Stuck { release: release.clone(), seen: seen.clone() }, settings).expect("start");
+    let res = || vec![otlp::s("ml.run.name", "q")];
+    let mut full = 0;
+    for step in 1..=200 {
+        match d.submit(Arc::new(otlp::request(vec![otlp::resource(res(), &[("x", Some(step), 1.0)])])))
+        {
+            Ok(()) => {}
+            Err(SubmitError::QueueFull) => full += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(full > 0, "a stuck exporter must fill a queue of 2");
+    *release.lock().expect("lock") = true;
+    let report = d.shutdown(RunOutcome::Finished, Duration::from_secs(10));
+    assert_eq!(report.received, 200);
+    assert_eq!(report.dropped.get("queue_full"), Some(&(full as u64)), "{report}");
+    assert_eq!(report.received, report.delivered + report.dropped_total(), "{report}");
+    assert_eq!(seen.load(Ordering::Relaxed) as u64, report.delivered);
+}
+
+/// A scripted MLflow: answers the run endpoints, and `log-batch` with the scripted statuses in
+/// turn (then 200). Records every log-batch body.
+struct FakeMlflow {
+    uri: String,
+    batches: Arc<Mutex<Vec<(u16, String)>>>,
+}
+
+fn fake_mlflow(script: Vec<(u16, Option<&'static str>)>) -> FakeMlflow {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let uri = format!("http://{}", listener.local_addr().expect("addr"));
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let seen = batches.clone();
+    std::thread::spawn(move || {
+        let mut script = script.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let (status, retry_after, answer) = if line.contains("get-by-name") {
+                (200, None, r#"{"experiment":{"experiment_id":"7"}}"#.to_string())
+            } else if line.contains("runs/search") {
+                (200, None, "{}".to_string())
+            } else if line.contains("runs/create") {
+                (200, None, r#"{"run":{"info":{"run_id":"abc"}}}"#.to_string())
+            } else if line.contains("log-batch") {
+                let (st, ra) = script.next().unwrap_or((200, None));
+                seen.lock().expect("lock").push((st, String::from_utf8_lossy(&body).into_owned()));
+                let answer = if st == 200 { "{}".to_string() } else { format!(r#"{{"error_code":"X","message":"scripted {st}"}}"#) };
+                (st, ra, answer)
+            } else {
+                (200, None, "{}".to_string())
+            };
+            let ra = retry_after.map(|v| format!("Retry-After: {v}\r\n")).unwrap_or_default();
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{ra}Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    FakeMlflow { uri, batches }
+}
+
+fn fake_delivery(uri: &str) -> Delivery {
+    let settings = MlflowSettings { tracking_uri: uri.into(), authorization: None, experiment: "e".into(), run_id: None };
+    let d = DeliverySettings {
+        cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
+        retry: RetrySettings { initial_interval: Duration::from_millis(50), ..Default::default() },
+        ..Default::default()
+    };
+    Delivery::start("mlflow", MlflowExporter::new(settings), d).expect("start")
+}
+
+#[test]
+fn retryable_statuses_are_retried_honouring_retry_after_and_400_is_not() {
+    let fake = fake_mlflow(vec![(503, Some("1")), (429, None), (200, None), (400, None)]);
+    let d = fake_delivery(&fake.uri);
+    let res = || vec![otlp::s("ml.run.name", "r")];
+    let started = Instant::now();
+    d.submit(Arc::new(otlp::request(vec![otlp::resource(res(), &[("x", Some(1), 1.0)])]))).expect("submit");
+    // Wait until the first batch landed after its two failures.
+    while fake.batches.lock().expect("lock").len() < 3 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waited = started.elapsed();
+    d.submit(Arc::new(otlp::request(vec![otlp::resource(res(), &[("x", Some(2), 2.0)])]))).expect("submit");
+    let report = d.shutdown(RunOutcome::Finished, Duration::from_secs(10));
+    let batches = fake.batches.lock().expect("lock").clone();
+    let statuses: Vec<u16> = batches.iter().map(|b| b.0).collect();
+    assert_eq!(statuses, vec![503, 429, 200, 400], "the 400 is not retried");
+    // Retries re-send the identical body (same timestamps), so the server can deduplicate.
+    assert_eq!(batches[0].1, batches[2].1);
+    assert!(waited >= Duration::from_secs(1), "Retry-After: 1 was honoured ({waited:?})");
+    assert_eq!((report.received, report.delivered, report.retried), (2, 1, 2), "{report}");
+    assert_eq!(report.dropped.get("rejected"), Some(&1), "{report}");
+}
