@@ -58,7 +58,10 @@ def healthy(port):
 
 def port_free(port):
     # Without this, /health could be answered by some other server on P.
+    # SO_REUSEADDR as uvicorn sets it: TIME_WAIT leftovers of a previous
+    # server on P must not count as "in use", a live listener still does.
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
