@@ -21,8 +21,9 @@ while [ $# -gt 0 ]; do
         *) usage ;;
     esac
 done
-mkdir -p "$DIR"
-DIR="$(cd "$DIR" && pwd)"   # sqlite:/// wants an absolute path
+if [ "$cmd" = start ]; then mkdir -p "$DIR"; fi
+[ -d "$DIR" ] || { echo "mlflow-server.sh: not running (no $DIR)"; [ "$cmd" = stop ]; exit; }
+DIR="$(cd "$DIR" && pwd -P)"   # sqlite:/// wants an absolute path
 PIDFILE="$DIR/server.pid"   # "PID PORT": stop/status must not depend on --port being repeated
 LOG="$DIR/server.log"
 PY="$ROOT/.venv/bin/python"

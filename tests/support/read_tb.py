@@ -143,7 +143,9 @@ class _RecordingSubprocess:
         self.procs = []
 
     def Popen(self, args, **kw):
-        proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, **kw)
+        # RUST_LOG overrides --verbose, and the Rust tests may well set it.
+        env = dict(os.environ, RUST_LOG="info")
+        proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, env=env, **kw)
         self.procs.append(proc)
         return proc
 
