@@ -299,3 +299,28 @@ fn retryable_statuses_are_retried_honouring_retry_after_and_400_is_not() {
     assert_eq!((report.received, report.delivered, report.retried), (2, 1, 2), "{report}");
     assert_eq!(report.dropped.get("rejected"), Some(&1), "{report}");
 }
+
+#[test]
+fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    for (first, last) in [(1, 5), (6, 10)] {
+        let p = Pipeline::builder()
+            .run_name("restarted")
+            .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
+            .build()
+            .expect("pipeline");
+        let rec = p.recorder();
+        for step in first..=last {
+            rec.record(step, "x", step as f64);
+        }
+        drop(p);
+    }
+    let files: Vec<_> = std::fs::read_dir(logdir.path().join("restarted")).expect("run dir").flatten().collect();
+    assert_eq!(files.len(), 2, "one event file per process session");
+    for loader in [Loader::Python, Loader::Rust] {
+        let tb = read_tb(logdir.path(), loader);
+        assert_eq!(tb.scalars["restarted"]["x"], (1..=10).map(|s| (s, s as f64)).collect::<Vec<_>>(), "{loader:?}");
+    }
+    // A SessionLog START at the first step of each session (what the Python loader reads).
+    assert_eq!(read_tb(logdir.path(), Loader::Python).session_starts["restarted"], vec![1, 6]);
+}
