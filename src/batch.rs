@@ -267,9 +267,9 @@ pub fn any_value_text(v: Option<&AnyValue>) -> String {
 /// Parses a step attribute value by the rules in the module docs.
 pub fn parse_step(v: Option<&AnyValue>) -> Option<i64> {
     fn whole(d: f64) -> Option<i64> {
-        // 2^63 is exactly representable; anything at or above it is out of range.
-        (d.is_finite() && d.fract() == 0.0 && d >= -9.223_372_036_854_775_808e18 && d < 9.223_372_036_854_775_808e18)
-            .then_some(d as i64)
+        // ±2^63 are exactly representable; i64 holds [-2^63, 2^63).
+        const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+        (d.fract() == 0.0 && (-TWO_63..TWO_63).contains(&d)).then_some(d as i64)
     }
     match v.and_then(|v| v.value.as_ref())? {
         any_value::Value::IntValue(i) => Some(*i),

@@ -24,7 +24,7 @@ enum Command {
     },
 }
 
-fn validate(path: &PathBuf) -> anyhow::Result<()> {
+fn validate(path: &std::path::Path) -> anyhow::Result<()> {
     let config = PipelineConfig::from_yaml_file(path)?;
     let settings = config.validate()?;
     println!("{}: valid, {} exporter(s)", path.display(), settings.exporters.len());

@@ -154,13 +154,16 @@ pub fn unique(name: &str) -> String {
     format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
+/// Histogram points of one tag: (step, rows `[left, right, count]`).
+pub type HistogramSeries = Vec<(i64, Vec<[f64; 3]>)>;
+
 /// What TensorBoard's loaders show.
 #[derive(Debug, Default)]
 pub struct Tb {
     /// run → tag → [(step, value)]
     pub scalars: BTreeMap<String, BTreeMap<String, Vec<(i64, f64)>>>,
     /// run → tag → [(step, rows [left, right, count])]
-    pub histograms: BTreeMap<String, BTreeMap<String, Vec<(i64, Vec<[f64; 3]>)>>>,
+    pub histograms: BTreeMap<String, BTreeMap<String, HistogramSeries>>,
     /// run → param → value (as JSON)
     pub hparams: BTreeMap<String, BTreeMap<String, Value>>,
     /// run → steps of SessionLog START (Python loader only)
