@@ -8,14 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{history, kv, mlflow_uri, otlp, read_tb_both, run, runs_of_experiment, unique};
+use common::{history, kv, mlflow_config as mlflow, mlflow_run_id, mlflow_uri, otlp, read_tb_both, run, runs_of_experiment, unique};
 use trainmetrics::cadence::Aggregation;
 use trainmetrics::config::ExporterConfig;
 use trainmetrics::delivery::{Delivery, DeliverySettings};
 use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use trainmetrics::exporter::RunOutcome;
-use trainmetrics::{Location, Pipeline};
+use trainmetrics::Pipeline;
 
 fn tb(logdir: &Path) -> ExporterConfig {
     ExporterConfig {
@@ -24,26 +24,6 @@ fn tb(logdir: &Path) -> ExporterConfig {
         reader_interval: Some(Duration::from_millis(100)),
         ..Default::default()
     }
-}
-
-fn mlflow(every: u64, metrics: &[(&str, Aggregation)]) -> ExporterConfig {
-    ExporterConfig {
-        tracking_uri: Some(mlflow_uri()),
-        every_steps: Some(every),
-        reader_interval: Some(Duration::from_millis(100)),
-        metrics: metrics.iter().map(|(k, a)| (k.to_string(), *a)).collect(),
-        ..Default::default()
-    }
-}
-
-fn mlflow_run_id(p: &Pipeline) -> String {
-    p.locations()
-        .into_iter()
-        .find_map(|l| match l {
-            Location::Mlflow { run_id: Some(id), .. } => Some(id),
-            _ => None,
-        })
-        .expect("the pipeline has an MLflow run")
 }
 
 /// The only run directory's scalars, asserting there is exactly one.

@@ -11,32 +11,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{history, mlflow_uri, otlp, read_tb, run, runs_of_experiment, unique, Loader};
+use common::{history, mlflow_run_id, mlflow_uri, otlp, read_tb, run, runs_of_experiment, unique, Loader};
 use trainmetrics::cadence::{Aggregation, CadenceSettings, OutBatch};
 use trainmetrics::config::ExporterConfig;
 use trainmetrics::delivery::{Delivery, DeliverySettings, SubmitError};
 use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
 use trainmetrics::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use trainmetrics::retry::RetrySettings;
-use trainmetrics::{Location, Pipeline};
+use trainmetrics::Pipeline;
 
 fn mlflow(every: u64) -> ExporterConfig {
-    ExporterConfig {
-        tracking_uri: Some(mlflow_uri()),
-        every_steps: Some(every),
-        reader_interval: Some(Duration::from_millis(100)),
-        ..Default::default()
-    }
-}
-
-fn mlflow_run_id(p: &Pipeline) -> String {
-    p.locations()
-        .into_iter()
-        .find_map(|l| match l {
-            Location::Mlflow { run_id: Some(id), .. } => Some(id),
-            _ => None,
-        })
-        .expect("an MLflow run")
+    common::mlflow_config(every, &[])
 }
 
 #[test]

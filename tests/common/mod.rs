@@ -149,6 +149,28 @@ pub fn runs_of_experiment(uri: &str, experiment: &str) -> Vec<Value> {
     post(uri, "runs/search", &body)["runs"].as_array().cloned().unwrap_or_default()
 }
 
+/// An MLflow exporter config pointing at this binary's server, collecting every 100 ms.
+pub fn mlflow_config(every: u64, metrics: &[(&str, trainmetrics::cadence::Aggregation)]) -> trainmetrics::config::ExporterConfig {
+    trainmetrics::config::ExporterConfig {
+        tracking_uri: Some(mlflow_uri()),
+        every_steps: Some(every),
+        reader_interval: Some(Duration::from_millis(100)),
+        metrics: metrics.iter().map(|(k, a)| (k.to_string(), *a)).collect(),
+        ..Default::default()
+    }
+}
+
+/// The MLflow run id a pipeline reports (panics if it has none yet).
+pub fn mlflow_run_id(p: &trainmetrics::Pipeline) -> String {
+    p.locations()
+        .into_iter()
+        .find_map(|l| match l {
+            trainmetrics::Location::Mlflow { run_id: Some(id), .. } => Some(id),
+            _ => None,
+        })
+        .expect("the pipeline has an MLflow run")
+}
+
 /// A unique name for this test's experiment.
 pub fn unique(name: &str) -> String {
     format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>())
