@@ -8,12 +8,14 @@
 //! cumulative temporality the SDK would keep and re-export every step ever recorded. With delta
 //! only the steps recorded since the last collection are exported, and the SDK's cardinality
 //! limit (set for every instrument by a view to `cardinality_limit`, default 20 000) bounds
-//! the attribute sets of one collection. Overflow is counted (`cardinality_overflow`).
+//! the attribute sets of one collection. [`StepRecorder`] keeps under it by collecting early
+//! (a `force_flush`) after every `cardinality_limit / 2` data points it records; anything that
+//! still overflows is counted (`cardinality_overflow`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -132,6 +134,11 @@ impl fmt::Display for Location {
 pub struct ShutdownReport {
     /// How the run was ended.
     pub outcome: RunOutcome,
+    /// Data points recorded through this pipeline's [`StepRecorder`]s (one per scalar record
+    /// call, one per histogram record call). Each exporter's `received` equals it unless the
+    /// trainer also used other instruments, or recorded one series twice at the same step
+    /// (the SDK keeps the last).
+    pub recorded: u64,
     /// Per exporter, in config order.
     pub exporters: Vec<ExporterReport>,
     /// How long shutdown took.
@@ -140,7 +147,13 @@ pub struct ShutdownReport {
 
 impl fmt::Display for ShutdownReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "run ended {:?} in {:.2}s", self.outcome, self.elapsed.as_secs_f64())?;
+        writeln!(
+            f,
+            "run ended {:?} in {:.2}s; {} data points recorded",
+            self.outcome,
+            self.elapsed.as_secs_f64(),
+            self.recorded
+        )?;
         for e in &self.exporters {
             writeln!(f, "  {e}")?;
         }
@@ -164,6 +177,29 @@ pub struct Pipeline {
     shutdown_timeout: Duration,
     failed: AtomicBool,
     report: Mutex<Option<ShutdownReport>>,
+    collector: Arc<Collector>,
+}
+
+/// Shared by a pipeline's recorders: counts what they record and collects early enough that no
+/// collection exceeds the SDK's cardinality limit.
+#[derive(Debug)]
+struct Collector {
+    provider: SdkMeterProvider,
+    every: u64,
+    since: AtomicU64,
+    recorded: AtomicU64,
+}
+
+impl Collector {
+    fn recorded_one(&self) {
+        self.recorded.fetch_add(1, Ordering::Relaxed);
+        if self.since.fetch_add(1, Ordering::Relaxed) + 1 >= self.every {
+            self.since.store(0, Ordering::Relaxed);
+            // Our exporters only enqueue, so this costs one collection (≈ µs per point), once
+            // per `every` points; it keeps steps from folding into the overflow series.
+            let _ = self.provider.force_flush();
+        }
+    }
 }
 
 impl fmt::Debug for Pipeline {
@@ -292,8 +328,16 @@ impl Pipeline {
             builder = builder.with_reader(reader);
             deliveries.push((delivery, target));
         }
+        let provider = builder.build();
+        let collector = Arc::new(Collector {
+            provider: provider.clone(),
+            every: (limit / 2).max(1) as u64,
+            since: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+        });
         Ok(Self {
-            provider: builder.build(),
+            collector,
+            provider,
             deliveries,
             run: s.run,
             step_key: s.decode.step_key,
@@ -315,7 +359,9 @@ impl Pipeline {
 
     /// A recorder that attaches the step attribute for you.
     pub fn recorder(&self) -> StepRecorder {
-        StepRecorder::new(self.meter("trainmetrics"), &self.step_key)
+        let mut r = StepRecorder::new(self.meter("trainmetrics"), &self.step_key);
+        r.collector = Some(self.collector.clone());
+        r
     }
 
     /// The run's identity.
@@ -404,7 +450,12 @@ impl Pipeline {
                 .map(|(h, (d, _))| h.join().unwrap_or_else(|_| d.report()))
                 .collect()
         });
-        let report = ShutdownReport { outcome, exporters, elapsed: started.elapsed() };
+        let report = ShutdownReport {
+            outcome,
+            recorded: self.collector.recorded.load(Ordering::Relaxed),
+            exporters,
+            elapsed: started.elapsed(),
+        };
         *cached = Some(report.clone());
         report
     }
@@ -428,6 +479,7 @@ pub struct StepRecorder {
     step_key: Key,
     gauges: Arc<Mutex<HashMap<String, Gauge<f64>>>>,
     histograms: Arc<Mutex<HashMap<String, Histogram<f64>>>>,
+    collector: Option<Arc<Collector>>,
 }
 
 impl fmt::Debug for StepRecorder {
@@ -463,13 +515,15 @@ const NAMED_GAUGE: &str = "trainmetrics.named";
 const NAMED_HISTOGRAM: &str = "trainmetrics.named_histogram";
 
 impl StepRecorder {
-    /// A recorder on `meter` with the step attribute `step_key`.
+    /// A recorder on `meter` with the step attribute `step_key`. Unlike [`Pipeline::recorder`],
+    /// it neither counts what it records nor collects early (it does not know the provider).
     pub fn new(meter: Meter, step_key: &str) -> Self {
         Self {
             meter,
             step_key: Key::new(step_key.to_string()),
             gauges: Arc::default(),
             histograms: Arc::default(),
+            collector: None,
         }
     }
 
@@ -515,6 +569,9 @@ impl StepRecorder {
                 g.record(0.0, &attrs);
             }
         }
+        if let Some(c) = &self.collector {
+            c.recorded_one();
+        }
     }
 
     /// Records several scalars at one step.
@@ -547,6 +604,9 @@ impl StepRecorder {
         attrs.extend(name_attr);
         for v in values {
             h.record(*v, &attrs);
+        }
+        if let Some(c) = &self.collector {
+            c.recorded_one();
         }
     }
 }

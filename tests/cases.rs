@@ -61,6 +61,7 @@ fn case_001_every_step_to_tensorboard_window_means_to_mlflow() {
         rec.record_all(step, &[("train.loss", loss(step)), ("train.lr", lr(step))]);
     }
     let report = p.shutdown();
+    assert_eq!(report.recorded, 2000);
     for e in &report.exporters {
         assert_eq!((e.received, e.delivered, e.dropped_total()), (2000, 2000, 0), "{e}");
     }

@@ -120,7 +120,8 @@ fn the_same_run_id_continues_the_same_mlflow_run() {
 }
 
 #[test]
-fn cardinality_overflow_is_counted_never_silent() {
+fn the_recorder_collects_before_the_cardinality_limit_and_other_overflow_is_counted() {
+    use opentelemetry::metrics::MeterProvider as _;
     let logdir = tempfile::tempdir().expect("tempdir");
     let p = Pipeline::builder()
         .cardinality_limit(10)
@@ -134,15 +135,26 @@ fn cardinality_overflow_is_counted_never_silent() {
         )
         .build()
         .expect("pipeline");
+    // 50 steps within one reader interval: StepRecorder collects every 5 points, nothing folds.
     let rec = p.recorder();
     for step in 1..=50 {
         rec.record(step, "x", step as f64);
     }
+    // A plain OTel gauge does not collect early: past 10 steps the SDK folds the rest into its
+    // overflow series, which must show up as a counted drop.
+    let raw = p.meter_provider().meter("raw").f64_gauge("raw").build();
+    for step in 1..=50 {
+        raw.record(step as f64, &[opentelemetry::KeyValue::new("step", step)]);
+    }
     let report = p.shutdown();
+    assert_eq!(report.recorded, 50, "{report}");
     let e = &report.exporters[0];
     assert_eq!(e.received, e.delivered + e.dropped_total(), "{e}");
     assert!(e.dropped.get("cardinality_overflow").is_some_and(|n| *n >= 1), "{e}");
-    assert!(e.delivered <= 10, "{e}");
+    let tb = read_tb(logdir.path(), Loader::Python);
+    let run = tb.scalars.values().next().expect("a run");
+    assert_eq!(run["x"], (1..=50).map(|s| (s, s as f64)).collect::<Vec<_>>());
+    assert!(run["raw"].len() <= 10, "{:?}", run["raw"]);
 }
 
 /// An exporter that blocks until released: stands in for a backend that hangs.
