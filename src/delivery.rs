@@ -163,9 +163,14 @@ impl Delivery {
     /// Delivers what the cadence has made ready, waiting at most `timeout`. Windows that are
     /// still open stay open.
     pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        let deadline = Instant::now() + timeout;
         let (ack, done) = mpsc::channel();
-        self.tx.send(Msg::Flush(ack)).map_err(|_| FlushError::Closed)?;
-        match done.recv_timeout(timeout) {
+        match self.send_until(Msg::Flush(ack), deadline) {
+            Sent::Yes => {}
+            Sent::Closed => return Err(FlushError::Closed),
+            Sent::TimedOut => return Err(FlushError::Timeout(timeout)),
+        }
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(0) => Ok(()),
             Ok(n) => Err(FlushError::Pending(n)),
             Err(_) => Err(FlushError::Timeout(timeout)),
@@ -195,22 +200,7 @@ impl Delivery {
         let started = Instant::now();
         let deadline = started + timeout;
         let (ack, done) = mpsc::channel();
-        let mut msg = Msg::Shutdown { outcome, deadline, ack };
-        // The queue may be full while the worker exports; keep trying until the deadline rather
-        // than blocking without bound.
-        let sent = loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break true,
-                Err(TrySendError::Disconnected(_)) => break false,
-                Err(TrySendError::Full(m)) => {
-                    if Instant::now() >= deadline {
-                        break false;
-                    }
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
+        let sent = self.send_until(Msg::Shutdown { outcome, deadline, ack }, deadline) == Sent::Yes;
         let finished = sent && done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok();
         if finished {
             if let Ok(mut w) = self.worker.lock() {
@@ -229,6 +219,33 @@ impl Delivery {
         let report = self.stats.report(&self.name, 0);
         *cached = Some(report.clone());
         report
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Yes,
+    Closed,
+    TimedOut,
+}
+
+impl Delivery {
+    /// Sends a control message; the queue may be full while the worker exports, so this retries
+    /// until `deadline` rather than blocking without bound.
+    fn send_until(&self, mut msg: Msg, deadline: Instant) -> Sent {
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => return Sent::Yes,
+                Err(TrySendError::Disconnected(_)) => return Sent::Closed,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        return Sent::TimedOut;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 }
 
