@@ -34,6 +34,9 @@
 //! like `acc@1`, `timing(s)/gen` or `lossé` cannot be instruments. [`crate::StepRecorder`] records
 //! them on a shared instrument with the attribute `trainmetrics.name` holding the real name; any
 //! producer may do the same. The attribute's value replaces the metric name here.
+//!
+//! The SDK stamps data points with the collection time; [`crate::StepRecorder`] adds the record
+//! time as `trainmetrics.time_unix_nano` (int), which, when present, is the point's time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -51,6 +54,10 @@ pub const NONFINITE_ATTRIBUTE: &str = "trainmetrics.nonfinite";
 /// Attribute that carries a metric name the OTel API cannot take as an instrument name (see the
 /// module docs); its value replaces the instrument's name.
 pub const NAME_ATTRIBUTE: &str = "trainmetrics.name";
+/// Attribute with the time a value was recorded, int ns since the Unix epoch: the SDK stamps
+/// data points with the collection time, so [`crate::StepRecorder`] carries the record time
+/// here; it replaces the data point's time.
+pub const TIME_ATTRIBUTE: &str = "trainmetrics.time_unix_nano";
 /// The OTel SDK's attribute on its cardinality overflow series (OTel metrics SDK spec).
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
 
@@ -293,6 +300,7 @@ struct Split {
     nonfinite: Option<f64>,
     overflow: bool,
     name: Option<String>,
+    time: Option<u64>,
 }
 
 /// A data point on its way through decoding, before its step is final.
@@ -358,6 +366,7 @@ impl Decoder {
     ) -> Result<Split, String> {
         let mut step = None;
         let mut name = None;
+        let mut time = None;
         let mut rest = Vec::with_capacity(attrs.len());
         let mut nonfinite = None;
         let mut overflow = false;
@@ -377,11 +386,13 @@ impl Decoder {
                 overflow = true;
             } else if kv.key == NAME_ATTRIBUTE {
                 name = Some(any_value_text(kv.value.as_ref()));
+            } else if kv.key == TIME_ATTRIBUTE {
+                time = parse_step(kv.value.as_ref()).and_then(|t| u64::try_from(t).ok());
             } else {
                 rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
             }
         }
-        Ok(Split { step, rest, nonfinite, overflow, name })
+        Ok(Split { step, rest, nonfinite, overflow, name, time })
     }
 
     /// Decodes one request. Never fails: unusable data points are counted in
@@ -431,7 +442,8 @@ impl Decoder {
                         m.name
                     )
                 }),
-                Ok(Split { step, rest, nonfinite, name, .. }) => {
+                Ok(Split { step, rest, nonfinite, name, time: recorded_at, .. }) => {
+                    let time = recorded_at.unwrap_or(time);
                     let value = match (value, nonfinite) {
                         (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
                         (v, _) => v,

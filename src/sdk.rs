@@ -28,7 +28,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE};
+use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
 use crate::config::{Backend, ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
 use crate::exporter::mlflow::exporter::RunIds;
@@ -509,6 +509,17 @@ pub fn is_instrument_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
 }
 
+/// The record time as an attribute (see [`crate::batch`]): timestamps are fixed when the trainer
+/// records, not when the SDK collects, so TensorBoard's wall time and MLflow's timestamp are the
+/// real time of each step.
+fn record_time() -> KeyValue {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    KeyValue::new(TIME_ATTRIBUTE, ns)
+}
+
 /// Instrument that carries scalars whose names are not valid instrument names.
 const NAMED_GAUGE: &str = "trainmetrics.named";
 /// Instrument that carries histograms whose names are not valid instrument names.
@@ -558,8 +569,9 @@ impl StepRecorder {
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
         let (instrument, name_attr) = Self::instrument_for(name);
         let Some(g) = self.gauge(instrument) else { return };
-        let mut attrs = Vec::with_capacity(attributes.len() + 3);
+        let mut attrs = Vec::with_capacity(attributes.len() + 4);
         attrs.push(KeyValue::new(self.step_key.clone(), step));
+        attrs.push(record_time());
         attrs.extend(name_attr);
         attrs.extend_from_slice(attributes);
         match nonfinite_text(value) {
@@ -600,7 +612,7 @@ impl StepRecorder {
                 })
                 .clone()
         };
-        let mut attrs = vec![KeyValue::new(self.step_key.clone(), step)];
+        let mut attrs = vec![KeyValue::new(self.step_key.clone(), step), record_time()];
         attrs.extend(name_attr);
         for v in values {
             h.record(*v, &attrs);

@@ -177,7 +177,9 @@ impl MlflowExporter {
         }))
     }
 
-    fn start_run(&mut self, run: &RunInfo, budget: &Budget) -> Result<(), ExportError> {
+    /// `start_ms`: the run's start time in ms (the earliest point of its first batch, so no
+    /// metric predates its run).
+    fn start_run(&mut self, run: &RunInfo, start_ms: i64, budget: &Budget) -> Result<(), ExportError> {
         if self.runs.contains_key(&run.key) {
             return Ok(());
         }
@@ -201,7 +203,7 @@ impl MlflowExporter {
                     None => {
                         let mut body = json!({
                             "experiment_id": exp_id,
-                            "start_time": now_ms(),
+                            "start_time": start_ms,
                             "tags": [key_value(RUN_KEY_TAG, &truncate_chars(&run.key, MAX_TAG_VALUE_CHARS).0)],
                         });
                         if let Some(name) = &run.run_name {
@@ -281,7 +283,8 @@ impl MlflowExporter {
 impl Exporter for MlflowExporter {
     fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError> {
         let budget = Budget(Instant::now() + timeout);
-        self.start_run(&batch.run, &budget)?;
+        let first_ms = batch.points.iter().map(|p| p.time_unix_nano / 1_000_000).min().and_then(|t| i64::try_from(t).ok());
+        self.start_run(&batch.run, first_ms.map_or(now_ms(), |t| t.min(now_ms())), &budget)?;
         self.sync_params_and_tags(&batch.run, &budget)?;
         let Some(state) = self.runs.get_mut(&batch.run.key) else {
             return Err(ExportError::Permanent { message: "run state missing".into() });
