@@ -177,7 +177,7 @@ impl Acc {
                 (h.count, h.sum, h.min.unwrap_or(f64::NAN), h.max.unwrap_or(f64::NAN), h.mean())
             }
         };
-        self.n += contrib_n;
+        self.n = self.n.saturating_add(contrib_n);
         self.sum += contrib_sum;
         // f64::min/max return the non-NaN operand, which is the documented NaN rule.
         self.min = self.min.min(lo);
@@ -229,18 +229,18 @@ impl Acc {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SeriesState {
-    metric: String,
     windows: BTreeMap<i64, Acc>,
     written_upto: Option<i64>,
+    max_step: i64,
+    last_arrival: Instant,
 }
 
 #[derive(Debug)]
 struct RunState {
     run: Arc<RunInfo>,
     max_step: i64,
-    last_arrival: Instant,
     series: HashMap<String, SeriesState>,
 }
 
@@ -250,6 +250,7 @@ pub struct Windows {
     settings: CadenceSettings,
     runs: HashMap<String, RunState>,
     interval_started: Instant,
+    pending: u64,
 }
 
 /// Why windows are being closed.
@@ -264,7 +265,7 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: HashMap::new(), interval_started: now }
+        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0 }
     }
 
     /// Adds points. Returns the number of points that were late (see the module docs).
@@ -273,22 +274,25 @@ impl Windows {
         let state = self.runs.entry(rp.run.key.clone()).or_insert_with(|| RunState {
             run: rp.run.clone(),
             max_step: i64::MIN,
-            last_arrival: now,
             series: HashMap::new(),
         });
         state.run = rp.run.clone();
-        state.last_arrival = now;
         let mut late = 0;
         for p in rp.points {
-            let s = state.series.entry(p.series.clone()).or_default();
+            let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
+                windows: BTreeMap::new(),
+                written_upto: None,
+                max_step: i64::MIN,
+                last_arrival: now,
+            });
             if s.written_upto.is_some_and(|w| p.step <= w) {
                 late += 1;
                 continue;
             }
             state.max_step = state.max_step.max(p.step);
-            if s.metric.is_empty() {
-                s.metric = p.metric.clone();
-            }
+            s.max_step = s.max_step.max(p.step);
+            s.last_arrival = now;
+            self.pending += 1;
             let agg = settings.aggregation_for(&p.metric, &p.series);
             s.windows
                 .entry(settings.window_end(p.step))
@@ -300,22 +304,21 @@ impl Windows {
 
     /// Data points held in open windows.
     pub fn pending_inputs(&self) -> u64 {
-        self.runs
-            .values()
-            .flat_map(|r| r.series.values())
-            .flat_map(|s| s.windows.values())
-            .map(|a| a.inputs)
-            .sum()
+        self.pending
     }
 
-    /// When `take_ready(Close::Due)` may next have something to do without new input.
-    pub fn next_due(&self) -> Option<Instant> {
-        let interval = self.settings.interval.map(|i| self.interval_started + i);
+    /// When `take_ready(Close::Due)` may next have something to do without new input: the
+    /// interval's end, or the end of a series' `linger`. Never an instant already past, so a
+    /// caller waiting for it never spins.
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        let interval = self.settings.interval.and_then(|i| self.interval_started.checked_add(i));
         let linger = self
             .runs
             .values()
-            .filter(|r| r.series.values().any(|s| !s.windows.is_empty()))
-            .map(|r| r.last_arrival + self.settings.linger)
+            .flat_map(|r| r.series.values())
+            .filter(|s| !s.windows.is_empty())
+            .filter_map(|s| s.last_arrival.checked_add(self.settings.linger))
+            .filter(|t| *t > now)
             .min();
         match (interval, linger) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -325,7 +328,10 @@ impl Windows {
 
     /// Closes the windows that are due (or all) and returns their points, one batch per run.
     pub fn take_ready(&mut self, now: Instant, close: Close) -> Vec<OutBatch> {
-        let interval_due = self.settings.interval.is_some_and(|i| now >= self.interval_started + i);
+        let interval_due = self
+            .settings
+            .interval
+            .is_some_and(|i| self.interval_started.checked_add(i).is_some_and(|t| now >= t));
         if interval_due {
             self.interval_started = now;
         }
@@ -333,17 +339,18 @@ impl Windows {
         let linger = self.settings.linger;
         let mut out = Vec::new();
         for state in self.runs.values_mut() {
-            let lingered = now.duration_since(state.last_arrival) >= linger;
-            let max_step = state.max_step;
+            let run_max = state.max_step;
             let mut points = Vec::new();
             for (series, s) in state.series.iter_mut() {
+                let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
                 while let Some((&end, _)) = s.windows.first_key_value() {
-                    let reached = end != i64::MAX && (end < max_step || (end == max_step && lingered));
+                    let reached = end != i64::MAX && (s.max_step > end || (quiet && run_max >= end));
                     if !(reached || all) {
                         break;
                     }
                     let Some((_, acc)) = s.windows.pop_first() else { break };
                     let step = if reached { end } else { acc.max_step };
+                    self.pending -= acc.inputs;
                     s.written_upto = Some(s.written_upto.map_or(step, |w| w.max(step)));
                     points.push(OutPoint {
                         series: series.clone(),
@@ -501,5 +508,45 @@ mod tests {
         assert_eq!(p.scalar, 20.0 / 6.0);
         let merged = p.histogram.clone().map(|h| (h.count, h.sum, h.counts));
         assert_eq!(merged, Some((6, 20.0, vec![1, 3, 2])));
+    }
+
+    #[test]
+    fn progress_of_other_series_never_makes_points_late() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(100), Aggregation::Mean), t);
+        // One stray huge step in another series, then a lagging series keeps arriving.
+        w.push(pts("sys", [(1_700_000_000_000, 1.0)]), t);
+        let mut late = 0;
+        let mut out = Vec::new();
+        for step in 1..=300 {
+            late += w.push(pts("loss", [(step, step as f64)]), t);
+            out.extend(flat(w.take_ready(t, Close::Due)).into_iter().filter(|p| p.0 == "loss"));
+        }
+        assert_eq!(late, 0);
+        assert_eq!(out, vec![("loss".into(), 100, 50.5, 100), ("loss".into(), 200, 150.5, 100)]);
+    }
+
+    #[test]
+    fn a_sparse_series_closes_once_the_run_passes_and_it_is_quiet() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(100), Aggregation::Last), t);
+        w.push(pts("eval", [(250, 0.5)]), t);
+        w.push(pts("loss", (251..=320).map(|s| (s, 1.0))), t);
+        assert!(flat(w.take_ready(t, Close::Due)).iter().all(|p| p.0 != "eval"), "not quiet yet");
+        let later = t + Duration::from_secs(3);
+        let got: Vec<_> = flat(w.take_ready(later, Close::Due)).into_iter().filter(|p| p.0 == "eval").collect();
+        assert_eq!(got, vec![("eval".into(), 300, 0.5, 1)]);
+    }
+
+    #[test]
+    fn next_due_is_never_in_the_past() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(100), Aggregation::Last), t);
+        w.push(pts("x", [(50, 1.0)]), t);
+        assert_eq!(w.next_due(t), Some(t + Duration::from_secs(2)));
+        // Linger passed but the window cannot close (step 100 not reached): nothing to wake for.
+        let later = t + Duration::from_secs(5);
+        assert!(w.take_ready(later, Close::Due).is_empty());
+        assert_eq!(w.next_due(later), None);
     }
 }

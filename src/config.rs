@@ -7,7 +7,8 @@
 //! run:                       # in-process only: the identity of this process's run
 //!   experiment: iris         # default: MLFLOW_EXPERIMENT_NAME, else none (exporter default)
 //!   name: mlp-1              # default: run-<UTC date>-<time>
-//!   id: 3f2a…                # default: generated, unique per process
+//!   # id: <run id>           # default: generated, unique per process; the same id continues
+//!                            # the same MLflow run (so never copy one between runs)
 //!   params: {lr: 0.01}       # → ml.param.<name> → MLflow params, TensorBoard hparams
 //!   tags: {team: vision}     # → resource attributes → MLflow run tags
 //! step_attribute: step       # data point attribute that carries the step
@@ -271,7 +272,7 @@ impl Problems {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -287,7 +288,7 @@ pub enum ConfigError {
         message: String,
     },
     /// The config parsed but has invalid values; every problem is listed.
-    #[error("invalid config:{}", .0.iter().map(|p| format!("\n  {}: {}", p.path, p.message)).collect::<String>())]
+    #[error("invalid config:{}", .0.iter().map(|p| if p.path.is_empty() { format!("\n  {}", p.message) } else { format!("\n  {}: {}", p.path, p.message) }).collect::<String>())]
     Invalid(Vec<Problem>),
 }
 
@@ -365,10 +366,57 @@ pub fn default_run_name(secs: u64) -> String {
 }
 
 impl PipelineConfig {
-    /// Reads and parses a YAML file (no validation yet).
+    /// Reads and parses a YAML file (see [`PipelineConfig::from_yaml_str`]).
     pub fn from_yaml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+        Self::from_yaml_str(&text, path)
+    }
+
+    /// Parses YAML. Each exporter is parsed on its own, so a mistake in one (unknown key, wrong
+    /// type) is listed together with every other problem, including the value checks of
+    /// [`PipelineConfig::validate`]; `origin` names the text in messages.
+    pub fn from_yaml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        use serde_yaml_ng::Value;
+        let parse_err = |e: serde_yaml_ng::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() };
+        let mut value: Value = serde_yaml_ng::from_str(text).map_err(parse_err)?;
+        let mut problems = Vec::new();
+        let mut exporters = BTreeMap::new();
+        let mut failed = Vec::new();
+        let raw = value.as_mapping_mut().and_then(|m| m.remove("exporters"));
+        match raw {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(m)) => {
+                for (k, v) in m {
+                    let name = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
+                    match serde_yaml_ng::from_value::<ExporterConfig>(v) {
+                        Ok(c) => {
+                            exporters.insert(name, c);
+                        }
+                        Err(e) => {
+                            problems.push(Problem { path: format!("exporters.{name}"), message: e.to_string() });
+                            failed.push(format!("exporters.{name}"));
+                        }
+                    }
+                }
+            }
+            Some(_) => problems.push(Problem { path: "exporters".into(), message: "must be a mapping".into() }),
+        }
+        let mut config = match serde_yaml_ng::from_value::<PipelineConfig>(value) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(Problem { path: String::new(), message: e.to_string() });
+                PipelineConfig::default()
+            }
+        };
+        config.exporters = exporters;
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        if let Err(ConfigError::Invalid(more)) = config.validate() {
+            // Skip what only follows from an exporter that did not parse.
+            problems.extend(more.into_iter().filter(|p| p.path != "exporters" || failed.is_empty()));
+        }
+        Err(ConfigError::Invalid(problems))
     }
 
     /// Validates everything, returning all problems at once.
@@ -380,8 +428,9 @@ impl PipelineConfig {
         if self.cardinality_limit == 0 {
             p.add("cardinality_limit", "must be at least 1");
         }
-        if self.shutdown_timeout.is_zero() {
-            p.add("shutdown_timeout", "must be positive");
+        positive(&mut p, "", "shutdown_timeout", Some(self.shutdown_timeout));
+        if self.exporters.is_empty() {
+            p.add("exporters", "no exporter configured (add tensorboard and/or mlflow)");
         }
         let id = &self.identity;
         for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix)] {
@@ -427,9 +476,16 @@ impl PipelineConfig {
     }
 }
 
+/// Longest duration any setting may take (1 day): beyond it instants overflow, and no cadence,
+/// timeout or retry of a training run needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 fn positive(p: &mut Problems, path: &str, key: &str, d: Option<Duration>) {
-    if d.is_some_and(|d| d.is_zero()) {
-        p.add(format!("{path}.{key}"), "must be positive");
+    let at = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match d {
+        Some(d) if d.is_zero() => p.add(at, "must be positive"),
+        Some(d) if d > MAX_DURATION => p.add(at, "must be at most 24h"),
+        _ => {}
     }
 }
 
@@ -456,6 +512,11 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     let r = &c.retry_on_failure;
     for (key, d) in [("initial_interval", r.initial_interval), ("max_interval", r.max_interval), ("max_elapsed_time", r.max_elapsed_time)] {
         positive(p, &format!("{path}.retry_on_failure"), key, d);
+    }
+    if let (Some(a), Some(b)) = (r.initial_interval, r.max_interval) {
+        if a > b {
+            p.add(format!("{path}.retry_on_failure.initial_interval"), "must not exceed max_interval");
+        }
     }
     if c.sending_queue.queue_size == Some(0) {
         p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
@@ -571,9 +632,21 @@ exporters:
     }
 
     #[test]
-    fn unknown_keys_are_rejected() {
-        let r: Result<PipelineConfig, _> = serde_yaml_ng::from_str("exporters: {tensorboard: {logdri: x}}");
-        assert!(r.is_err_and(|e| e.to_string().contains("logdri")));
+    fn unknown_keys_are_rejected_and_listed_with_every_other_problem() {
+        let yaml = "shutdown_timeout: 0s\nexporters:\n  tensorboard: {logdri: x}\n  mlflow: {aggregation: median, every_steps: -5}\n  mlflow/b: {every_steps: 0}\n";
+        let msg = match PipelineConfig::from_yaml_str(yaml, Path::new("c.yaml")) {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("must fail: {c:?}"),
+        };
+        for needle in ["exporters.tensorboard: unknown field `logdri`", "exporters.mlflow: ", "exporters.mlflow/b.every_steps", "shutdown_timeout: must be positive"] {
+            assert!(msg.contains(needle), "{needle:?} missing in {msg}");
+        }
+        let empty = PipelineConfig::from_yaml_str("exporters: {}", Path::new("c.yaml")).map(|c| c.validate().map(|_| ()));
+        assert!(matches!(empty, Ok(Err(ConfigError::Invalid(ref p))) if p[0].path == "exporters"), "{empty:?}");
+        let over = "exporters: {tensorboard: {linger: 1000d, retry_on_failure: {initial_interval: 10s, max_interval: 1s}}}";
+        let msg = PipelineConfig::from_yaml_str(over, Path::new("c.yaml")).map(|c| c.validate().map(|_| ()));
+        let msg = format!("{msg:?}");
+        assert!(msg.contains("at most 24h") && msg.contains("must not exceed max_interval"), "{msg}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! (`shutdown_timeout`), ends the exporter's runs, and returns a report. It is idempotent: a second
 //! call returns the first report.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 
 use crate::batch::{count_data_points, DecodeSettings, Decoder};
 use crate::cadence::{CadenceSettings, Close, OutBatch, Windows};
-use crate::exporter::{ExportError, Exporter, RunOutcome};
+use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::retry::RetrySettings;
 use crate::stats::{DropReason, ExporterReport, ExporterStats};
 
@@ -121,7 +121,8 @@ impl Delivery {
             windows: Windows::new(settings.cadence.clone(), Instant::now()),
             out: VecDeque::new(),
             out_points: 0,
-            failing: None,
+            failing: HashMap::new(),
+            control: VecDeque::new(),
             settings,
             stats: stats.clone(),
             shared: shared.clone(),
@@ -198,9 +199,10 @@ impl Delivery {
             return r.clone();
         }
         let started = Instant::now();
-        let deadline = started + timeout;
+        let deadline = started.checked_add(timeout).unwrap_or_else(|| started + Duration::from_secs(3600));
+        let alive = self.worker.lock().ok().and_then(|w| w.as_ref().map(|h| !h.is_finished())).unwrap_or(false);
         let (ack, done) = mpsc::channel();
-        let sent = self.send_until(Msg::Shutdown { outcome, deadline, ack }, deadline) == Sent::Yes;
+        let sent = alive && self.send_until(Msg::Shutdown { outcome, deadline, ack }, deadline) == Sent::Yes;
         let finished = sent && done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok();
         if finished {
             if let Ok(mut w) = self.worker.lock() {
@@ -209,12 +211,15 @@ impl Delivery {
                 }
             }
         } else {
-            // The worker is stuck in an export; everything it still holds is reported as not
-            // delivered. Its thread is left to finish on its own.
-            let left = self.shared.queued.load(Ordering::Relaxed) + self.shared.held.load(Ordering::Relaxed);
+            // The worker is stuck in an export (or died): whatever is neither delivered nor
+            // dropped yet is reported as not delivered, so the report still adds up. The thread
+            // is left to finish on its own.
+            let now = self.stats.report(&self.name, 0);
+            let left = now.received.saturating_sub(now.delivered + now.dropped_total());
             self.stats.add_dropped(DropReason::ShutdownTimeout, left);
-            self.stats.set_last_error(format!("shutdown timed out after {timeout:?}"));
-            tracing::warn!(exporter = %self.name, not_delivered = left, "shutdown timed out");
+            let why = if alive { format!("shutdown timed out after {timeout:?}") } else { "the exporter's worker thread has died".to_string() };
+            tracing::warn!(exporter = %self.name, not_delivered = left, "{why}");
+            self.stats.set_last_error(why);
         }
         let report = self.stats.report(&self.name, 0);
         *cached = Some(report.clone());
@@ -262,7 +267,11 @@ struct Worker<E: Exporter> {
     windows: Windows,
     out: VecDeque<OutBatch>,
     out_points: usize,
-    failing: Option<Failing>,
+    /// Runs whose head batch failed with a retryable error, until when they wait. Other runs'
+    /// batches go on: one run's broken directory or rejected run must not stall the rest.
+    failing: HashMap<String, Failing>,
+    /// Control messages found while draining batches, handled in arrival order.
+    control: VecDeque<Msg>,
     settings: DeliverySettings,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -270,44 +279,60 @@ struct Worker<E: Exporter> {
 
 /// How often the worker wakes without input, to close windows whose linger or interval passed.
 const TICK: Duration = Duration::from_millis(200);
+/// Longest stretch of exporting before the worker looks at its queue again (so a large backlog
+/// never hides a shutdown or fills the queue).
+const DELIVER_SLICE: Duration = Duration::from_millis(200);
 
 impl<E: Exporter> Worker<E> {
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let now = Instant::now();
-            let mut wake = now + TICK;
-            if let Some(due) = self.windows.next_due() {
-                wake = wake.min(due.max(now));
-            }
-            if let Some(f) = &self.failing {
-                if !self.out.is_empty() {
-                    wake = wake.min(f.next_at.max(now));
-                }
-            }
-            match rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(Msg::Batch(req, n)) => self.ingest(&req, n),
-                Ok(Msg::Flush(ack)) => {
+            let msg = match self.control.pop_front() {
+                Some(m) => Some(m),
+                None => match rx.recv_timeout(self.wait(Instant::now())) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // Every handle is gone without a shutdown call: finish as cleanly as we can.
+                        self.finish(&rx, RunOutcome::Finished, Instant::now() + Duration::from_secs(5));
+                        return;
+                    }
+                },
+            };
+            match msg {
+                Some(Msg::Batch(req, n)) => self.ingest(&req, n),
+                Some(Msg::Flush(ack)) => {
                     self.drain_queue(&rx);
                     self.close_windows(Close::Due);
                     self.deliver(None);
                     let _ = ack.send(self.out.iter().map(OutBatch::inputs).sum());
                 }
-                Ok(Msg::Shutdown { outcome, deadline, ack }) => {
+                Some(Msg::Shutdown { outcome, deadline, ack }) => {
                     self.finish(&rx, outcome, deadline);
                     let _ = ack.send(());
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Every handle is gone without a shutdown call: finish as cleanly as we can.
-                    self.finish(&rx, RunOutcome::Finished, Instant::now() + Duration::from_secs(5));
-                    return;
-                }
+                None => {}
             }
             self.close_windows(Close::Due);
             self.deliver(None);
             self.publish_held();
         }
+    }
+
+    /// How long to wait for input: until the next window may close or a failing run may retry.
+    fn wait(&self, now: Instant) -> Duration {
+        let mut wake = now + TICK;
+        if let Some(due) = self.windows.next_due(now) {
+            wake = wake.min(due);
+        }
+        for b in &self.out {
+            match self.failing.get(&b.run.key) {
+                Some(f) => wake = wake.min(f.next_at.max(now)),
+                // A batch that is not waiting for a retry is deliverable now.
+                None => return Duration::ZERO,
+            }
+        }
+        wake.saturating_duration_since(now)
     }
 
     fn publish_held(&self) {
@@ -316,7 +341,6 @@ impl<E: Exporter> Worker<E> {
     }
 
     fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64) {
-        self.shared.queued.fetch_sub(n, Ordering::Relaxed);
         let decoded = self.decoder.decode(req);
         for (reason, count) in &decoded.dropped {
             self.stats.add_dropped(*reason, *count);
@@ -333,17 +357,18 @@ impl<E: Exporter> Worker<E> {
                 tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
             }
         }
+        // Publish before the queue count drops, so the points are always counted somewhere.
+        self.publish_held();
+        self.shared.queued.fetch_sub(n, Ordering::Relaxed);
     }
 
-    fn drain_queue(&mut self, rx: &Receiver<Msg>) -> Vec<Msg> {
-        let mut other = Vec::new();
+    fn drain_queue(&mut self, rx: &Receiver<Msg>) {
         while let Ok(m) = rx.try_recv() {
             match m {
                 Msg::Batch(req, n) => self.ingest(&req, n),
-                m => other.push(m),
+                m => self.control.push_back(m),
             }
         }
-        other
     }
 
     fn close_windows(&mut self, close: Close) {
@@ -356,88 +381,103 @@ impl<E: Exporter> Worker<E> {
             self.out_points -= old.points.len();
             self.stats.add_dropped(DropReason::PendingFull, old.inputs());
             tracing::warn!(exporter = %self.name, dropped = old.inputs(), "too many points wait for delivery; oldest dropped");
-            self.failing = None;
         }
     }
 
-    /// Exports queued batches in order until one fails. With a deadline (shutdown), retries wait
-    /// for the backoff but never past the deadline, and `max_elapsed_time` does not apply.
+    /// Calls the exporter, turning a panic into a permanent error: a bug or hostile input in one
+    /// batch must not kill the worker (and with it every later batch).
+    fn export_guarded(&mut self, i: usize, timeout: Duration) -> Result<Exported, ExportError> {
+        let Some(batch) = self.out.get(i) else {
+            return Err(ExportError::Permanent { message: "batch vanished".into() });
+        };
+        let exporter = &mut self.exporter;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exporter.export(batch, timeout))).unwrap_or_else(|_| {
+            Err(ExportError::Permanent { message: "the exporter panicked on this batch".into() })
+        })
+    }
+
+    /// One pass over the waiting batches in order, skipping runs that wait for a retry (a run's
+    /// later batches wait behind its failed one, so each run stays in order). Stops after
+    /// [`DELIVER_SLICE`]. With a deadline (shutdown), calls are bounded by it and
+    /// `max_elapsed_time` does not apply.
     fn deliver(&mut self, deadline: Option<Instant>) {
-        while let Some(batch) = self.out.front() {
+        let started = Instant::now();
+        let mut i = 0;
+        while i < self.out.len() && started.elapsed() < DELIVER_SLICE {
             let now = Instant::now();
-            if let Some(f) = &self.failing {
-                if now < f.next_at {
-                    match deadline {
-                        Some(d) if f.next_at < d => std::thread::sleep(f.next_at - now),
-                        _ => return,
-                    }
-                }
+            let key = self.out[i].run.key.clone();
+            if self.failing.get(&key).is_some_and(|f| now < f.next_at) {
+                i += 1;
+                continue;
             }
             let mut timeout = self.settings.timeout;
             if let Some(d) = deadline {
-                timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+                timeout = timeout.min(d.saturating_duration_since(now));
                 if timeout.is_zero() {
                     return;
                 }
             }
-            match self.exporter.export(batch, timeout) {
+            let result = self.export_guarded(i, timeout);
+            let inputs = self.out[i].inputs();
+            match result {
                 Ok(exported) => {
                     let mut refused = 0;
-                    for (i, reason) in exported.refused {
-                        if let Some(p) = batch.points.get(i) {
+                    for (j, reason) in exported.refused {
+                        if let Some(p) = self.out[i].points.get(j) {
                             self.stats.add_dropped(reason, p.inputs);
                             refused += p.inputs;
                         }
                     }
-                    self.stats.add_delivered(batch.inputs() - refused);
-                    if let Some(f) = self.failing.take() {
-                        tracing::info!(exporter = %self.name, attempts = f.attempts, down_for = ?f.since.elapsed(), "export recovered");
+                    self.stats.add_delivered(inputs.saturating_sub(refused));
+                    if let Some(f) = self.failing.remove(&key) {
+                        tracing::info!(exporter = %self.name, run = %key, attempts = f.attempts, down_for = ?f.since.elapsed(), "export recovered");
                     }
-                    self.pop_front();
+                    self.remove(i);
                 }
                 Err(ExportError::Permanent { message }) => {
-                    self.stats.add_dropped(DropReason::Rejected, batch.inputs());
-                    tracing::error!(exporter = %self.name, points = batch.inputs(), "batch rejected: {message}");
+                    self.stats.add_dropped(DropReason::Rejected, inputs);
+                    tracing::error!(exporter = %self.name, run = %key, points = inputs, "batch rejected: {message}");
                     self.stats.set_last_error(message);
-                    self.failing = None;
-                    self.pop_front();
+                    self.failing.remove(&key);
+                    self.remove(i);
                 }
                 Err(ExportError::Retryable { message, retry_after }) => {
                     self.stats.add_retry();
                     let now = Instant::now();
-                    let f = self.failing.get_or_insert_with(|| {
-                        tracing::warn!(exporter = %self.name, "export failing, will retry: {message}");
+                    let retry = &self.settings.retry;
+                    let f = self.failing.entry(key.clone()).or_insert_with(|| {
+                        tracing::warn!(exporter = %self.name, run = %key, "export failing, will retry: {message}");
                         Failing { since: now, attempts: 0, next_at: now }
                     });
                     f.attempts += 1;
-                    let exhausted = !self.settings.retry.enabled
-                        || (deadline.is_none() && now.duration_since(f.since) >= self.settings.retry.max_elapsed_time);
+                    let exhausted = !retry.enabled
+                        || (deadline.is_none() && now.saturating_duration_since(f.since) >= retry.max_elapsed_time);
                     self.stats.set_last_error(message);
                     if exhausted {
-                        let n = batch.inputs();
-                        self.stats.add_dropped(DropReason::RetryExhausted, n);
-                        tracing::error!(exporter = %self.name, points = n, "giving up on a batch after retries");
-                        self.failing = None;
-                        self.pop_front();
-                        continue;
-                    }
-                    f.next_at = now + self.settings.retry.delay(f.attempts, retry_after);
-                    if deadline.is_none() {
-                        return;
+                        self.stats.add_dropped(DropReason::RetryExhausted, inputs);
+                        tracing::error!(exporter = %self.name, run = %key, points = inputs, "giving up on a batch after retries");
+                        self.failing.remove(&key);
+                        self.remove(i);
+                    } else {
+                        let delay = retry.delay(f.attempts, retry_after);
+                        f.next_at = now.checked_add(delay).unwrap_or(now + retry.max_elapsed_time);
+                        i += 1;
                     }
                 }
             }
         }
     }
 
-    fn pop_front(&mut self) {
-        if let Some(b) = self.out.pop_front() {
+    fn remove(&mut self, i: usize) {
+        if let Some(b) = self.out.remove(i) {
             self.out_points -= b.points.len();
         }
     }
 
     fn finish(&mut self, rx: &Receiver<Msg>, outcome: RunOutcome, deadline: Instant) {
-        for m in self.drain_queue(rx) {
+        self.drain_queue(rx);
+        for m in self.control.drain(..) {
+            // Flushes queued behind the shutdown are answered; the shutdown itself delivers.
             if let Msg::Flush(ack) = m {
                 let _ = ack.send(0);
             }
@@ -446,7 +486,16 @@ impl<E: Exporter> Worker<E> {
         // Keep a slice of the time for ending runs (MLflow run status) after delivery.
         let total = deadline.saturating_duration_since(Instant::now());
         let reserve = (total / 5).min(Duration::from_secs(2));
-        self.deliver(Some(deadline - reserve));
+        let until = deadline - reserve;
+        while !self.out.is_empty() && Instant::now() < until {
+            self.deliver(Some(until));
+            let next = self.out.iter().filter_map(|b| self.failing.get(&b.run.key).map(|f| f.next_at)).min();
+            match next {
+                Some(t) if t < until => std::thread::sleep(t.saturating_duration_since(Instant::now())),
+                Some(_) if self.out.iter().all(|b| self.failing.contains_key(&b.run.key)) => break,
+                _ => {}
+            }
+        }
         let left: u64 = self.out.iter().map(OutBatch::inputs).sum();
         if left > 0 {
             self.stats.add_dropped(DropReason::ShutdownTimeout, left);
@@ -455,9 +504,17 @@ impl<E: Exporter> Worker<E> {
             self.out_points = 0;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if let Err(e) = self.exporter.end_runs(outcome, remaining.max(Duration::from_millis(100))) {
-            tracing::warn!(exporter = %self.name, "could not end runs: {e}");
-            self.stats.set_last_error(e.to_string());
+        let exporter = &mut self.exporter;
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            exporter.end_runs(outcome, remaining.max(Duration::from_millis(100)))
+        }));
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(exporter = %self.name, "could not end runs: {e}");
+                self.stats.set_last_error(e.to_string());
+            }
+            Err(_) => self.stats.set_last_error("the exporter panicked while ending runs".into()),
         }
         self.shared.held.store(0, Ordering::Relaxed);
         self.shared.queued.store(0, Ordering::Relaxed);

@@ -42,8 +42,10 @@ impl RetrySettings {
         let base = (self.initial_interval.as_secs_f64() * exp).min(self.max_interval.as_secs_f64());
         let factor = rand::rng().random_range((1.0 - RANDOMIZATION)..=(1.0 + RANDOMIZATION));
         let backoff = Duration::from_secs_f64((base * factor).max(0.0));
+        // A server may ask for any delay; honour it up to max_elapsed_time, after which the
+        // batch is given up anyway.
         match retry_after {
-            Some(ra) => backoff.max(ra),
+            Some(ra) => backoff.max(ra.min(self.max_elapsed_time)),
             None => backoff,
         }
     }
@@ -64,6 +66,7 @@ mod tests {
             let d_big = s.delay(40, None).as_secs_f64();
             assert!((15.0..=45.0).contains(&d_big), "{d_big}");
             assert!(s.delay(1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+            assert_eq!(s.delay(1, Some(Duration::MAX)), s.max_elapsed_time);
         }
     }
 }

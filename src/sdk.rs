@@ -8,9 +8,12 @@
 //! cumulative temporality the SDK would keep and re-export every step ever recorded. With delta
 //! only the steps recorded since the last collection are exported, and the SDK's cardinality
 //! limit (set for every instrument by a view to `cardinality_limit`, default 20 000) bounds
-//! the attribute sets of one collection. [`StepRecorder`] keeps under it by collecting early
-//! (a `force_flush`) after every `cardinality_limit / 2` data points it records; anything that
-//! still overflows is counted (`cardinality_overflow`).
+//! the attribute sets of one collection. [`StepRecorder`] keeps under it by collecting early:
+//! after `cardinality_limit / 4` recorded points it wakes a collector thread (the trainer does
+//! not wait); only if that thread falls behind to `cardinality_limit / 2` does the trainer
+//! collect itself (the SDK keeps a delta collection's sets until the next one, so two
+//! collections share the limit).
+//! Anything that still overflows (e.g. from other instruments) is counted (`cardinality_overflow`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -184,20 +187,64 @@ pub struct Pipeline {
 /// collection exceeds the SDK's cardinality limit.
 #[derive(Debug)]
 struct Collector {
-    provider: SdkMeterProvider,
+    /// Wakes the thread that collects early; capacity 1, so a pending wake-up is enough.
+    wake: std::sync::mpsc::SyncSender<()>,
+    /// Points after which the thread is asked to collect (`cardinality_limit / 4`).
     every: u64,
-    since: AtomicU64,
+    /// Points after which the trainer collects itself, because the thread fell behind
+    /// (`cardinality_limit / 2 - 1`): the guarantee that no step folds into the overflow series.
+    hard: u64,
+    provider: SdkMeterProvider,
+    since: Arc<AtomicU64>,
     recorded: AtomicU64,
 }
 
+/// Subtracts what a finished collection covered, never below zero (the trainer and the thread
+/// may both have collected the same points).
+fn uncount(since: &AtomicU64, n: u64) {
+    let _ = since.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+}
+
 impl Collector {
+    /// Starts the early-collection thread: the collection itself (milliseconds for thousands
+    /// of points) must not run on the trainer's thread.
+    fn start(provider: SdkMeterProvider, limit: usize) -> std::io::Result<Self> {
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let since = Arc::new(AtomicU64::new(0));
+        let (thread_since, thread_provider) = (since.clone(), provider.clone());
+        std::thread::Builder::new().name("trainmetrics-collect".into()).spawn(move || {
+            // Ends when the pipeline and all its recorders are gone (the sender is dropped).
+            while woken.recv().is_ok() {
+                // Only what was counted before the collection started is surely collected;
+                // points recorded meanwhile stay counted toward the next one.
+                let before = thread_since.load(Ordering::Relaxed);
+                let _ = thread_provider.force_flush();
+                uncount(&thread_since, before);
+            }
+        })?;
+        // A delta collection keeps the attribute sets it exported until the next one evicts
+        // them (OTel SDK 0.33 `collect_and_reset`), so sets from two collections share the
+        // limit: each collection must stay under half of it.
+        let limit = limit as u64;
+        Ok(Self {
+            wake,
+            every: (limit / 4).max(1),
+            hard: (limit / 2).saturating_sub(1).max(1),
+            provider,
+            since,
+            recorded: AtomicU64::new(0),
+        })
+    }
+
     fn recorded_one(&self) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
-        if self.since.fetch_add(1, Ordering::Relaxed) + 1 >= self.every {
-            self.since.store(0, Ordering::Relaxed);
-            // Our exporters only enqueue, so this costs one collection (≈ µs per point), once
-            // per `every` points; it keeps steps from folding into the overflow series.
+        let n = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.hard {
             let _ = self.provider.force_flush();
+            uncount(&self.since, n);
+        } else if n == self.every {
+            // Never blocks: if a collection is already requested, that one covers us.
+            let _ = self.wake.try_send(());
         }
     }
 }
@@ -329,12 +376,10 @@ impl Pipeline {
             deliveries.push((delivery, target));
         }
         let provider = builder.build();
-        let collector = Arc::new(Collector {
-            provider: provider.clone(),
-            every: (limit / 2).max(1) as u64,
-            since: AtomicU64::new(0),
-            recorded: AtomicU64::new(0),
-        });
+        let collector = Arc::new(
+            Collector::start(provider.clone(), limit)
+                .map_err(|source| BuildError::Spawn { name: "collector".into(), source })?,
+        );
         Ok(Self {
             collector,
             provider,
@@ -594,8 +639,19 @@ impl StepRecorder {
     }
 
     /// Records measurements into histogram `name` at `step` (non-finite measurements are
-    /// discarded by the SDK). `boundaries` are used when the histogram is first created.
+    /// discarded by the SDK). `boundaries` are used when the histogram is first created; they
+    /// must be finite and strictly increasing, else the SDK's default buckets are used (the SDK
+    /// would otherwise silently drop every measurement) and a warning is logged. Names that are
+    /// not valid instrument names share one instrument, and so the first such histogram's
+    /// buckets.
     pub fn record_histogram(&self, step: i64, name: &str, values: &[f64], boundaries: Option<Vec<f64>>) {
+        let boundaries = boundaries.filter(|b| {
+            let ok = b.iter().all(|x| x.is_finite()) && b.windows(2).all(|w| w[0] < w[1]);
+            if !ok {
+                tracing::warn!(histogram = name, "bucket boundaries must be finite and strictly increasing; using the default buckets");
+            }
+            ok
+        });
         let (instrument, name_attr) = match Self::instrument_for(name) {
             (_, Some(a)) => (NAMED_HISTOGRAM.to_string(), Some(a)),
             (n, None) => (n.to_string(), None),
