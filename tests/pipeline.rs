@@ -321,3 +321,80 @@ fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
     // A SessionLog START at the first step of each session (what the Python loader reads).
     assert_eq!(read_tb(logdir.path(), Loader::Python).session_starts["restarted"], vec![1, 6]);
 }
+
+/// An exporter scripted per run: `fail` runs always get a retryable error, `panic` runs panic,
+/// others land; it can also hang forever.
+struct Scripted {
+    delivered: Arc<Mutex<Vec<(String, i64)>>>,
+    hang: bool,
+}
+
+impl Exporter for Scripted {
+    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+        if self.hang {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        match batch.run.key.as_str() {
+            "fail" => Err(ExportError::Retryable { message: "scripted failure".into(), retry_after: None }),
+            "panic" => panic!("scripted exporter panic (expected by this test)"),
+            _ => {
+                let mut d = self.delivered.lock().expect("lock");
+                d.extend(batch.points.iter().map(|p| (batch.run.key.clone(), p.step)));
+                Ok(Exported::default())
+            }
+        }
+    }
+    fn end_runs(&mut self, _: RunOutcome, _: Duration) -> Result<(), ExportError> {
+        Ok(())
+    }
+}
+
+fn scripted(hang: bool) -> (Delivery, Arc<Mutex<Vec<(String, i64)>>>) {
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let settings = DeliverySettings {
+        cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
+        retry: RetrySettings { initial_interval: Duration::from_millis(20), ..Default::default() },
+        ..Default::default()
+    };
+    let d = Delivery::start("scripted", Scripted { delivered: delivered.clone(), hang }, settings).expect("start");
+    (d, delivered)
+}
+
+fn submit_steps(d: &Delivery, run: &str, steps: std::ops::RangeInclusive<i64>) {
+    for step in steps {
+        let res = vec![otlp::s("ml.run.id", run)];
+        d.submit(Arc::new(otlp::request(vec![otlp::resource(res, &[("x", Some(step), 1.0)])]))).expect("submit");
+    }
+}
+
+#[test]
+fn a_failing_or_panicking_run_never_stalls_the_others() {
+    let (d, delivered) = scripted(false);
+    submit_steps(&d, "fail", 1..=3);
+    submit_steps(&d, "panic", 1..=2);
+    submit_steps(&d, "good", 1..=5);
+    // Flush then shut down: the shutdown must not be lost behind the flush.
+    let _ = d.flush(Duration::from_secs(2));
+    let report = d.shutdown(RunOutcome::Finished, Duration::from_secs(2));
+    let good: Vec<i64> = delivered.lock().expect("lock").iter().filter(|(r, _)| r == "good").map(|(_, s)| *s).collect();
+    assert_eq!(good, vec![1, 2, 3, 4, 5]);
+    assert_eq!(report.received, 10);
+    assert_eq!(report.delivered, 5, "{report}");
+    assert_eq!(report.dropped.get("rejected"), Some(&2), "the panicking run's points: {report}");
+    assert_eq!(report.dropped.get("shutdown_timeout"), Some(&3), "the failing run's points: {report}");
+    assert_eq!(report.received, report.delivered + report.dropped_total(), "{report}");
+}
+
+#[test]
+fn counters_add_up_when_shutdown_times_out_on_a_hung_exporter() {
+    let (d, _) = scripted(true);
+    submit_steps(&d, "r", 1..=20);
+    std::thread::sleep(Duration::from_millis(100));
+    submit_steps(&d, "r", 21..=30);
+    let started = Instant::now();
+    let report = d.shutdown(RunOutcome::Finished, Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded by its timeout: {:?}", started.elapsed());
+    assert_eq!((report.received, report.delivered), (30, 0), "{report}");
+    assert_eq!(report.received, report.dropped_total(), "{report}");
+    assert!(report.last_error.as_deref().is_some_and(|e| e.contains("timed out")), "{report}");
+}
