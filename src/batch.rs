@@ -363,7 +363,7 @@ impl Decoder {
     fn split_attributes(
         &self,
         attrs: &[KeyValue],
-    ) -> Result<Split, String> {
+    ) -> Result<Split, (DropReason, String)> {
         let mut step = None;
         let mut name = None;
         let mut time = None;
@@ -373,14 +373,19 @@ impl Decoder {
         for kv in attrs {
             if kv.key == self.settings.step_key {
                 step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
-                    format!("step attribute {:?} is not an integer", any_value_text(kv.value.as_ref()))
+                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", any_value_text(kv.value.as_ref())))
                 })?);
             } else if kv.key == NONFINITE_ATTRIBUTE {
                 nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
                     "NaN" => Some(f64::NAN),
                     "Infinity" => Some(f64::INFINITY),
                     "-Infinity" => Some(f64::NEG_INFINITY),
-                    other => return Err(format!("{NONFINITE_ATTRIBUTE}={other:?} is not NaN, Infinity or -Infinity")),
+                    other => {
+                        return Err((
+                            DropReason::InvalidValue,
+                            format!("{NONFINITE_ATTRIBUTE}={other:?} is not NaN, Infinity or -Infinity"),
+                        ))
+                    }
                 };
             } else if kv.key == OVERFLOW_ATTRIBUTE {
                 overflow = true;
@@ -435,7 +440,7 @@ impl Decoder {
                 return;
             }
             match self.split_attributes(attrs) {
-                Err(msg) => out.drop(DropReason::InvalidStep, || format!("metric {:?}: {msg}", m.name)),
+                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", m.name)),
                 Ok(Split { overflow: true, .. }) => out.drop(DropReason::CardinalityOverflow, || {
                     format!(
                         "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
@@ -460,16 +465,8 @@ impl Decoder {
             }
         };
         match &m.data {
-            Some(metric::Data::Gauge(g)) => {
-                for dp in &g.data_points {
-                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(number(dp.value)), out);
-                }
-            }
-            Some(metric::Data::Sum(s)) => {
-                for dp in &s.data_points {
-                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(number(dp.value)), out);
-                }
-            }
+            Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
+            Some(metric::Data::Sum(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
             Some(metric::Data::Histogram(h)) => {
                 for dp in &h.data_points {
                     match histogram(dp) {
@@ -491,6 +488,23 @@ impl Decoder {
                 }
             }
             None => {}
+        }
+    }
+
+    fn numbers(
+        &self,
+        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+        points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
+        push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, &mut Decoded),
+        out: &mut Decoded,
+    ) {
+        for dp in points {
+            match number(dp.value) {
+                Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), out),
+                // A point flagged "no recorded value" legitimately has none: skipped uncounted.
+                None if dp.flags & 1 != 0 => {}
+                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", m.name)),
+            }
         }
     }
 
@@ -524,11 +538,10 @@ impl Decoder {
     }
 }
 
-fn number(v: Option<number_data_point::Value>) -> f64 {
-    match v {
-        Some(number_data_point::Value::AsDouble(d)) => d,
-        Some(number_data_point::Value::AsInt(i)) => i as f64,
-        None => f64::NAN,
+fn number(v: Option<number_data_point::Value>) -> Option<f64> {
+    match v? {
+        number_data_point::Value::AsDouble(d) => Some(d),
+        number_data_point::Value::AsInt(i) => Some(i as f64),
     }
 }
 
@@ -675,6 +688,20 @@ pub(crate) mod tests {
         assert_eq!(out.runs[0].points.len(), 1);
         assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(f64::NEG_INFINITY));
         assert_eq!(out.runs[0].points[0].series, "x");
+    }
+
+    #[test]
+    fn missing_and_unreadable_values_are_invalid_values() {
+        let mut req = gauge_request("x", vec![(vec![kv("step", any_value::Value::IntValue(1)), kv(NONFINITE_ATTRIBUTE, s("nan"))], 0.0)]);
+        if let Some(metric::Data::Gauge(g)) = &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data {
+            let mut no_value = g.data_points[0].clone();
+            no_value.value = None;
+            no_value.attributes.truncate(1);
+            g.data_points.push(no_value);
+        }
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        assert_eq!(out.dropped, vec![(DropReason::InvalidValue, 2)]);
+        assert!(out.runs.is_empty());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum DropReason {
     CardinalityOverflow,
     /// The step attribute was not an integer (see [`crate::batch`]).
     InvalidStep,
+    /// A number data point without a value, or with an unreadable `trainmetrics.nonfinite`.
+    InvalidValue,
     /// A histogram data point whose buckets do not match its bounds or count.
     InvalidHistogram,
     /// A data point type that is not mapped (exponential histogram, summary).
@@ -36,10 +38,11 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in report order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::QueueFull,
         DropReason::CardinalityOverflow,
         DropReason::InvalidStep,
+        DropReason::InvalidValue,
         DropReason::InvalidHistogram,
         DropReason::UnsupportedType,
         DropReason::Late,
@@ -55,6 +58,7 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::CardinalityOverflow => "cardinality_overflow",
             DropReason::InvalidStep => "invalid_step",
+            DropReason::InvalidValue => "invalid_value",
             DropReason::InvalidHistogram => "invalid_histogram",
             DropReason::UnsupportedType => "unsupported_type",
             DropReason::Late => "late",
@@ -82,7 +86,7 @@ pub struct ExporterStats {
     received: AtomicU64,
     delivered: AtomicU64,
     retried: AtomicU64,
-    dropped: [AtomicU64; 10],
+    dropped: [AtomicU64; 11],
     /// Named events that are not point drops (e.g. `param_conflict`): counted and reported.
     events: Mutex<BTreeMap<String, u64>>,
     last_error: Mutex<Option<String>>,
