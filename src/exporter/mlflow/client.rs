@@ -1,6 +1,12 @@
 //! HTTP client of the MLflow REST API: JSON in and out, auth header, per-call timeout, and the
 //! classification of failures for the retry policy (source: mlflow's `rest_utils.py` retries
 //! 408, 429, 500, 502, 503, 504 and connection errors; everything else is final).
+//!
+//! Redirects are not followed: an HTTP client following a 301/302 turns the POST into a GET
+//! (and would carry the `Authorization` header to wherever it points), so the call would fail
+//! later with a misleading message. A 3xx is a permanent [`ClientError::Redirect`] that says
+//! where the tracking URI redirects to (the `Location` without any userinfo), so the user can
+//! configure the final URI.
 
 use std::fmt;
 use std::time::Duration;
@@ -38,6 +44,20 @@ pub enum ClientError {
         /// The `Retry-After` header in seconds, when present.
         retry_after: Option<Duration>,
     },
+    /// The server answered 3xx: the tracking URI points at a redirect. Not retryable.
+    #[error(
+        "{endpoint}: HTTP {status}: the tracking URI redirects to {location}; set tracking_uri to the final URI{hint}"
+    )]
+    Redirect {
+        /// The endpoint.
+        endpoint: String,
+        /// HTTP status code (300–399).
+        status: u16,
+        /// The `Location` header without userinfo, shortened (or a note that there was none).
+        location: String,
+        /// The suggested tracking URI (` (e.g. …)`), or empty when it cannot be derived.
+        hint: String,
+    },
     /// A 2xx answer whose body is not the JSON we expect. Not retryable.
     #[error("{endpoint}: unreadable response: {message}")]
     Decode {
@@ -54,7 +74,7 @@ impl ClientError {
         match self {
             ClientError::Transport { .. } => true,
             ClientError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            ClientError::Decode { .. } => false,
+            ClientError::Redirect { .. } | ClientError::Decode { .. } => false,
         }
     }
 
@@ -69,7 +89,7 @@ impl ClientError {
     /// HTTP status, if there was an answer.
     pub fn status(&self) -> Option<u16> {
         match self {
-            ClientError::Status { status, .. } => Some(*status),
+            ClientError::Status { status, .. } | ClientError::Redirect { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -116,11 +136,32 @@ fn shorten(s: &str, max: usize) -> String {
     }
 }
 
+/// The error for a 3xx answer; `location` is the raw header (`Err` when not visible ASCII).
+fn redirect(endpoint: &str, status: u16, location: Option<Result<String, ureq::http::header::ToStrError>>) -> ClientError {
+    let (location, hint) = match location {
+        Some(Ok(l)) => {
+            let clean = super::config::strip_userinfo(l.trim());
+            // The Location of an API call ends in our API path: what precedes it is the URI to
+            // configure. Cut at the first `?`/`#` so a query is never taken for the base.
+            let path = clean.split(['?', '#']).next().unwrap_or("");
+            let hint = match path.find(API_PREFIX) {
+                Some(i) if path.contains("://") => format!(" (e.g. {})", shorten(&path[..i], 200)),
+                _ => String::new(),
+            };
+            (shorten(&clean, 300), hint)
+        }
+        Some(Err(_)) => ("an unreadable Location".to_string(), String::new()),
+        None => ("nowhere (no Location header)".to_string(), String::new()),
+    };
+    ClientError::Redirect { endpoint: endpoint.to_string(), status, location, hint }
+}
+
 impl Client {
     /// A client for the server at `tracking_uri` (`http(s)://host:port[/prefix]`, no
     /// credentials in it), sending `authorization` as the `Authorization` header when given.
     pub fn new(tracking_uri: &str, authorization: Option<String>) -> Self {
-        let config = ureq::Agent::config_builder().http_status_as_error(false).build();
+        // max_redirects(0): a 3xx comes back as the answer (see the module docs).
+        let config = ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).build();
         Self {
             agent: ureq::Agent::new_with_config(config),
             base: format!("{}{}", tracking_uri.trim_end_matches('/'), API_PREFIX),
@@ -169,6 +210,10 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if (300..400).contains(&status) {
+            let location = resp.headers().get("location").map(|v| v.to_str().map(str::to_string));
+            return Err(redirect(endpoint, status, location));
+        }
         let text = resp.body_mut().read_to_string().map_err(|e| ClientError::Transport {
             endpoint: endpoint.to_string(),
             message: format!("reading the response: {e}"),
@@ -191,5 +236,27 @@ impl Client {
             message: shorten(&field("message").unwrap_or_else(|| text.clone()), 500),
             retry_after,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_is_permanent_and_names_its_target_without_userinfo() {
+        let loc = format!("https://user:s3/cret@mlflow.example.com/prefix{API_PREFIX}runs/create?x=1");
+        let e = redirect("runs/create", 308, Some(Ok(loc)));
+        assert!(!e.is_retryable());
+        assert_eq!(e.status(), Some(308));
+        let msg = e.to_string();
+        assert!(!msg.contains("s3") && !msg.contains("cret") && !msg.contains("user"), "{msg}");
+        assert!(msg.contains("redirects to https://mlflow.example.com/prefix/api/2.0/mlflow/runs/create?x=1"), "{msg}");
+        assert!(msg.contains("(e.g. https://mlflow.example.com/prefix)"), "{msg}");
+        assert!(matches!(ExportError::from(e), ExportError::Permanent { .. }));
+        let msg = redirect("runs/create", 302, Some(Ok("/login".into()))).to_string();
+        assert!(msg.contains("redirects to /login; set tracking_uri to the final URI"), "{msg}");
+        let msg = redirect("runs/create", 301, None).to_string();
+        assert!(msg.contains("no Location header"), "{msg}");
     }
 }

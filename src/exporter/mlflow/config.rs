@@ -4,9 +4,15 @@
 //! - `tracking_uri`, else `MLFLOW_TRACKING_URI`; only `http://` and `https://` servers;
 //! - `MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD` → HTTP Basic; else
 //!   `MLFLOW_TRACKING_TOKEN` → Bearer (MLflow's client gives Basic precedence, and so do we).
-//!   Credentials written into the URI (`http://user:pass@host`) are moved into Basic auth;
-//! - `experiment`, else `MLFLOW_EXPERIMENT_NAME`, else `Default`: the experiment of runs whose
-//!   resource names none;
+//!   Credentials written into the URI (`http://user:pass@host[/prefix]`) are moved into Basic
+//!   auth and removed from the URI every request and message uses ([`parse_tracking_uri`]):
+//!   when the part after `scheme://` has an `@` before its first `?`/`#`, everything up to the
+//!   LAST such `@` is the userinfo (so a password may hold `/` and `@` unescaped), split into
+//!   user and password at its first `:`, each percent-decoded (`%2F` → `/`); the rest is
+//!   `host[:port][/prefix]`. A query or fragment is refused (request paths are appended to the
+//!   URI). Problems never echo the URI: it may hold credentials;
+//! - `experiment`, else `MLFLOW_EXPERIMENT_NAME`, else `Default` (an empty value counts as
+//!   unset): the experiment of runs whose resource names none (or names "");
 //! - `run_id`, else `MLFLOW_RUN_ID`: an existing MLflow run to continue (meant for the in-process
 //!   library, which has one run).
 
@@ -43,7 +49,102 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn basic(user: &str, password: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    basic_bytes(user.as_bytes(), password.as_bytes())
+}
+
+/// HTTP Basic of raw bytes: percent-decoded URI credentials need not be UTF-8.
+fn basic_bytes(user: &[u8], password: &[u8]) -> String {
+    let mut pair = Vec::with_capacity(user.len() + 1 + password.len());
+    pair.extend_from_slice(user);
+    pair.push(b':');
+    pair.extend_from_slice(password);
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+}
+
+/// Decodes `%XX` escapes (RFC 3986) to bytes; a `%` not followed by two hex digits is kept as
+/// it is, since a password may well contain a bare `%`.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A tracking URI split into what requests go to and the credentials written into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingUri {
+    /// `scheme://host[:port][/prefix]`, no userinfo, no trailing `/`.
+    pub base: String,
+    /// `Authorization` value from userinfo in the URI, if it had any.
+    pub basic: Option<String>,
+}
+
+/// Index of the end of the userinfo in the part of a URI after `scheme://`: the LAST `@`
+/// before the first `?` or `#`. The last, not the first `@` nor one before the first `/`,
+/// because users paste passwords with `/` and `@` unescaped (`http://u:se/c@ret@host`); an
+/// `@` inside a path prefix is therefore not supported (write it as `%40`).
+fn userinfo_end(rest: &str) -> Option<usize> {
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    rest[..end].rfind('@')
+}
+
+/// Splits a tracking URI into its base and Basic credentials (see the module docs). The error
+/// is a problem text that never contains the URI: it may hold credentials.
+pub fn parse_tracking_uri(uri: &str) -> Result<TrackingUri, &'static str> {
+    if uri.is_empty() {
+        return Err("is not set and MLFLOW_TRACKING_URI is empty (e.g. http://127.0.0.1:5000)");
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err("must start with http:// or https://");
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err("must start with http:// or https://");
+    }
+    let (basic, location) = match userinfo_end(rest) {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            // The user name cannot hold `:` unescaped (RFC 3986), so the first `:` splits.
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (Some(basic_bytes(&percent_decode(user), &percent_decode(password))), &rest[at + 1..])
+        }
+        None => (None, rest),
+    };
+    if location.contains(['?', '#']) {
+        // Request paths are appended to the base: a query or fragment would swallow them.
+        return Err("must not have a query (?) or fragment (#); in a password write them as %3F and %23");
+    }
+    let location = location.trim_end_matches('/');
+    let host = location.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    Ok(TrackingUri { base: format!("{scheme}://{location}"), basic })
+}
+
+/// `uri` with any userinfo (`user:password@`) removed, for messages: used on URIs from peers
+/// (a redirect's `Location`), which may carry credentials. Absolute (`scheme://`) and
+/// scheme-relative (`//host`) URIs are cut; other text is returned unchanged.
+pub fn strip_userinfo(uri: &str) -> String {
+    let Some(i) = uri.find("//") else { return uri.to_string() };
+    let scheme = &uri[..i];
+    let is_authority = scheme.is_empty() || (scheme.ends_with(':') && !scheme.contains('/'));
+    let rest = &uri[i + 2..];
+    match userinfo_end(rest) {
+        Some(at) if is_authority => format!("{scheme}//{}", &rest[at + 1..]),
+        _ => uri.to_string(),
+    }
 }
 
 impl MlflowSettings {
@@ -51,38 +152,25 @@ impl MlflowSettings {
     pub fn from_config(c: &ExporterConfig, path: &str, p: &mut Problems) -> Self {
         p.reject_key(path, "logdir", c.logdir.is_some(), "a tensorboard key");
         let uri = c.tracking_uri.clone().or_else(|| env("MLFLOW_TRACKING_URI")).unwrap_or_default();
+        let mut tracking_uri = String::new();
         let mut authorization = match (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD")) {
             (Some(u), Some(pw)) => Some(basic(&u, &pw)),
             _ => env("MLFLOW_TRACKING_TOKEN").map(|t| format!("Bearer {t}")),
         };
-        let trimmed = uri.trim_end_matches('/').to_string();
-        let mut tracking_uri = trimmed.clone();
-        match trimmed.split_once("://") {
-            Some((scheme, rest)) if scheme == "http" || scheme == "https" => {
-                let (authority, tail) = rest.split_once('/').map_or((rest, ""), |(a, t)| (a, t));
-                if let Some((userinfo, host)) = authority.rsplit_once('@') {
-                    let (u, pw) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                    authorization = Some(basic(u, pw));
-                    tracking_uri = if tail.is_empty() {
-                        format!("{scheme}://{host}")
-                    } else {
-                        format!("{scheme}://{host}/{tail}")
-                    };
-                }
-                if authority.is_empty() {
-                    p.add(format!("{path}.tracking_uri"), "has no host");
+        match parse_tracking_uri(&uri) {
+            Ok(parsed) => {
+                tracking_uri = parsed.base;
+                if let Some(basic_auth) = parsed.basic {
+                    authorization = Some(basic_auth);
                 }
             }
-            _ if uri.is_empty() => p.add(
-                format!("{path}.tracking_uri"),
-                "is not set and MLFLOW_TRACKING_URI is empty (e.g. http://127.0.0.1:5000)",
-            ),
-            // Never echo the URI itself: it may hold credentials.
-            _ => p.add(format!("{path}.tracking_uri"), "must start with http:// or https://"),
+            Err(problem) => p.add(format!("{path}.tracking_uri"), problem),
         }
+        // An empty name is no name: MLflow refuses to create an experiment named "".
         let experiment = c
             .experiment
             .clone()
+            .filter(|e| !e.is_empty())
             .or_else(|| env("MLFLOW_EXPERIMENT_NAME"))
             .unwrap_or_else(|| "Default".to_string());
         if experiment.chars().count() > 500 {
@@ -90,5 +178,105 @@ impl MlflowSettings {
         }
         let run_id = c.run_id.clone().or_else(|| env("MLFLOW_RUN_ID"));
         Self { tracking_uri, authorization, experiment, run_id }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s))
+    }
+
+    fn parsed(uri: &str) -> TrackingUri {
+        match parse_tracking_uri(uri) {
+            Ok(t) => t,
+            Err(e) => panic!("{uri}: {e}"),
+        }
+    }
+
+    #[test]
+    fn plain_uri_has_no_credentials() {
+        assert_eq!(parsed("http://127.0.0.1:5000/"), TrackingUri { base: "http://127.0.0.1:5000".into(), basic: None });
+        assert_eq!(parsed("http://host/mlflow").base, "http://host/mlflow");
+    }
+
+    #[test]
+    fn credentials_move_to_basic_auth() {
+        let t = parsed("http://u:p@127.0.0.1:5000/");
+        assert_eq!(t, TrackingUri { base: "http://127.0.0.1:5000".into(), basic: Some(b64("u:p")) });
+        // A user without a password.
+        assert_eq!(parsed("http://u@h").basic, Some(b64("u:")));
+    }
+
+    #[test]
+    fn credentials_with_a_path_prefix() {
+        let t = parsed("http://user:pw@host:8080/mlflow/prefix/");
+        assert_eq!(t, TrackingUri { base: "http://host:8080/mlflow/prefix".into(), basic: Some(b64("user:pw")) });
+    }
+
+    #[test]
+    fn slash_and_at_in_the_password() {
+        let t = parsed("http://user:sec/retpw@127.0.0.1:1");
+        assert_eq!(t, TrackingUri { base: "http://127.0.0.1:1".into(), basic: Some(b64("user:sec/retpw")) });
+        let t = parsed("http://user:a@b/c:d@127.0.0.1:1/pre");
+        assert_eq!(t, TrackingUri { base: "http://127.0.0.1:1/pre".into(), basic: Some(b64("user:a@b/c:d")) });
+    }
+
+    #[test]
+    fn percent_encoded_credentials_are_decoded() {
+        let t = parsed("http://us%3Aer:p%2Fw%40x%25%zz@host");
+        assert_eq!(t, TrackingUri { base: "http://host".into(), basic: Some(b64("us:er:p/w@x%%zz")) });
+        // Percent-decoding works on bytes: non-UTF-8 credentials survive.
+        let t = parsed("http://u:%FF@host");
+        let raw = base64::engine::general_purpose::STANDARD.encode(b"u:\xff");
+        assert_eq!(t.basic, Some(format!("Basic {raw}")));
+    }
+
+    #[test]
+    fn https_uri() {
+        let t = parsed("https://tok:x-y@mlflow.example.com/");
+        assert_eq!(t, TrackingUri { base: "https://mlflow.example.com".into(), basic: Some(b64("tok:x-y")) });
+    }
+
+    #[test]
+    fn bad_uris_are_refused_without_echoing_them() {
+        for uri in ["", "ftp://s3cret@h", "s3cret", "http://s3cret@", "http://u:s3cret@/x", "http://h/?s3cret", "http://u:s3?cret@h"] {
+            match parse_tracking_uri(uri) {
+                Ok(t) => panic!("{uri} accepted as {t:?}"),
+                Err(e) => assert!(!e.contains("s3") && !e.contains("cret"), "{e}"),
+            }
+        }
+        let c = ExporterConfig { tracking_uri: Some("http://user:sec/retpw@".into()), ..Default::default() };
+        let mut p = Problems::default();
+        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        let shown = format!("{p:?} {s:?}");
+        assert!(shown.contains("has no host") && !shown.contains("sec") && !shown.contains("retpw"), "{shown}");
+    }
+
+    #[test]
+    fn settings_carry_no_credentials_in_the_uri() {
+        let c = ExporterConfig { tracking_uri: Some("http://user:sec/retpw@127.0.0.1:1".into()), ..Default::default() };
+        let mut p = Problems::default();
+        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        assert_eq!(s.tracking_uri, "http://127.0.0.1:1");
+        assert_eq!(s.authorization, Some(b64("user:sec/retpw")));
+        assert!(!format!("{s:?}").contains("retpw"));
+    }
+
+    #[test]
+    fn empty_experiment_is_the_default() {
+        let c = ExporterConfig { tracking_uri: Some("http://h".into()), experiment: Some(String::new()), ..Default::default() };
+        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut Problems::default());
+        assert!(!s.experiment.is_empty());
+    }
+
+    #[test]
+    fn userinfo_is_stripped_from_peer_uris() {
+        assert_eq!(strip_userinfo("https://u:p/w@host/x?next=a@b"), "https://host/x?next=a@b");
+        assert_eq!(strip_userinfo("//u:p@host/x"), "//host/x");
+        assert_eq!(strip_userinfo("/login?u=a@b"), "/login?u=a@b");
+        assert_eq!(strip_userinfo("http://host/x"), "http://host/x");
     }
 }

@@ -2,28 +2,40 @@
 //! `../shared/reference/mlflow-rest-api.md`).
 //!
 //! Runs:
-//! - The experiment is the run's `ml.experiment.name`, else the configured default; it is fetched
-//!   by name and created when missing (a concurrent create, answered `RESOURCE_ALREADY_EXISTS`,
-//!   is followed by a second fetch).
+//! - The experiment is the run's `ml.experiment.name`, else (also when it is empty, a name
+//!   MLflow refuses) the configured default; it is fetched by name and created when missing (a
+//!   concurrent create, answered `RESOURCE_ALREADY_EXISTS`, is followed by a second fetch).
 //! - The MLflow run is the configured `run_id` (`MLFLOW_RUN_ID`) if set; else the run in that
-//!   experiment tagged `trainmetrics.run_key = <run key>` (so a restarted exporter continues
-//!   it, status set back to RUNNING); else a new run with the run name, start time now, that
-//!   tag, and the run's tags.
+//!   experiment tagged `trainmetrics.run_key = <tag value>` (so a restarted exporter continues
+//!   it, status set back to RUNNING); else a new run with the run name (none when it is missing
+//!   or empty: MLflow then picks one), start time = its first point's, and that tag. The tag
+//!   value is [`run_key_tag_value`]: the run key when it is short and filter-safe, else a hash
+//!   of the full key, so the value written and the value searched for are always the same. A
+//!   run tagged by an older version with the key itself (cut to 8000 characters) is found
+//!   too, when that key has no quote or backslash, and its tag is moved to the current value.
 //! - Params (`ml.param.*`) are logged once per run in their own requests, so a conflict (MLflow
 //!   refuses to change a param's value, rejecting the whole request with 400) never takes
-//!   metrics down: it is logged and counted as the event `param_conflict`. A value over 6000
-//!   characters is cut to 6000 (what the server would store) and counted `param_truncated`.
-//!   Tags (other resource attributes) are upserted with values cut to 8000 characters.
+//!   metrics down: a rejected request is resent one param per request, and each param refused
+//!   alone is logged and counted as the event `param_conflict`. A value over 6000 characters
+//!   is cut to 6000 (what the server would store) and counted `param_truncated`.
+//! - Tags (other resource attributes) are upserted with values cut to 8000 characters. Keys
+//!   starting with `trainmetrics.` belong to this exporter: such attributes are skipped and
+//!   counted once per run as the event `reserved_tag_skipped`.
+//! - Param names and tag names are mapped to keys by the same rule as metric names
+//!   ([`MlflowKeys`], one instance per run for params and one for tags), so two names that map
+//!   to the same key (`lr@1`, `lr#1`) are both logged, under distinct keys.
 //! - [`Exporter::end_runs`] sets every run this exporter used to FINISHED or FAILED, with an end
 //!   time.
 //!
-//! Metrics: the key is the series name mapped by [`MlflowKeys`] (rules in [`crate::names`]). The
-//! first time a key differs from its name, the tag `trainmetrics.name/<key>` (itself mapped to a
-//! valid key) records the original name. The timestamp is the data point's time in ms, assigned
-//! before the first attempt, so a retried request is identical and the server's SQL store
-//! deduplicates it.
+//! Metrics: the key is the series name mapped by [`MlflowKeys`] (rules in [`crate::names`]). When
+//! a key differs from its name, the tag `trainmetrics.name/<key>` (itself mapped to a valid key)
+//! records the original name. The exporter remembers per run which of these tags the server has
+//! accepted (after the request carrying it succeeded) and adds every one not yet accepted to
+//! the next request that has a point of that key, so a failed request never loses one. The
+//! timestamp is the data point's time in ms, assigned before the first attempt, so a retried
+//! request carries the same points and the server's SQL store deduplicates them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,19 +55,77 @@ use crate::stats::ExporterStats;
 /// Run tag holding the trainer's run key, used to find the run again after a restart.
 pub const RUN_KEY_TAG: &str = "trainmetrics.run_key";
 
+/// Prefix of the tag keys this exporter owns; resource attributes never write under it.
+pub const RESERVED_TAG_PREFIX: &str = "trainmetrics.";
+
+/// Longest run key stored as it is in [`RUN_KEY_TAG`]; longer ones are hashed.
+pub const MAX_PLAIN_RUN_KEY_CHARS: usize = 200;
+
+/// 64-bit FNV-1a of `seed` followed by the bytes of `s`. A different seed byte starts the
+/// hash of `s` from a different state, so two seeds give two hashes that collide
+/// independently (unlike hashing `s` and then `s + suffix`, where the second value is a
+/// function of the first and adds no bits).
+fn fnv1a64(seed: u8, s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(seed).chain(s.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The value of [`RUN_KEY_TAG`] for a run key: deterministic, at most 200 characters, and safe
+/// inside a quoted `runs/search` filter literal (MLflow's filter grammar has no escapes).
+///
+/// Rule: the key itself when it has 1 to 200 characters, all ASCII letters, digits or one of
+/// `-_.:/@ `, and does not start with `sha-`; otherwise `sha-` followed by 32 hex digits: two
+/// 64-bit FNV-1a hashes of the full key with seed bytes 1 and 2 (128 bits; the prefix names a
+/// hashed form, the hash is FNV, not SHA). Keys that start with `sha-` are always hashed, so a
+/// plain key never equals another key's hashed form. FNV guards against accidental collisions,
+/// not against a producer forging keys; run keys come from the trainers themselves.
+pub fn run_key_tag_value(key: &str) -> String {
+    let plain = !key.is_empty()
+        && key.len() <= MAX_PLAIN_RUN_KEY_CHARS
+        && !key.starts_with("sha-")
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@' | ' '));
+    if plain {
+        key.to_string()
+    } else {
+        format!("sha-{:016x}{:016x}", fnv1a64(1, key), fnv1a64(2, key))
+    }
+}
+
+/// The tag recording the original name of a renamed metric key.
+fn name_tag_key(metric_key: &str) -> String {
+    mlflow_key(&format!("{RESERVED_TAG_PREFIX}name/{metric_key}"))
+}
+
 #[derive(Debug)]
 struct RunState {
     mlflow_run_id: String,
+    /// Metric keys (series name → key).
     keys: MlflowKeys,
+    /// Tag keys (resource attribute → key): its own namespace, as in MLflow.
+    tag_keys: MlflowKeys,
+    /// Param key → value logged.
     params: HashMap<String, String>,
+    /// Tag key → value logged.
     tags: BTreeMap<String, String>,
+    /// Name tags (`trainmetrics.name/<key>`) the server has accepted: every other one that a
+    /// batch needs is sent with it, so a failed request never loses one.
+    logged_name_tags: HashSet<String>,
+    /// Resource attributes skipped as reserved (counted once each).
+    reserved_skipped: HashSet<String>,
 }
 
-/// Params of a run as they arrived: the first value of each key wins, as on the server.
+/// Params of a run as they arrived: the first value of each name wins, as on the server.
 #[derive(Debug, Default)]
 struct ObservedParams {
+    /// Param names → keys: its own namespace, so `lr@1` and `lr#1` get distinct keys.
+    keys: MlflowKeys,
+    /// Key → first value.
     first: BTreeMap<String, String>,
-    conflicts: std::collections::HashSet<(String, String)>,
+    conflicts: HashSet<(String, String)>,
 }
 
 /// Delivers to an MLflow tracking server. See the module docs.
@@ -156,14 +226,30 @@ impl MlflowExporter {
     }
 
     fn find_run(&self, experiment_id: &str, key: &str, budget: &Budget) -> Result<Option<(String, String)>, ExportError> {
-        // MLflow's filter grammar has no documented escape for quotes: such keys are not searched
-        // (a new run is created instead of guessing).
-        if key.contains('\'') || key.contains('"') || key.contains('\\') {
+        // The tag value is filter-safe by construction (no quote or backslash): see
+        // `run_key_tag_value`.
+        let value = run_key_tag_value(key);
+        if let Some(found) = self.search_run_key_tag(experiment_id, &value, budget)? {
+            return Ok(Some(found));
+        }
+        // Runs created before the tag value was bounded carry the key itself (cut to 8000
+        // characters). Looked for too, where that value can be written in a filter, and moved
+        // to the current value, so upgrading the exporter does not start a second run.
+        let legacy = truncate_chars(key, MAX_TAG_VALUE_CHARS).0;
+        if legacy == value || legacy.contains(['\'', '"', '\\']) {
             return Ok(None);
         }
+        let Some(found) = self.search_run_key_tag(experiment_id, &legacy, budget)? else { return Ok(None) };
+        let body = json!({"run_id": found.0, "key": RUN_KEY_TAG, "value": value});
+        self.client.post("runs/set-tag", &body, budget.left()?)?;
+        Ok(Some(found))
+    }
+
+    /// The newest active run of the experiment whose run key tag is `value`: (run id, status).
+    fn search_run_key_tag(&self, experiment_id: &str, value: &str, budget: &Budget) -> Result<Option<(String, String)>, ExportError> {
         let body = json!({
             "experiment_ids": [experiment_id],
-            "filter": format!("tags.`{RUN_KEY_TAG}` = '{key}'"),
+            "filter": format!("tags.`{RUN_KEY_TAG}` = '{value}'"),
             "run_view_type": "ACTIVE_ONLY",
             "max_results": 1,
             "order_by": ["attributes.start_time DESC"],
@@ -190,7 +276,12 @@ impl MlflowExporter {
                 id
             }
             None => {
-                let experiment = run.experiment.clone().unwrap_or_else(|| self.settings.experiment.clone());
+                // An empty name is no name: MLflow refuses to create an experiment named "".
+                let experiment = match run.experiment.as_deref() {
+                    Some(e) if !e.is_empty() => e.to_string(),
+                    _ if !self.settings.experiment.is_empty() => self.settings.experiment.clone(),
+                    _ => "Default".to_string(),
+                };
                 exp_id = self.experiment_id(&experiment, budget)?;
                 match self.find_run(&exp_id, &run.key, budget)? {
                     Some((id, status)) => {
@@ -204,10 +295,11 @@ impl MlflowExporter {
                         let mut body = json!({
                             "experiment_id": exp_id,
                             "start_time": start_ms,
-                            "tags": [key_value(RUN_KEY_TAG, &truncate_chars(&run.key, MAX_TAG_VALUE_CHARS).0)],
+                            "tags": [key_value(RUN_KEY_TAG, &run_key_tag_value(&run.key))],
                         });
-                        if let Some(name) = &run.run_name {
-                            body["run_name"] = Value::from(mlflow_run_name(name));
+                        // No (or an empty) name: MLflow picks one; the run key tag identifies it.
+                        if let Some(name) = run.run_name.as_deref().map(mlflow_run_name).filter(|n| !n.is_empty()) {
+                            body["run_name"] = Value::from(name);
                         }
                         let v = self.client.post("runs/create", &body, budget.left()?)?;
                         let id = v.pointer("/run/info/run_id").and_then(Value::as_str).ok_or_else(|| {
@@ -224,14 +316,22 @@ impl MlflowExporter {
         }
         self.runs.insert(
             run.key.clone(),
-            RunState { mlflow_run_id, keys: MlflowKeys::default(), params: HashMap::new(), tags: BTreeMap::new() },
+            RunState {
+                mlflow_run_id,
+                keys: MlflowKeys::default(),
+                tag_keys: MlflowKeys::default(),
+                params: HashMap::new(),
+                tags: BTreeMap::new(),
+                logged_name_tags: HashSet::new(),
+                reserved_skipped: HashSet::new(),
+            },
         );
         Ok(())
     }
 
     /// Logs params and tags of `run` not logged yet (see the module docs for conflicts).
     fn sync_params_and_tags(&mut self, run: &RunInfo, budget: &Budget) -> Result<(), ExportError> {
-        let Some(state) = self.runs.get(&run.key) else { return Ok(()) };
+        let Some(state) = self.runs.get_mut(&run.key) else { return Ok(()) };
         let new_params: Vec<(String, String)> = self
             .observed
             .get(&run.key)
@@ -239,14 +339,30 @@ impl MlflowExporter {
                 o.first.iter().filter(|(k, _)| !state.params.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
             })
             .unwrap_or_default();
-        let new_tags: Vec<(String, String)> = run
-            .tags
-            .iter()
-            .map(|(k, v)| (mlflow_key(k), truncate_chars(v, MAX_TAG_VALUE_CHARS).0))
-            .filter(|(k, v)| state.tags.get(k) != Some(v))
-            .collect();
+        let mut new_tags: Vec<(String, String)> = Vec::new();
+        let mut reserved = 0u64;
+        for (k, v) in &run.tags {
+            // Our own tags (the run key, name records) must not be overwritten by a resource
+            // attribute, or the run would not be found again. Checked on the name and the key:
+            // the mapping may drop a leading `/`.
+            if k.starts_with(RESERVED_TAG_PREFIX) || mlflow_key(k).starts_with(RESERVED_TAG_PREFIX) {
+                if state.reserved_skipped.insert(k.clone()) {
+                    reserved += 1;
+                    tracing::warn!(run = %run.key, tag = %k, "resource attribute not logged as a tag: the prefix {RESERVED_TAG_PREFIX} is reserved");
+                }
+                continue;
+            }
+            let key = state.tag_keys.key_for(k).key;
+            let value = truncate_chars(v, MAX_TAG_VALUE_CHARS).0;
+            if state.tags.get(&key) != Some(&value) {
+                new_tags.push((key, value));
+            }
+        }
         let run_id = state.mlflow_run_id.clone();
-        // Params alone: a conflict rejects the whole request it is in.
+        self.event("reserved_tag_skipped", reserved);
+        // Params alone: a conflict rejects the whole request it is in. A rejected request of
+        // several params is sent again one param per request, so only the conflicting ones
+        // are lost.
         let params: Vec<Value> = new_params.iter().map(|(k, v)| key_value(k, v)).collect();
         for mut body in split_log_batch(vec![], params, vec![]) {
             body["run_id"] = Value::from(run_id.as_str());
@@ -254,9 +370,23 @@ impl MlflowExporter {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => return Err(e.into()),
                 Err(e) => {
-                    let n = body["params"].as_array().map_or(0, Vec::len) as u64;
-                    self.event("param_conflict", n);
-                    tracing::warn!(run = %run.key, "params not logged: {e}");
+                    let params = body["params"].as_array().cloned().unwrap_or_default();
+                    if params.len() == 1 {
+                        self.event("param_conflict", 1);
+                        tracing::warn!(run = %run.key, "param not logged: {e}");
+                        continue;
+                    }
+                    for param in params {
+                        let one = json!({"run_id": run_id, "params": [param], "metrics": [], "tags": []});
+                        match self.client.post("runs/log-batch", &one, budget.left()?) {
+                            Ok(_) => {}
+                            Err(e) if e.is_retryable() => return Err(e.into()),
+                            Err(e) => {
+                                self.event("param_conflict", 1);
+                                tracing::warn!(run = %run.key, "param not logged: {e}");
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -290,20 +420,28 @@ impl Exporter for MlflowExporter {
             return Err(ExportError::Permanent { message: "run state missing".into() });
         };
         let mut metrics = Vec::with_capacity(batch.points.len());
-        let mut name_tags = Vec::new();
+        // Name tags not yet accepted by the server, whether or not this is the key's first use:
+        // the request that first carried one may have failed.
+        let mut name_tags: BTreeMap<String, &str> = BTreeMap::new();
         for p in &batch.points {
             let mapped = state.keys.key_for(&p.series);
-            if mapped.renamed && mapped.first_use {
-                let tag = mlflow_key(&format!("trainmetrics.name/{}", mapped.key));
-                name_tags.push(key_value(&tag, &truncate_chars(&p.series, MAX_TAG_VALUE_CHARS).0));
+            if mapped.renamed {
+                let tag = name_tag_key(&mapped.key);
+                if !state.logged_name_tags.contains(&tag) {
+                    name_tags.entry(tag).or_insert(&p.series);
+                }
             }
             let ts = i64::try_from(p.time_unix_nano / 1_000_000).unwrap_or(i64::MAX);
             metrics.push(metric(&mapped.key, p.scalar, ts, p.step));
         }
+        let name_tags = name_tags.iter().map(|(k, v)| key_value(k, &truncate_chars(v, MAX_TAG_VALUE_CHARS).0)).collect();
         let run_id = state.mlflow_run_id.clone();
         for mut body in split_log_batch(metrics, vec![], name_tags) {
             body["run_id"] = Value::from(run_id.as_str());
             self.client.post("runs/log-batch", &body, budget.left()?).map_err(ExportError::from)?;
+            // Only now are this body's name tags on the server.
+            let sent = body["tags"].as_array().into_iter().flatten().filter_map(|t| t["key"].as_str());
+            state.logged_name_tags.extend(sent.map(str::to_string));
         }
         Ok(Exported::default())
     }
@@ -337,7 +475,7 @@ impl Exporter for MlflowExporter {
         let mut conflicts = 0;
         let o = self.observed.entry(run.key.clone()).or_default();
         for (k, v) in &run.params {
-            let key = mlflow_key(k);
+            let key = o.keys.key_for(k).key;
             let (value, cut) = truncate_chars(v, MAX_PARAM_VALUE_CHARS);
             match o.first.get(&key) {
                 None => {
@@ -359,5 +497,43 @@ impl Exporter for MlflowExporter {
 
     fn attach_stats(&mut self, stats: Arc<ExporterStats>) {
         self.stats = Some(stats);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_safe_run_keys_are_their_own_tag_value() {
+        for key in ["run-1", "a_b.c:d/e@f g", "default", &"k".repeat(200)] {
+            assert_eq!(run_key_tag_value(key), key);
+        }
+    }
+
+    #[test]
+    fn other_run_keys_are_hashed_into_a_bounded_filter_safe_value() {
+        let long = "k".repeat(10_000);
+        let long2 = format!("{}x", "k".repeat(9_999));
+        for key in ["", "it's", "a\"b", "a\\b", "résumé", "sha-abc", &"k".repeat(201), &long, &long2] {
+            let v = run_key_tag_value(key);
+            assert!(v.starts_with("sha-") && v.len() == 36, "{key:?} -> {v}");
+            assert!(v[4..].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+            assert_eq!(v, run_key_tag_value(key), "deterministic");
+        }
+        // The full key is hashed: keys that share a 200- or 8000-character prefix still differ.
+        assert_ne!(run_key_tag_value(&long), run_key_tag_value(&long2));
+        assert_ne!(run_key_tag_value(&"k".repeat(201)), run_key_tag_value(&"k".repeat(202)));
+        // The two halves are independent hashes, not one derived from the other.
+        let v = run_key_tag_value(&long);
+        assert_ne!(v[4..20], v[20..36]);
+        assert_eq!(fnv1a64(0, ""), 0xaf63_bd4c_8601_b7df, "FNV-1a 64 of the byte 0");
+    }
+
+    #[test]
+    fn name_tags_are_valid_reserved_keys() {
+        assert_eq!(name_tag_key("acc_1"), "trainmetrics.name/acc_1");
+        let long = name_tag_key(&"x".repeat(250));
+        assert!(long.starts_with(RESERVED_TAG_PREFIX) && long.chars().count() <= 250, "{long}");
     }
 }
