@@ -10,7 +10,9 @@ pub const DEFAULT_LOGDIR: &str = "runs";
 /// Validated TensorBoard settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorBoardSettings {
-    /// Root directory; each run writes into `<logdir>/<run dir>/` (see [`crate::names::run_dir_name`]).
+    /// Root directory; each run writes into `<logdir>/<run dir>/`, named after the run by
+    /// [`crate::names::run_dir_name`] and claimed per run key (see
+    /// [`super::exporter`]).
     pub logdir: PathBuf,
 }
 

@@ -1,11 +1,24 @@
-//! The TensorBoard exporter: one event file per run and process session, written append-only.
+//! The TensorBoard exporter: owns the run directories under the logdir and one event file per
+//! run and process session, written append-only.
 //!
 //! Rules (sources: TensorBoard's `event_file_writer.py`, `directory_watcher.py`, RustBoard's
 //! `run.rs`/`reservoir.rs`; see `../shared/reference/tensorboard-event-files.md`):
-//! - Files live in `<logdir>/<run dir>/`, the run dir being [`run_dir_name`] of the run name (else
-//!   its key), so no run name can write outside the logdir. They are named
-//!   `events.out.tfevents.<unix secs, 10 digits>.<host>.<pid>.<counter, 6 digits>`, so that
-//!   lexicographic order is creation order, which both TensorBoard loaders rely on.
+//! - Files live in `<logdir>/<run dir>/`. The run dir starts from [`run_dir_name`] of the run name
+//!   (else its key), a single path component, so no run name can write outside the logdir.
+//! - A run claims its directory with a marker file [`RUN_MARKER`] holding its run key (TensorBoard
+//!   ignores it: its name lacks `tfevents`). Two runs of the same name (two trainers started in
+//!   the same second, a re-run with a fixed `run_name`) must not share a directory: TensorBoard
+//!   would show one run, purging the other's points by step. A run uses `<name>` if that
+//!   directory does not exist, or its marker holds this run's key, or it exists with neither a
+//!   marker nor any `*tfevents*` file; otherwise `<name>~<8 hex digits of fnv1a32(run key)>` by
+//!   the same rule, then the hash of `<key>#1`, `<key>#2`… (at most [`MAX_DIR_CANDIDATES`] names
+//!   in all). The same run key (a resumed run) therefore finds the same directory again. The
+//!   marker is created exclusively, so of two processes claiming a directory at once one wins.
+//!   The choice is made on a run's first write, once per exporter, and published in
+//!   [`TensorBoardExporter::run_dirs`].
+//! - Files are named `events.out.tfevents.<unix secs, 10 digits>.<host>.<pid>.<counter, 6
+//!   digits>`, so that lexicographic order is creation order, which both TensorBoard loaders
+//!   rely on.
 //! - A file is created on the first write (nothing is created for a run that sends nothing). It
 //!   starts with a `file_version` event (`brain.Event:2`); the first step written in this process
 //!   session is preceded by a `SessionLog START` at that step, then the run's params as an
@@ -13,18 +26,26 @@
 //! - Scalars are rank-0 DT_FLOAT tensors with the `scalars` plugin's metadata on the first value
 //!   of each tag in each file (both loaders read this; RustBoard drops DT_DOUBLE scalars), so
 //!   values are stored as float32. Histograms are `[k, 3]` tensors of the `histograms` plugin.
+//! - At most [`MAX_OPEN_FILES`] files are open at once (thousands of runs would exhaust the
+//!   process's file descriptors); opening another closes the least recently used. A closed file
+//!   is reopened in append mode and continues as the same file (no new metadata).
 //! - Every export is written with one `write_all` and flushed to the OS: a crash of the process
-//!   loses nothing that was exported; the file is fsynced when the run ends.
+//!   loses nothing that was exported; every file written to is fsynced when the runs end.
 //! - A step at or below one already written for a tag is refused (`late`): RustBoard would
 //!   discard every newer point of that tag.
-//! - An I/O error is returned as retryable; the file is abandoned (it may end in a partial
-//!   record, after which no reader can read further) and the retry starts a new file.
+//! - An I/O error is returned as retryable, with the path. A file whose write failed is abandoned
+//!   and never reopened (it may end in a partial record, after which no reader can read further);
+//!   if this export created it, it held nothing else and is removed. The retry starts a new file;
+//!   after an error opening a file, the retry also claims the run's directory again (it may have
+//!   been removed).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -35,16 +56,51 @@ use super::record::append_record;
 use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
-use crate::names::run_dir_name;
+use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
+
+/// Most event files one exporter holds open at once (see the module docs).
+pub const MAX_OPEN_FILES: usize = 64;
+
+/// Name of the file in a run directory that holds the key of the run owning it.
+pub const RUN_MARKER: &str = ".trainmetrics-run";
+
+/// How many directory names a run tries before giving up (the plain name, then hash suffixes);
+/// more than two are only needed if someone creates colliding names on purpose.
+pub const MAX_DIR_CANDIDATES: u32 = 8;
+
+/// Run key → the directory the run writes to, filled as runs claim theirs; readable from other
+/// threads (so a trainer can print where its run is).
+pub type RunDirs = Arc<Mutex<BTreeMap<String, PathBuf>>>;
 
 /// Distinguishes files one process opens within the same second.
 static FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Default)]
 struct RunFile {
-    dir: PathBuf,
-    file: Option<(File, PathBuf)>,
+    /// The claimed run directory; `None` until the first write, or after an error opening a file.
+    dir: Option<PathBuf>,
+    /// The current event file (open or not); `None` makes the next write start a new one.
+    path: Option<PathBuf>,
+    tags_in_file: HashSet<String>,
+    written: HashMap<String, i64>,
+    session_started: bool,
+    /// Written to since the last fsync.
+    unsynced: bool,
+}
+
+/// The open event files by run key, closed least recently used first beyond [`MAX_OPEN_FILES`].
+#[derive(Debug, Default)]
+struct OpenFiles {
+    files: HashMap<String, (File, u64)>,
+    by_use: BTreeMap<u64, String>,
+    clock: u64,
+}
+
+/// What one export will write, and the run's state once it is written.
+struct Pending {
+    buf: Vec<u8>,
+    refused: Vec<(usize, DropReason)>,
     tags_in_file: HashSet<String>,
     written: HashMap<String, i64>,
     session_started: bool,
@@ -55,8 +111,10 @@ struct RunFile {
 pub struct TensorBoardExporter {
     settings: TensorBoardSettings,
     runs: HashMap<String, RunFile>,
+    open: OpenFiles,
+    run_dirs: RunDirs,
     /// The params each run first arrived with (what hparams shows, as MLflow keeps the first).
-    params: HashMap<String, std::collections::BTreeMap<String, String>>,
+    params: HashMap<String, BTreeMap<String, String>>,
 }
 
 fn now_secs() -> f64 {
@@ -74,6 +132,16 @@ fn host_for_file_name() -> String {
     }
 }
 
+fn new_file_name() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!(
+        "events.out.tfevents.{secs:010}.{}.{}.{:06}",
+        host_for_file_name(),
+        std::process::id(),
+        FILE_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// Turns a param's text into the hparams plugin's typed value (number, bool, else text).
 fn hparam_value(text: &str) -> HParamValue {
     match text {
@@ -86,119 +154,319 @@ fn hparam_value(text: &str) -> HParamValue {
     }
 }
 
+fn io_error(doing: &str, path: &Path, e: io::Error) -> ExportError {
+    ExportError::Retryable { message: format!("{doing} {}: {e}", path.display()), retry_after: None }
+}
+
+/// The `attempt`-th directory name a run tries (see the module docs). Stays one path component
+/// of at most 209 bytes, as `name` is one of at most 200.
+fn candidate_dir_name(name: &str, key: &str, attempt: u32) -> String {
+    match attempt {
+        0 => name.to_string(),
+        1 => format!("{name}~{:08x}", fnv1a32(key)),
+        n => format!("{name}~{:08x}", fnv1a32(&format!("{key}#{}", n - 1))),
+    }
+}
+
+/// Chooses and claims the directory of run `key` named after `name`, by the module docs' rule.
+fn claim_run_dir(logdir: &Path, name: &str, key: &str) -> Result<PathBuf, ExportError> {
+    for attempt in 0..MAX_DIR_CANDIDATES {
+        let dir = logdir.join(candidate_dir_name(name, key, attempt));
+        if claim(&dir, key)? {
+            return Ok(dir);
+        }
+    }
+    Err(ExportError::Retryable {
+        message: format!("no free run directory for {name:?} in {}: {MAX_DIR_CANDIDATES} names taken", logdir.display()),
+        retry_after: None,
+    })
+}
+
+/// Whether `dir` is run `key`'s, claiming it (creating it and its marker) when it is free.
+fn claim(dir: &Path, key: &str) -> Result<bool, ExportError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+    let marker = dir.join(RUN_MARKER);
+    if let Some(owner) = read_marker(&marker)? {
+        return Ok(owner == key.as_bytes());
+    }
+    if has_event_files(dir)? {
+        return Ok(false);
+    }
+    match OpenOptions::new().write(true).create_new(true).open(&marker) {
+        Ok(mut f) => match f.write_all(key.as_bytes()) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // A marker without the full key would keep this run out of its own directory.
+                drop(f);
+                let _ = std::fs::remove_file(&marker);
+                Err(io_error("writing", &marker, e))
+            }
+        },
+        // Another process claimed it between our look and our claim: its marker decides.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Ok(read_marker(&marker)?.is_some_and(|owner| owner == key.as_bytes()))
+        }
+        Err(e) => Err(io_error("creating", &marker, e)),
+    }
+}
+
+/// The marker's content, `None` if there is none.
+fn read_marker(marker: &Path) -> Result<Option<Vec<u8>>, ExportError> {
+    match std::fs::read(marker) {
+        Ok(owner) => Ok(Some(owner)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("reading", marker, e)),
+    }
+}
+
+/// Whether `dir` directly holds a file TensorBoard reads (a run of some other writer, or ours
+/// from before markers existed).
+fn has_event_files(dir: &Path) -> Result<bool, ExportError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("listing", dir, e))?;
+        if entry.file_name().to_string_lossy().contains("tfevents") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Opens an event file for appending: a new one (`create`), else the run's current file, which
+/// must still exist (recreating it would give a file without `file_version` and metadata).
+fn open_event_file(path: &Path, create: bool) -> io::Result<File> {
+    OpenOptions::new().append(true).create_new(create).open(path)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Bytes the simulated disk still takes (tests of a full disk); `None` is unlimited.
+    static DISK_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Writes `buf` in one `write_all` and flushes it to the OS.
+fn write_flushed(f: &mut File, buf: &[u8]) -> io::Result<()> {
+    #[cfg(test)]
+    if let Some(left) = DISK_LEFT.get() {
+        let n = left.min(buf.len());
+        DISK_LEFT.set(Some(left - n));
+        if n < buf.len() {
+            f.write_all(&buf[..n])?;
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated full disk"));
+        }
+    }
+    f.write_all(buf)?;
+    f.flush()
+}
+
+impl OpenFiles {
+    /// The open file of run `key`, opened with `open` (after closing the least recently used
+    /// file if [`MAX_OPEN_FILES`] are open) if it is not open.
+    fn get_or_open(&mut self, key: &str, open: impl FnOnce() -> io::Result<File>) -> io::Result<&mut File> {
+        if !self.files.contains_key(key) {
+            while self.files.len() >= MAX_OPEN_FILES && self.close_lru() {}
+        }
+        self.clock += 1;
+        let (file, used) = match self.files.entry(key.to_string()) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert((open()?, 0)),
+        };
+        self.by_use.remove(used);
+        *used = self.clock;
+        self.by_use.insert(self.clock, key.to_string());
+        Ok(file)
+    }
+
+    /// Closes run `key`'s file, if open, returning it. Every write was already flushed to the OS,
+    /// so dropping the returned file loses nothing.
+    fn close(&mut self, key: &str) -> Option<File> {
+        let (file, used) = self.files.remove(key)?;
+        self.by_use.remove(&used);
+        Some(file)
+    }
+
+    /// Closes the least recently used file; false if none is open.
+    fn close_lru(&mut self) -> bool {
+        let Some((_, key)) = self.by_use.pop_first() else { return false };
+        self.files.remove(&key);
+        true
+    }
+}
+
 impl TensorBoardExporter {
     /// An exporter writing under `settings.logdir`. Nothing touches the disk until the first
     /// export.
     pub fn new(settings: TensorBoardSettings) -> Self {
-        Self { settings, runs: HashMap::new(), params: HashMap::new() }
+        Self {
+            settings,
+            runs: HashMap::new(),
+            open: OpenFiles::default(),
+            run_dirs: RunDirs::default(),
+            params: HashMap::new(),
+        }
     }
 
-    /// The directory a run writes to (`<logdir>/<run dir>`).
+    /// The directory a run writes to: the one it claimed, or before its first write the first
+    /// it will try (`<logdir>/<run dir name>`; see the module docs).
     pub fn run_dir(&self, run: &RunInfo) -> PathBuf {
-        self.settings.logdir.join(run_dir_name(run.display_name()))
+        match self.runs.get(&run.key).and_then(|rf| rf.dir.clone()) {
+            Some(dir) => dir,
+            None => self.settings.logdir.join(run_dir_name(run.display_name())),
+        }
+    }
+
+    /// A shared view of the directories this exporter's runs claimed (see [`RunDirs`]).
+    pub fn run_dirs(&self) -> RunDirs {
+        self.run_dirs.clone()
+    }
+
+    /// How many event files are open now (at most [`MAX_OPEN_FILES`]).
+    pub fn open_files(&self) -> usize {
+        self.open.files.len()
+    }
+
+    /// The run's claimed directory, claiming one on first use.
+    fn claimed_dir(&mut self, run: &RunInfo) -> Result<PathBuf, ExportError> {
+        if let Some(dir) = self.runs.get(&run.key).and_then(|rf| rf.dir.clone()) {
+            return Ok(dir);
+        }
+        let name = run_dir_name(run.display_name());
+        let dir = claim_run_dir(&self.settings.logdir, &name, &run.key)?;
+        if dir.file_name().is_some_and(|n| n != name.as_str()) {
+            tracing::info!(run = %run.key, dir = %dir.display(), "run name taken by another run; using a suffixed directory");
+        }
+        self.runs.entry(run.key.clone()).or_default().dir = Some(dir.clone());
+        if let Ok(mut dirs) = self.run_dirs.lock() {
+            dirs.insert(run.key.clone(), dir.clone());
+        }
+        Ok(dir)
+    }
+
+    /// Appends `buf` to the run's current file, or to a new one in its directory. On error the
+    /// file is abandoned (and removed if this call created it).
+    fn write(&mut self, run: &RunInfo, buf: &[u8]) -> Result<(), ExportError> {
+        let dir = self.claimed_dir(run)?;
+        let rf = self.runs.entry(run.key.clone()).or_default();
+        let created = rf.path.is_none();
+        let path = rf.path.take().unwrap_or_else(|| dir.join(new_file_name()));
+        let file = match self.open.get_or_open(&run.key, || open_event_file(&path, created)) {
+            Ok(f) => f,
+            Err(e) => {
+                rf.dir = None;
+                return Err(io_error("opening", &path, e));
+            }
+        };
+        if let Err(e) = write_flushed(file, buf) {
+            drop(self.open.close(&run.key));
+            if created {
+                if let Err(re) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %re, "could not remove a failed event file");
+                }
+            }
+            return Err(io_error("writing", &path, e));
+        }
+        rf.path = Some(path);
+        rf.unsynced = true;
+        Ok(())
+    }
+
+    /// Fsyncs every file written to since its last sync, closing the open ones; the first error.
+    fn sync_files(&mut self) -> Option<String> {
+        let mut first_error = None;
+        for (key, rf) in self.runs.iter_mut() {
+            let open = self.open.close(key);
+            let Some(path) = rf.path.as_ref().filter(|_| rf.unsynced) else { continue };
+            let synced = match open {
+                Some(f) => f.sync_all(),
+                None => open_event_file(path, false).and_then(|f| f.sync_all()),
+            };
+            match synced {
+                Ok(()) => rf.unsynced = false,
+                Err(e) => {
+                    first_error.get_or_insert_with(|| format!("syncing {}: {e}", path.display()));
+                }
+            }
+        }
+        first_error
     }
 }
 
-impl RunFile {
-    fn open(&mut self) -> std::io::Result<&mut File> {
-        if self.file.is_none() {
-            std::fs::create_dir_all(&self.dir)?;
-            let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let name = format!(
-                "events.out.tfevents.{secs:010}.{}.{}.{:06}",
-                host_for_file_name(),
-                std::process::id(),
-                FILE_COUNTER.fetch_add(1, Ordering::Relaxed)
-            );
-            let path = self.dir.join(name);
-            let f = OpenOptions::new().write(true).create_new(true).open(&path)?;
-            self.tags_in_file.clear();
-            self.file = Some((f, path));
+/// Encodes the points of `batch` not yet written for run state `rf`, refusing late ones.
+fn encode(batch: &OutBatch, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
+    let new_file = rf.path.is_none();
+    let mut p = Pending {
+        buf: Vec::new(),
+        refused: Vec::new(),
+        // Tags first seen in this export get metadata; committed only after the write succeeds.
+        tags_in_file: if new_file { HashSet::new() } else { rf.tags_in_file.clone() },
+        written: rf.written.clone(),
+        session_started: rf.session_started,
+    };
+    if new_file {
+        append_record(&mut p.buf, &encoder::file_version_event(now_secs()).encode_to_vec());
+    }
+    let mut i = 0;
+    while i < batch.points.len() {
+        i = encode_step(batch, i, params, &mut p);
+    }
+    p
+}
+
+/// Encodes the points of the step starting at index `i` as one event; returns the next step's
+/// index.
+fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p: &mut Pending) -> usize {
+    let step = batch.points[i].step;
+    let mut j = i;
+    let mut values = Vec::new();
+    let mut time = 0u64;
+    while j < batch.points.len() && batch.points[j].step == step {
+        let pt = &batch.points[j];
+        if p.written.get(&pt.series).is_some_and(|w| step <= *w) {
+            p.refused.push((j, DropReason::Late));
+        } else {
+            p.written.insert(pt.series.clone(), step);
+            let first = p.tags_in_file.insert(pt.series.clone());
+            values.push(match &pt.histogram {
+                Some(h) => encoder::histogram_value(&pt.series, h.count, h.sum, h.min, h.max, &h.bounds, &h.counts, first),
+                None => encoder::scalar_value(&pt.series, pt.scalar as f32, first),
+            });
+            time = time.max(pt.time_unix_nano);
         }
-        match self.file.as_mut() {
-            Some((f, _)) => Ok(f),
-            None => Err(std::io::Error::other("event file vanished")),
+        j += 1;
+    }
+    if values.is_empty() {
+        return j;
+    }
+    // A wall time of NaN makes RustBoard abandon the whole file; ours is always finite.
+    let wall = if time == 0 { now_secs() } else { time as f64 / 1e9 };
+    if !p.session_started {
+        p.session_started = true;
+        append_record(&mut p.buf, &encoder::session_start_event(wall, step).encode_to_vec());
+        if !params.is_empty() {
+            let hp: Vec<(String, HParamValue)> = params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
+            let v = encoder::hparams_value(&hp, batch.run.display_name(), wall);
+            append_record(&mut p.buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
         }
     }
+    append_record(&mut p.buf, &encoder::summary_event(wall, step, values).encode_to_vec());
+    j
 }
 
 impl Exporter for TensorBoardExporter {
     fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
-        let dir = self.run_dir(&batch.run);
-        let rf = self.runs.entry(batch.run.key.clone()).or_insert_with(|| RunFile { dir, ..Default::default() });
-        let mut refused = Vec::new();
-        let mut buf = Vec::new();
-        let new_file = rf.file.is_none();
-        // Tags first seen in this export get metadata; committed only after the write succeeds.
-        let mut tags_in_file = if new_file { HashSet::new() } else { rf.tags_in_file.clone() };
-        let mut written = rf.written.clone();
-        let mut session_started = rf.session_started;
-        if new_file {
-            append_record(&mut buf, &encoder::file_version_event(now_secs()).encode_to_vec());
+        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+        let new_file = rf.path.is_none();
+        let params = self.params.get(&batch.run.key).unwrap_or(&batch.run.params);
+        let p = encode(batch, rf, params);
+        if p.buf.is_empty() || (new_file && p.refused.len() == batch.points.len()) {
+            return Ok(Exported { refused: p.refused });
         }
-        let mut i = 0;
-        while i < batch.points.len() {
-            let step = batch.points[i].step;
-            let mut j = i;
-            let mut values = Vec::new();
-            let mut time = 0u64;
-            while j < batch.points.len() && batch.points[j].step == step {
-                let p = &batch.points[j];
-                if written.get(&p.series).is_some_and(|w| step <= *w) {
-                    refused.push((j, DropReason::Late));
-                } else {
-                    written.insert(p.series.clone(), step);
-                    let first = tags_in_file.insert(p.series.clone());
-                    values.push(match &p.histogram {
-                        Some(h) => encoder::histogram_value(
-                            &p.series, h.count, h.sum, h.min, h.max, &h.bounds, &h.counts, first,
-                        ),
-                        None => encoder::scalar_value(&p.series, p.scalar as f32, first),
-                    });
-                    time = time.max(p.time_unix_nano);
-                }
-                j += 1;
-            }
-            if !values.is_empty() {
-                // A wall time of NaN makes RustBoard abandon the whole file; ours is always finite.
-                let wall = if time == 0 { now_secs() } else { time as f64 / 1e9 };
-                if !session_started {
-                    session_started = true;
-                    append_record(&mut buf, &encoder::session_start_event(wall, step).encode_to_vec());
-                    let params = self.params.get(&batch.run.key).unwrap_or(&batch.run.params);
-                    if !params.is_empty() {
-                        let hp: Vec<(String, HParamValue)> =
-                            params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
-                        let v = encoder::hparams_value(&hp, batch.run.display_name(), wall);
-                        append_record(&mut buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
-                    }
-                }
-                append_record(&mut buf, &encoder::summary_event(wall, step, values).encode_to_vec());
-            }
-            i = j;
-        }
-        if buf.is_empty() || (new_file && refused.len() == batch.points.len()) {
-            return Ok(Exported { refused });
-        }
-        let result = rf.open().and_then(|f| {
-            f.write_all(&buf)?;
-            f.flush()
-        });
-        match result {
-            Ok(()) => {
-                rf.tags_in_file = tags_in_file;
-                rf.written = written;
-                rf.session_started = session_started;
-                Ok(Exported { refused })
-            }
-            Err(e) => {
-                let path = rf.file.take().map(|(_, p)| p).unwrap_or_else(|| rf.dir.clone());
-                Err(ExportError::Retryable {
-                    message: format!("writing {}: {e}", path.display()),
-                    retry_after: None,
-                })
-            }
-        }
+        self.write(&batch.run, &p.buf)?;
+        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+        rf.tags_in_file = p.tags_in_file;
+        rf.written = p.written;
+        rf.session_started = p.session_started;
+        Ok(Exported { refused: p.refused })
     }
 
     fn observe_run(&mut self, run: &RunInfo) {
@@ -208,15 +476,7 @@ impl Exporter for TensorBoardExporter {
     }
 
     fn end_runs(&mut self, _outcome: RunOutcome, _timeout: Duration) -> Result<(), ExportError> {
-        let mut first_error = None;
-        for rf in self.runs.values_mut() {
-            if let Some((f, path)) = rf.file.take() {
-                if let Err(e) = f.sync_all() {
-                    first_error.get_or_insert_with(|| format!("syncing {}: {e}", path.display()));
-                }
-            }
-        }
-        match first_error {
+        match self.sync_files() {
             Some(message) => Err(ExportError::Retryable { message, retry_after: None }),
             None => Ok(()),
         }
@@ -262,6 +522,93 @@ mod tests {
             .map(|d| d.file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(entries, vec!["%2E.%2F..%2Fx".to_string()]);
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn event_files_in(dir: &Path) -> usize {
+        files_in(dir).iter().filter(|n| n.contains("tfevents")).count()
+    }
+
+    #[test]
+    fn a_failed_write_removes_the_file_it_created_and_abandons_an_older_one() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
+        let mut e = TensorBoardExporter::new(TensorBoardSettings { logdir: dir.path().to_path_buf() });
+        let run_dir = dir.path().join("r");
+        DISK_LEFT.set(Some(10));
+        for _ in 0..7 {
+            let r = e.export(&batch("r", &[(1, "a", 1.0)]), Duration::from_secs(1));
+            assert!(matches!(r, Err(ExportError::Retryable { ref message, .. }) if message.contains("simulated full disk")), "{r:?}");
+        }
+        assert_eq!(files_in(&run_dir), vec![RUN_MARKER.to_string()]);
+        DISK_LEFT.set(None);
+        assert!(e.export(&batch("r", &[(1, "a", 1.0)]), Duration::from_secs(1)).is_ok());
+        assert_eq!(event_files_in(&run_dir), 1);
+        // A file that already holds exported points stays (abandoned); the retry starts a new one.
+        DISK_LEFT.set(Some(3));
+        assert!(e.export(&batch("r", &[(2, "a", 2.0)]), Duration::from_secs(1)).is_err());
+        DISK_LEFT.set(None);
+        assert!(e.export(&batch("r", &[(2, "a", 2.0)]), Duration::from_secs(1)).is_ok());
+        assert_eq!(event_files_in(&run_dir), 2);
+    }
+
+    #[test]
+    fn a_run_claims_a_free_directory_and_leaves_others_alone() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
+        let logdir = dir.path();
+        // Empty and unmarked: free. Holding event files but no marker: someone else's.
+        assert!(std::fs::create_dir(logdir.join("empty")).is_ok());
+        assert!(std::fs::create_dir(logdir.join("foreign")).is_ok());
+        assert!(std::fs::write(logdir.join("foreign/events.out.tfevents.1.h.1.000001"), b"").is_ok());
+        assert!(matches!(claim_run_dir(logdir, "empty", "k1"), Ok(ref d) if d == &logdir.join("empty")));
+        let suffixed = logdir.join(format!("foreign~{:08x}", fnv1a32("k1")));
+        assert!(matches!(claim_run_dir(logdir, "foreign", "k1"), Ok(ref d) if d == &suffixed));
+        assert!(matches!(claim_run_dir(logdir, "foreign", "k1"), Ok(ref d) if d == &suffixed));
+        // A name taken on every candidate by other keys: further candidates, then an error.
+        let k2_second = logdir.join(format!("empty~{:08x}", fnv1a32("k2#1")));
+        assert!(std::fs::create_dir(logdir.join(format!("empty~{:08x}", fnv1a32("k2")))).is_ok());
+        assert!(std::fs::write(logdir.join(format!("empty~{:08x}/{RUN_MARKER}", fnv1a32("k2"))), b"k3").is_ok());
+        assert!(matches!(claim_run_dir(logdir, "empty", "k2"), Ok(ref d) if d == &k2_second));
+        for attempt in 0..MAX_DIR_CANDIDATES {
+            let d = logdir.join(candidate_dir_name("full", "k9", attempt));
+            assert!(std::fs::create_dir_all(&d).is_ok() && std::fs::write(d.join(RUN_MARKER), b"other").is_ok());
+        }
+        assert!(matches!(claim_run_dir(logdir, "full", "k9"), Err(ExportError::Retryable { .. })));
+        assert_eq!(std::fs::read(logdir.join("empty").join(RUN_MARKER)).ok(), Some(b"k1".to_vec()));
+    }
+
+    #[test]
+    fn files_beyond_the_cap_are_closed_and_reopened_for_appending() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
+        let mut e = TensorBoardExporter::new(TensorBoardSettings { logdir: dir.path().to_path_buf() });
+        let runs: Vec<String> = (0..MAX_OPEN_FILES + 6).map(|i| format!("run{i}")).collect();
+        for step in 1..=3 {
+            for r in &runs {
+                assert!(e.export(&batch(r, &[(step, "a", step as f64)]), Duration::from_secs(1)).is_ok());
+                assert!(e.open_files() <= MAX_OPEN_FILES);
+            }
+        }
+        assert_eq!(e.open_files(), MAX_OPEN_FILES);
+        assert!(e.end_runs(RunOutcome::Finished, Duration::from_secs(1)).is_ok());
+        assert_eq!(e.open_files(), 0);
+        for r in &runs {
+            assert_eq!(event_files_in(&dir.path().join(r)), 1, "{r}");
+        }
+        let dirs = e.run_dirs();
+        let dirs = dirs.lock().map(|d| d.len()).unwrap_or(0);
+        assert_eq!(dirs, runs.len());
     }
 
     #[test]
