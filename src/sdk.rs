@@ -36,6 +36,7 @@ use crate::config::{Backend, ConfigError, ExporterConfig, PipelineConfig, Pipeli
 use crate::delivery::{Delivery, FlushError};
 use crate::exporter::mlflow::exporter::RunIds;
 use crate::exporter::mlflow::MlflowExporter;
+use crate::exporter::tensorboard::exporter::RunDirs;
 use crate::exporter::tensorboard::TensorBoardExporter;
 use crate::exporter::RunOutcome;
 use crate::names::run_dir_name;
@@ -165,7 +166,7 @@ impl fmt::Display for ShutdownReport {
 }
 
 enum Target {
-    TensorBoard { logdir: PathBuf },
+    TensorBoard { logdir: PathBuf, run_dirs: RunDirs },
     Mlflow { tracking_uri: String, run_ids: RunIds },
 }
 
@@ -355,10 +356,14 @@ impl Pipeline {
         for e in s.exporters {
             let spawn_err = |source| BuildError::Spawn { name: e.name.clone(), source };
             let (delivery, target) = match &e.backend {
-                Backend::TensorBoard(tb) => (
-                    Delivery::start(&e.name, TensorBoardExporter::new(tb.clone()), e.delivery.clone()).map_err(spawn_err)?,
-                    Target::TensorBoard { logdir: tb.logdir.clone() },
-                ),
+                Backend::TensorBoard(tb) => {
+                    let exporter = TensorBoardExporter::new(tb.clone());
+                    let run_dirs = exporter.run_dirs();
+                    (
+                        Delivery::start(&e.name, exporter, e.delivery.clone()).map_err(spawn_err)?,
+                        Target::TensorBoard { logdir: tb.logdir.clone(), run_dirs },
+                    )
+                }
                 Backend::Mlflow(m) => {
                     let exporter = MlflowExporter::new(m.clone());
                     let run_ids = exporter.run_ids();
@@ -419,10 +424,16 @@ impl Pipeline {
         self.deliveries
             .iter()
             .map(|(d, t)| match t {
-                Target::TensorBoard { logdir } => Location::TensorBoard {
+                Target::TensorBoard { logdir, run_dirs } => Location::TensorBoard {
                     exporter: d.name().to_string(),
                     logdir: logdir.clone(),
-                    run_dir: logdir.join(run_dir_name(&self.run.name)),
+                    // Before the first write the directory is not claimed yet: show the name it
+                    // will most likely get.
+                    run_dir: run_dirs
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(&self.run.id).cloned())
+                        .unwrap_or_else(|| logdir.join(run_dir_name(&self.run.name))),
                 },
                 Target::Mlflow { tracking_uri, run_ids } => {
                     let r = run_ids.lock().ok().and_then(|m| m.get(&self.run.id).cloned());

@@ -303,6 +303,7 @@ fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
     for (first, last) in [(1, 5), (6, 10)] {
         let p = Pipeline::builder()
             .run_name("restarted")
+            .run_id("restarted-1")
             .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
             .build()
             .expect("pipeline");
@@ -312,7 +313,11 @@ fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
         }
         drop(p);
     }
-    let files: Vec<_> = std::fs::read_dir(logdir.path().join("restarted")).expect("run dir").flatten().collect();
+    let files: Vec<_> = std::fs::read_dir(logdir.path().join("restarted"))
+        .expect("run dir")
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().contains("tfevents"))
+        .collect();
     assert_eq!(files.len(), 2, "one event file per process session");
     for loader in [Loader::Python, Loader::Rust] {
         let tb = read_tb(logdir.path(), loader);
