@@ -327,10 +327,13 @@ fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
     assert_eq!(read_tb(logdir.path(), Loader::Python).session_starts["restarted"], vec![1, 6]);
 }
 
+/// (run key, step) of every point a scripted exporter delivered.
+type Delivered = Arc<Mutex<Vec<(String, i64)>>>;
+
 /// An exporter scripted per run: `fail` runs always get a retryable error, `panic` runs panic,
 /// others land; it can also hang forever.
 struct Scripted {
-    delivered: Arc<Mutex<Vec<(String, i64)>>>,
+    delivered: Delivered,
     hang: bool,
 }
 
@@ -354,7 +357,7 @@ impl Exporter for Scripted {
     }
 }
 
-fn scripted(hang: bool) -> (Delivery, Arc<Mutex<Vec<(String, i64)>>>) {
+fn scripted(hang: bool) -> (Delivery, Delivered) {
     let delivered = Arc::new(Mutex::new(Vec::new()));
     let settings = DeliverySettings {
         cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
