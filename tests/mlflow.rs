@@ -85,13 +85,14 @@ fn restart_continues_the_run(run_key: &str) {
             otlp::s("trainmetrics.run_key", "forged"),
         ]
     };
-    for step in [1, 2] {
-        let report = deliver(&uri, "unused", attrs, &[("x", step, step as f64)]);
-        assert_all_delivered(&report);
-        assert_eq!(report.events.get("reserved_tag_skipped"), Some(&1), "{report}");
-    }
+    let reports: Vec<ExporterReport> =
+        [1, 2].into_iter().map(|step| deliver(&uri, "unused", attrs, &[("x", step, step as f64)])).collect();
+    reports.iter().for_each(assert_all_delivered);
     let runs = runs_of_experiment(&uri, &exp);
     assert_eq!(runs.len(), 1, "one MLflow run for one run key");
+    for report in &reports {
+        assert_eq!(report.events.get("reserved_tag_skipped"), Some(&1), "{report}");
+    }
     let id = run_id_of(&runs[0]);
     assert_eq!(steps(&uri, &id, "x"), vec![(1, 1.0), (2, 2.0)]);
     let tag = kv(&run(&uri, &id), "tags").get("trainmetrics.run_key").cloned().unwrap_or_default();
