@@ -46,13 +46,17 @@ use crate::stats::ExporterReport;
 #[derive(Debug)]
 struct DeliveryExporter {
     delivery: Arc<Delivery>,
+    /// Points recorded since this reader last collected (see [`Collector`]).
+    uncollected: Arc<AtomicU64>,
 }
 
 impl PushMetricExporter for DeliveryExporter {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let req = ExportMetricsServiceRequest::from(metrics);
+        uncount(&self.uncollected, crate::batch::count_data_points(&req));
         // A full queue is counted by the delivery; returning an error would only make the SDK
         // log once more, so the reader always sees success.
-        let _ = self.delivery.submit(Arc::new(ExportMetricsServiceRequest::from(metrics)));
+        let _ = self.delivery.submit(Arc::new(req));
         Ok(())
     }
     fn force_flush(&self) -> OTelSdkResult {
@@ -196,12 +200,14 @@ struct Collector {
     /// (`cardinality_limit / 2 - 1`): the guarantee that no step folds into the overflow series.
     hard: u64,
     provider: SdkMeterProvider,
-    since: Arc<AtomicU64>,
+    /// Per reader: points recorded since it last collected, lowered by each of its exports
+    /// (every reader aggregates on its own, so each has its own limit).
+    uncollected: Vec<Arc<AtomicU64>>,
     recorded: AtomicU64,
 }
 
-/// Subtracts what a finished collection covered, never below zero (the trainer and the thread
-/// may both have collected the same points).
+/// Subtracts what a collection exported, never below zero (points from other instruments are
+/// exported too but were never counted).
 fn uncount(since: &AtomicU64, n: u64) {
     let _ = since.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
 }
@@ -209,18 +215,13 @@ fn uncount(since: &AtomicU64, n: u64) {
 impl Collector {
     /// Starts the early-collection thread: the collection itself (milliseconds for thousands
     /// of points) must not run on the trainer's thread.
-    fn start(provider: SdkMeterProvider, limit: usize) -> std::io::Result<Self> {
+    fn start(provider: SdkMeterProvider, limit: usize, uncollected: Vec<Arc<AtomicU64>>) -> std::io::Result<Self> {
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let since = Arc::new(AtomicU64::new(0));
-        let (thread_since, thread_provider) = (since.clone(), provider.clone());
+        let thread_provider = provider.clone();
         std::thread::Builder::new().name("trainmetrics-collect".into()).spawn(move || {
             // Ends when the pipeline and all its recorders are gone (the sender is dropped).
             while woken.recv().is_ok() {
-                // Only what was counted before the collection started is surely collected;
-                // points recorded meanwhile stay counted toward the next one.
-                let before = thread_since.load(Ordering::Relaxed);
                 let _ = thread_provider.force_flush();
-                uncount(&thread_since, before);
             }
         })?;
         // A delta collection keeps the attribute sets it exported until the next one evicts
@@ -232,17 +233,17 @@ impl Collector {
             every: (limit / 4).max(1),
             hard: (limit / 2).saturating_sub(1).max(1),
             provider,
-            since,
+            uncollected,
             recorded: AtomicU64::new(0),
         })
     }
 
     fn recorded_one(&self) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
-        let n = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.uncollected.iter().map(|c| c.fetch_add(1, Ordering::Relaxed) + 1).max().unwrap_or(0);
         if n >= self.hard {
+            // The exports of this collection lower the counters.
             let _ = self.provider.force_flush();
-            uncount(&self.since, n);
         } else if n == self.every {
             // Never blocks: if a collection is already requested, that one covers us.
             let _ = self.wake.try_send(());
@@ -353,6 +354,7 @@ impl Pipeline {
             .with_resource(Resource::builder_empty().with_attributes(attrs).build())
             .with_view(move |_: &Instrument| Stream::builder().with_cardinality_limit(limit).build().ok());
         let mut deliveries = Vec::new();
+        let mut uncollected = Vec::new();
         for e in s.exporters {
             let spawn_err = |source| BuildError::Spawn { name: e.name.clone(), source };
             let (delivery, target) = match &e.backend {
@@ -374,7 +376,9 @@ impl Pipeline {
                 }
             };
             let delivery = Arc::new(delivery);
-            let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone() })
+            let counter = Arc::new(AtomicU64::new(0));
+            uncollected.push(counter.clone());
+            let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone(), uncollected: counter })
                 .with_interval(e.reader_interval)
                 .build();
             builder = builder.with_reader(reader);
@@ -382,7 +386,7 @@ impl Pipeline {
         }
         let provider = builder.build();
         let collector = Arc::new(
-            Collector::start(provider.clone(), limit)
+            Collector::start(provider.clone(), limit, uncollected)
                 .map_err(|source| BuildError::Spawn { name: "collector".into(), source })?,
         );
         Ok(Self {
@@ -625,6 +629,14 @@ impl StepRecorder {
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
         let (instrument, name_attr) = Self::instrument_for(name);
         let Some(g) = self.gauge(instrument) else { return };
+        if attributes.is_empty() && name_attr.is_none() && value.is_finite() {
+            // The common case without a heap allocation.
+            g.record(value, &[KeyValue::new(self.step_key.clone(), step), record_time()]);
+            if let Some(c) = &self.collector {
+                c.recorded_one();
+            }
+            return;
+        }
         let mut attrs = Vec::with_capacity(attributes.len() + 4);
         attrs.push(KeyValue::new(self.step_key.clone(), step));
         attrs.push(record_time());

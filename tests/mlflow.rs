@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{history, kv, mlflow_uri, otlp, run, runs_of_experiment, unique};
+use common::{fake_run_endpoints, history, kv, mlflow_uri, otlp, run, runs_of_experiment, scripted_server, unique};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::Value;
 use trainmetrics::cadence::CadenceSettings;
@@ -185,71 +183,6 @@ fn params_and_tags_whose_keys_collide_are_all_logged_under_distinct_keys() {
     assert_eq!(values, vec!["blue", "red"]);
 }
 
-/// One request the scripted server saw: request line and body.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-/// An HTTP server answering each request with `answer(request line, body)` →
-/// `(status, extra headers, body)`. Records every request.
-fn scripted_server<F>(answer: F) -> (String, Seen)
-where
-    F: FnMut(&str, &str) -> (u16, String, String) + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let uri = format!("http://{}", listener.local_addr().expect("addr"));
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    let mut answer = answer;
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            let Ok(clone) = s.try_clone() else { continue };
-            let mut r = BufReader::new(clone);
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut len = 0;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            let body = String::from_utf8_lossy(&body).into_owned();
-            let (status, headers, text) = answer(&line, &body);
-            if let Ok(mut l) = log.lock() {
-                l.push((line.trim().to_string(), body));
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            );
-        }
-    });
-    (uri, seen)
-}
-
-/// The run endpoints of a minimal MLflow; `None` for endpoints it leaves to the caller.
-fn fake_run_endpoints(line: &str) -> Option<(u16, String, String)> {
-    let ok = |b: &str| Some((200, String::new(), b.to_string()));
-    if line.contains("get-by-name") {
-        ok(r#"{"experiment":{"experiment_id":"7"}}"#)
-    } else if line.contains("runs/search") {
-        ok("{}")
-    } else if line.contains("runs/create") {
-        ok(r#"{"run":{"info":{"run_id":"abc"}}}"#)
-    } else if line.contains("log-batch") {
-        None
-    } else {
-        ok("{}")
-    }
-}
 
 fn name_tags(body: &str) -> Vec<(String, String)> {
     let v: Value = serde_json::from_str(body).expect("json body");

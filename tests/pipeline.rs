@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -213,52 +211,16 @@ struct FakeMlflow {
 }
 
 fn fake_mlflow(script: Vec<(u16, Option<&'static str>)>) -> FakeMlflow {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let uri = format!("http://{}", listener.local_addr().expect("addr"));
     let batches = Arc::new(Mutex::new(Vec::new()));
     let seen = batches.clone();
-    std::thread::spawn(move || {
-        let mut script = script.into_iter();
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            let mut r = BufReader::new(s.try_clone().expect("clone"));
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut len = 0;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            let (status, retry_after, answer) = if line.contains("get-by-name") {
-                (200, None, r#"{"experiment":{"experiment_id":"7"}}"#.to_string())
-            } else if line.contains("runs/search") {
-                (200, None, "{}".to_string())
-            } else if line.contains("runs/create") {
-                (200, None, r#"{"run":{"info":{"run_id":"abc"}}}"#.to_string())
-            } else if line.contains("log-batch") {
-                let (st, ra) = script.next().unwrap_or((200, None));
-                seen.lock().expect("lock").push((st, String::from_utf8_lossy(&body).into_owned()));
-                let answer = if st == 200 { "{}".to_string() } else { format!(r#"{{"error_code":"X","message":"scripted {st}"}}"#) };
-                (st, ra, answer)
-            } else {
-                (200, None, "{}".to_string())
-            };
-            let ra = retry_after.map(|v| format!("Retry-After: {v}\r\n")).unwrap_or_default();
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{ra}Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-                answer.len()
-            );
-        }
+    let mut script = script.into_iter();
+    let (uri, _) = common::scripted_server(move |line, body| {
+        common::fake_run_endpoints(line).unwrap_or_else(|| {
+            let (st, ra) = script.next().unwrap_or((200, None));
+            seen.lock().expect("lock").push((st, body.to_string()));
+            let answer = if st == 200 { "{}".to_string() } else { format!(r#"{{"error_code":"X","message":"scripted {st}"}}"#) };
+            (st, ra.map(|v| format!("Retry-After: {v}\r\n")).unwrap_or_default(), answer)
+        })
     });
     FakeMlflow { uri, batches }
 }
