@@ -18,6 +18,9 @@
 //! summed (for TensorBoard) and their scalar is `mean = Σsum / Σcount`, `sum = Σsum`, `min`/`max`
 //! from the points' min/max, `last` = the last point's `sum / count`.
 //!
+//! With `reorder_window: T`, a window is not written before T has passed since its first point
+//! arrived, so points of a series that arrive out of step order within T are written in order.
+//!
 //! A data point at or below the step last written for its series is `late`: counted, not
 //! written, because TensorBoard discards points newer than a step that goes back.
 
@@ -55,6 +58,10 @@ pub struct CadenceSettings {
     pub interval: Option<Duration>,
     /// How long a window whose end step has arrived waits for more points of that step.
     pub linger: Duration,
+    /// How long a window stays open after its first point arrived, at least: points of a
+    /// series may arrive out of step order within this time (a collector's parallel queue
+    /// consumers) and are still written in order. Default 0 (in process, order is kept).
+    pub reorder_window: Duration,
     /// Default aggregation.
     pub aggregation: Aggregation,
     /// Aggregation per metric name or series name (series name wins).
@@ -67,6 +74,7 @@ impl Default for CadenceSettings {
             every_steps: Some(1),
             interval: None,
             linger: Duration::from_secs(2),
+            reorder_window: Duration::ZERO,
             aggregation: Aggregation::Last,
             per_metric: HashMap::new(),
         }
@@ -135,6 +143,7 @@ impl OutBatch {
 #[derive(Debug, Clone)]
 struct Acc {
     agg: Aggregation,
+    opened: Instant,
     inputs: u64,
     n: u64,
     sum: f64,
@@ -149,9 +158,10 @@ struct Acc {
 }
 
 impl Acc {
-    fn new(agg: Aggregation) -> Self {
+    fn new(agg: Aggregation, opened: Instant) -> Self {
         Self {
             agg,
+            opened,
             inputs: 0,
             n: 0,
             sum: 0.0,
@@ -296,7 +306,7 @@ impl Windows {
             let agg = settings.aggregation_for(&p.metric, &p.series);
             s.windows
                 .entry(settings.window_end(p.step))
-                .or_insert_with(|| Acc::new(agg))
+                .or_insert_with(|| Acc::new(agg, now))
                 .add(p.step, p.time_unix_nano, &p.value);
         }
         late
@@ -312,12 +322,14 @@ impl Windows {
     /// caller waiting for it never spins.
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
         let interval = self.settings.interval.and_then(|i| self.interval_started.checked_add(i));
+        let reorder = self.settings.reorder_window;
         let linger = self
             .runs
             .values()
             .flat_map(|r| r.series.values())
-            .filter(|s| !s.windows.is_empty())
-            .filter_map(|s| s.last_arrival.checked_add(self.settings.linger))
+            .filter_map(|s| Some((s, s.windows.first_key_value()?.1)))
+            .flat_map(|(s, first)| [s.last_arrival.checked_add(self.settings.linger), first.opened.checked_add(reorder)])
+            .flatten()
             .filter(|t| *t > now)
             .min();
         match (interval, linger) {
@@ -343,8 +355,9 @@ impl Windows {
             let mut points = Vec::new();
             for (series, s) in state.series.iter_mut() {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
-                while let Some((&end, _)) = s.windows.first_key_value() {
-                    let reached = end != i64::MAX && (s.max_step > end || (quiet && run_max >= end));
+                while let Some((&end, first)) = s.windows.first_key_value() {
+                    let settled = now.saturating_duration_since(first.opened) >= self.settings.reorder_window;
+                    let reached = settled && end != i64::MAX && (s.max_step > end || (quiet && run_max >= end));
                     if !(reached || all) {
                         break;
                     }

@@ -31,6 +31,7 @@
 //!     metrics: {train.loss: mean}   # per metric or series name
 //! ```
 //! Every exporter also takes: `prefix` (series name prefix, default none), `linger` (2s),
+//! `reorder_window` (0s; how long windows wait for out-of-order points),
 //! `reader_interval` (in process: the SDK PeriodicReader's interval, default 1s), `timeout`
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
@@ -172,6 +173,9 @@ pub struct ExporterConfig {
     /// Wait for more points of a window's end step; default 2s.
     #[serde(default, with = "humantime_serde")]
     pub linger: Option<Duration>,
+    /// Keep windows open at least this long for out-of-order arrivals; default 0s.
+    #[serde(default, with = "humantime_serde")]
+    pub reorder_window: Option<Duration>,
     /// Default aggregation; default `last`.
     #[serde(default)]
     pub aggregation: Option<Aggregation>,
@@ -195,10 +199,82 @@ pub struct ExporterConfig {
     pub sending_queue: QueueConfig,
 }
 
+/// `receivers.otlp.protocols.grpc` (service only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// `host:port` to listen on; default `127.0.0.1:14317` (the collector's own default is 4317,
+    /// so both can run on one host).
+    pub endpoint: String,
+    /// Largest accepted message, MiB; default 64.
+    pub max_recv_msg_size_mib: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self { endpoint: "127.0.0.1:14317".into(), max_recv_msg_size_mib: 64 }
+    }
+}
+
+/// `receivers.otlp.protocols.http` (service only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; default `127.0.0.1:14318`.
+    pub endpoint: String,
+    /// Largest accepted body, MiB, before and after decompression; default 64.
+    pub max_request_body_size_mib: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { endpoint: "127.0.0.1:14318".into(), max_request_body_size_mib: 64 }
+    }
+}
+
+/// `receivers.otlp.protocols`: the protocols listed are enabled; with none listed, both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolsConfig {
+    /// OTLP/gRPC.
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
+    /// OTLP/HTTP (`POST /v1/metrics`, protobuf or JSON).
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+}
+
+impl Default for ProtocolsConfig {
+    fn default() -> Self {
+        Self { grpc: Some(GrpcConfig::default()), http: Some(HttpConfig::default()) }
+    }
+}
+
+/// `receivers.otlp` (service only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpReceiverConfig {
+    /// Protocols.
+    #[serde(default)]
+    pub protocols: ProtocolsConfig,
+}
+
+/// `receivers` (service only; the in-process library ignores it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiversConfig {
+    /// The OTLP receiver.
+    #[serde(default)]
+    pub otlp: OtlpReceiverConfig,
+}
+
 /// The whole pipeline as written by users (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// Service only: where OTLP is received.
+    #[serde(default)]
+    pub receivers: ReceiversConfig,
     /// The in-process run.
     #[serde(default)]
     pub run: RunConfig,
@@ -232,6 +308,7 @@ fn default_shutdown_timeout() -> Duration {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
+            receivers: ReceiversConfig::default(),
             run: RunConfig::default(),
             step_attribute: default_step_attribute(),
             identity: IdentityConfig::default(),
@@ -332,6 +409,10 @@ pub struct RunSettings {
 /// A validated pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
+    /// Service only: OTLP/gRPC listen address and message limit (bytes), if enabled.
+    pub grpc: Option<(String, usize)>,
+    /// Service only: OTLP/HTTP listen address and body limit (bytes), if enabled.
+    pub http: Option<(String, usize)>,
     /// The in-process run.
     pub run: RunSettings,
     /// Step key and identity keys (prefix set per exporter).
@@ -376,10 +457,26 @@ impl PipelineConfig {
     /// type) is listed together with every other problem, including the value checks of
     /// [`PipelineConfig::validate`]; `origin` names the text in messages.
     pub fn from_yaml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_overrides(text, origin, &[])
+    }
+
+    /// Like [`PipelineConfig::from_yaml_str`], after applying `--set` style overrides
+    /// `dotted.key.path=value` (the value parsed as YAML, e.g. `5s`, `100`, `true`; keys are
+    /// split on `.`, so a key that itself contains a dot cannot be set this way), as the
+    /// Collector's `--set` does.
+    pub fn from_yaml_with_overrides(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         use serde_yaml_ng::Value;
         let parse_err = |e: serde_yaml_ng::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() };
         let mut value: Value = serde_yaml_ng::from_str(text).map_err(parse_err)?;
+        if value.is_null() {
+            value = Value::Mapping(Default::default());
+        }
         let mut problems = Vec::new();
+        for o in overrides {
+            if let Err(message) = set_path(&mut value, o) {
+                problems.push(Problem { path: format!("--set {o}"), message });
+            }
+        }
         let mut exporters = BTreeMap::new();
         let mut failed = Vec::new();
         let raw = value.as_mapping_mut().and_then(|m| m.remove("exporters"));
@@ -432,6 +529,20 @@ impl PipelineConfig {
         if self.exporters.is_empty() {
             p.add("exporters", "no exporter configured (add tensorboard and/or mlflow)");
         }
+        let protocols = &self.receivers.otlp.protocols;
+        let listeners = [
+            ("receivers.otlp.protocols.grpc", protocols.grpc.as_ref().map(|g| (&g.endpoint, g.max_recv_msg_size_mib))),
+            ("receivers.otlp.protocols.http", protocols.http.as_ref().map(|h| (&h.endpoint, h.max_request_body_size_mib))),
+        ];
+        for (path, l) in listeners {
+            let Some((endpoint, mib)) = l else { continue };
+            if endpoint.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+                p.add(format!("{path}.endpoint"), format!("{endpoint:?} is not host:port"));
+            }
+            if mib == 0 || mib > 1024 {
+                p.add(format!("{path}"), "the size limit must be 1..=1024 MiB");
+            }
+        }
         let id = &self.identity;
         for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix)] {
             if v.is_empty() {
@@ -466,7 +577,10 @@ impl PipelineConfig {
             params: self.run.params.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
             tags: self.run.tags.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         };
+        let p = &self.receivers.otlp.protocols;
         Ok(PipelineSettings {
+            grpc: p.grpc.as_ref().map(|g| (g.endpoint.clone(), g.max_recv_msg_size_mib.saturating_mul(1 << 20))),
+            http: p.http.as_ref().map(|h| (h.endpoint.clone(), h.max_request_body_size_mib.saturating_mul(1 << 20))),
             run,
             decode,
             cardinality_limit: self.cardinality_limit,
@@ -479,6 +593,37 @@ impl PipelineConfig {
 /// Longest duration any setting may take (1 day): beyond it instants overflow, and no cadence,
 /// timeout or retry of a training run needs more.
 pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// Applies one `a.b.c=value` override to a YAML tree, creating mappings on the way.
+fn set_path(root: &mut serde_yaml_ng::Value, assignment: &str) -> Result<(), String> {
+    use serde_yaml_ng::Value;
+    let (path, raw) = assignment.split_once('=').ok_or("expected key.path=value")?;
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err("empty key in the path".into());
+    }
+    let value: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let mut cur = root;
+    for (i, k) in keys.iter().enumerate() {
+        if cur.is_null() {
+            *cur = Value::Mapping(Default::default());
+        }
+        let Some(map) = cur.as_mapping_mut() else {
+            return Err(format!("{} is not a mapping", keys[..i].join(".")));
+        };
+        let key = Value::String((*k).to_string());
+        if i + 1 == keys.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        if !map.contains_key(&key) {
+            map.insert(key.clone(), Value::Null);
+        }
+        let Some(next) = map.get_mut(&key) else { return Err("internal: key vanished".into()) };
+        cur = next;
+    }
+    Ok(())
+}
 
 fn positive(p: &mut Problems, path: &str, key: &str, d: Option<Duration>) {
     let at = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
@@ -509,6 +654,9 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     for (key, d) in [("interval", c.interval), ("linger", c.linger), ("reader_interval", c.reader_interval), ("timeout", c.timeout)] {
         positive(p, &path, key, d);
     }
+    if c.reorder_window.is_some_and(|d| d > MAX_DURATION) {
+        p.add(format!("{path}.reorder_window"), "must be at most 24h");
+    }
     let r = &c.retry_on_failure;
     for (key, d) in [("initial_interval", r.initial_interval), ("max_interval", r.max_interval), ("max_elapsed_time", r.max_elapsed_time)] {
         positive(p, &format!("{path}.retry_on_failure"), key, d);
@@ -531,6 +679,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         every_steps,
         interval: c.interval,
         linger: c.linger.unwrap_or(CadenceSettings::default().linger),
+        reorder_window: c.reorder_window.unwrap_or_default(),
         aggregation: c.aggregation.unwrap_or_default(),
         per_metric: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect::<HashMap<_, _>>(),
     };
@@ -647,6 +796,27 @@ exporters:
         let msg = PipelineConfig::from_yaml_str(over, Path::new("c.yaml")).map(|c| c.validate().map(|_| ()));
         let msg = format!("{msg:?}");
         assert!(msg.contains("at most 24h") && msg.contains("must not exceed max_interval"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys_with_yaml_values() {
+        let yaml = "exporters:\n  tensorboard: {logdir: runs}\n";
+        let sets = [
+            "exporters.tensorboard.logdir=/tmp/x".to_string(),
+            "exporters.mlflow.tracking_uri=http://127.0.0.1:5999".to_string(),
+            "exporters.mlflow.every_steps=10".to_string(),
+            "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:24317".to_string(),
+        ];
+        let c = match PipelineConfig::from_yaml_with_overrides(yaml, Path::new("c.yaml"), &sets) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(c.exporters["tensorboard"].logdir.as_deref(), Some(Path::new("/tmp/x")));
+        assert_eq!(c.exporters["mlflow"].every_steps, Some(10));
+        assert_eq!(c.receivers.otlp.protocols.grpc.map(|g| g.endpoint), Some("127.0.0.1:24317".to_string()));
+        let bad = PipelineConfig::from_yaml_with_overrides(yaml, Path::new("c.yaml"), &["exporters.tensorboard.logdir.x=1".into(), "nokey".into()]);
+        let msg = format!("{:?}", bad.map(|_| ()));
+        assert!(msg.contains("is not a mapping") && msg.contains("expected key.path=value"), "{msg}");
     }
 
     #[test]

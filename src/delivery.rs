@@ -90,6 +90,7 @@ enum Msg {
 #[derive(Debug)]
 pub struct Delivery {
     name: String,
+    queue_size: usize,
     tx: SyncSender<Msg>,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -99,6 +100,8 @@ pub struct Delivery {
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// Requests sitting in the queue.
+    queued_requests: AtomicU64,
     /// Data points in requests sitting in the queue.
     queued: AtomicU64,
     /// Data points the worker holds (windows + batches awaiting delivery).
@@ -110,7 +113,8 @@ impl Delivery {
     ///
     /// Errors: the OS refused to spawn a thread.
     pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(settings.queue_size.max(1));
+        let queue_size = settings.queue_size;
+        let (tx, rx) = mpsc::sync_channel(queue_size.max(1));
         let stats = Arc::new(ExporterStats::default());
         exporter.attach_stats(stats.clone());
         let shared = Arc::new(Shared::default());
@@ -132,6 +136,7 @@ impl Delivery {
             .spawn(move || worker.run(rx))?;
         Ok(Self {
             name: name.to_string(),
+            queue_size: queue_size.max(1),
             tx,
             stats,
             shared,
@@ -151,14 +156,22 @@ impl Delivery {
         let n = count_data_points(&req);
         self.stats.add_received(n);
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
+        self.shared.queued_requests.fetch_add(1, Ordering::Relaxed);
         let err = match self.tx.try_send(Msg::Batch(req, n)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(_)) => SubmitError::QueueFull,
             Err(TrySendError::Disconnected(_)) => SubmitError::Closed,
         };
+        self.shared.queued_requests.fetch_sub(1, Ordering::Relaxed);
         self.shared.queued.fetch_sub(n, Ordering::Relaxed);
         self.stats.add_dropped(DropReason::QueueFull, n);
         Err(err)
+    }
+
+    /// Whether a request submitted now would find the queue full (a receiver answers
+    /// "unavailable" instead, so the sender retries rather than losing data).
+    pub fn is_full(&self) -> bool {
+        self.shared.queued_requests.load(Ordering::Relaxed) >= self.queue_size as u64
     }
 
     /// Delivers what the cadence has made ready, waiting at most `timeout`. Windows that are
@@ -360,6 +373,7 @@ impl<E: Exporter> Worker<E> {
         // Publish before the queue count drops, so the points are always counted somewhere.
         self.publish_held();
         self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+        self.shared.queued_requests.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn drain_queue(&mut self, rx: &Receiver<Msg>) {
@@ -518,5 +532,6 @@ impl<E: Exporter> Worker<E> {
         }
         self.shared.held.store(0, Ordering::Relaxed);
         self.shared.queued.store(0, Ordering::Relaxed);
+        self.shared.queued_requests.store(0, Ordering::Relaxed);
     }
 }

@@ -43,8 +43,10 @@ pub mod config;
 pub mod delivery;
 pub mod exporter;
 pub mod names;
+pub mod receiver;
 pub mod retry;
 pub mod sdk;
+pub mod serve;
 pub mod stats;
 
 pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};

@@ -1,9 +1,16 @@
-//! The `trainmetrics` command: `validate --config FILE` checks a pipeline config and lists every
-//! problem at once.
+//! The `trainmetrics` command:
+//! - `serve [--config FILE] [--set key.path=value]…`: receive OTLP (from OpenTelemetry
+//!   Collectors or SDKs) and deliver to the configured exporters until SIGTERM/SIGINT;
+//! - `validate --config FILE [--set …]`: check a config, list every problem at once.
+//!
+//! Without `--config`, `serve` runs a default config: OTLP on 127.0.0.1:14317 (gRPC) and
+//! 127.0.0.1:14318 (HTTP), TensorBoard into `./runs`, and MLflow at `MLFLOW_TRACKING_URI` when
+//! that is set.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trainmetrics::config::PipelineConfig;
 
@@ -16,28 +23,107 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Receive OTLP and deliver to TensorBoard and MLflow until SIGTERM/SIGINT.
+    Serve {
+        /// YAML config file (default: built-in, see --help of the crate docs).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a key, e.g. --set exporters.tensorboard.logdir=/tmp/x (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        set: Vec<String>,
+    },
     /// Check a config file; prints every problem and exits non-zero if there is one.
     Validate {
         /// YAML config file.
         #[arg(long)]
         config: PathBuf,
+        /// Override a key, as for serve (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        set: Vec<String>,
     },
 }
 
-fn validate(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = PipelineConfig::from_yaml_file(path)?;
-    let settings = config.validate()?;
+/// The config used when `serve` gets no file.
+fn default_config_text() -> String {
+    let mut text = String::from("exporters:\n  tensorboard:\n    logdir: runs\n    reorder_window: 5s\n");
+    if std::env::var("MLFLOW_TRACKING_URI").is_ok_and(|v| !v.is_empty()) {
+        text.push_str("  mlflow:\n    every_steps: 100\n");
+    }
+    text
+}
+
+fn load(config: Option<&Path>, set: &[String]) -> anyhow::Result<PipelineConfig> {
+    match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(PipelineConfig::from_yaml_with_overrides(&text, path, set)?)
+        }
+        None => Ok(PipelineConfig::from_yaml_with_overrides(&default_config_text(), Path::new("<default config>"), set)?),
+    }
+}
+
+fn validate(path: &Path, set: &[String]) -> anyhow::Result<()> {
+    let settings = load(Some(path), set)?.validate()?;
     println!("{}: valid, {} exporter(s)", path.display(), settings.exporters.len());
     for e in &settings.exporters {
-        println!("  {}: every_steps {:?}, interval {:?}", e.name, e.delivery.cadence.every_steps, e.delivery.cadence.interval);
+        let c = &e.delivery.cadence;
+        let every = c.every_steps.map_or("-".to_string(), |n| n.to_string());
+        let interval = c.interval.map_or("-".to_string(), |d| humantime::format_duration(d).to_string());
+        println!("  {}: every_steps {every}, interval {interval}, aggregation {:?}", e.name, c.aggregation);
+    }
+    Ok(())
+}
+
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn serve(config: Option<&Path>, set: &[String]) -> anyhow::Result<()> {
+    let settings = load(config, set)?.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = rt.block_on(trainmetrics::serve::run(
+        settings,
+        |l| {
+            let show = |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+            println!("listening grpc={} http={}", show(l.grpc), show(l.http));
+        },
+        signal(),
+    ))?;
+    println!("shut down in {:.2}s", report.shutdown_took.as_secs_f64());
+    for e in &report.exporters {
+        println!("  {e}");
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Validate { config } => validate(config),
+        Command::Serve { config, set } => serve(config.as_deref(), set),
+        Command::Validate { config, set } => validate(config, set),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

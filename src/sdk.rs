@@ -32,13 +32,9 @@ use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, S
 use opentelemetry_sdk::Resource;
 
 use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
-use crate::config::{Backend, ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
+use crate::config::{ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
-use crate::exporter::mlflow::exporter::RunIds;
-use crate::exporter::mlflow::MlflowExporter;
-use crate::exporter::tensorboard::exporter::RunDirs;
-use crate::exporter::tensorboard::TensorBoardExporter;
-use crate::exporter::RunOutcome;
+use crate::exporter::{RunOutcome, Target};
 use crate::names::run_dir_name;
 use crate::stats::ExporterReport;
 
@@ -167,11 +163,6 @@ impl fmt::Display for ShutdownReport {
         }
         Ok(())
     }
-}
-
-enum Target {
-    TensorBoard { logdir: PathBuf, run_dirs: RunDirs },
-    Mlflow { tracking_uri: String, run_ids: RunIds },
 }
 
 /// A running in-process pipeline: the meter provider and every exporter behind it. Dropping it
@@ -356,26 +347,8 @@ impl Pipeline {
         let mut deliveries = Vec::new();
         let mut uncollected = Vec::new();
         for e in s.exporters {
-            let spawn_err = |source| BuildError::Spawn { name: e.name.clone(), source };
-            let (delivery, target) = match &e.backend {
-                Backend::TensorBoard(tb) => {
-                    let exporter = TensorBoardExporter::new(tb.clone());
-                    let run_dirs = exporter.run_dirs();
-                    (
-                        Delivery::start(&e.name, exporter, e.delivery.clone()).map_err(spawn_err)?,
-                        Target::TensorBoard { logdir: tb.logdir.clone(), run_dirs },
-                    )
-                }
-                Backend::Mlflow(m) => {
-                    let exporter = MlflowExporter::new(m.clone());
-                    let run_ids = exporter.run_ids();
-                    (
-                        Delivery::start(&e.name, exporter, e.delivery.clone()).map_err(spawn_err)?,
-                        Target::Mlflow { tracking_uri: m.tracking_uri.clone(), run_ids },
-                    )
-                }
-            };
-            let delivery = Arc::new(delivery);
+            let (delivery, target) =
+                crate::exporter::start(&e).map_err(|source| BuildError::Spawn { name: e.name.clone(), source })?;
             let counter = Arc::new(AtomicU64::new(0));
             uncollected.push(counter.clone());
             let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone(), uncollected: counter })

@@ -16,7 +16,7 @@ fn a_valid_config_passes() {
         "exporters:\n  tensorboard: {logdir: runs}\n  mlflow:\n    tracking_uri: http://127.0.0.1:5000\n    every_steps: 100\n    aggregation: mean\n",
     );
     assert!(ok, "{out}");
-    assert!(out.contains("valid, 2 exporter(s)") && out.contains("mlflow: every_steps Some(100)"), "{out}");
+    assert!(out.contains("valid, 2 exporter(s)") && out.contains("mlflow: every_steps 100, interval -, aggregation Mean"), "{out}");
 }
 
 #[test]

@@ -10,7 +10,12 @@
 pub mod mlflow;
 pub mod tensorboard;
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::config::{Backend, ExporterSettings};
+use crate::delivery::Delivery;
 
 use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
@@ -23,6 +28,9 @@ pub enum RunOutcome {
     Finished,
     /// The trainer reported failure or panicked: MLflow status FAILED.
     Failed,
+    /// The runs go on (a service shutting down while trainers run): statuses are left as they
+    /// are, and a restarted service continues them.
+    Running,
 }
 
 /// Result of one export.
@@ -73,4 +81,45 @@ pub trait Exporter: Send + 'static {
     /// Gives the exporter the shared counters, for events that are not point drops (called once
     /// before the first export).
     fn attach_stats(&mut self, _stats: std::sync::Arc<ExporterStats>) {}
+}
+
+/// Where a started exporter puts runs, readable while it runs (for [`crate::Location`]).
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// TensorBoard: the logdir and the directory each run key claimed.
+    TensorBoard {
+        /// The logdir.
+        logdir: PathBuf,
+        /// Run key → run directory.
+        run_dirs: tensorboard::exporter::RunDirs,
+    },
+    /// MLflow: the server and the MLflow run of each run key.
+    Mlflow {
+        /// Tracking URI (no credentials).
+        tracking_uri: String,
+        /// Run key → MLflow run.
+        run_ids: mlflow::exporter::RunIds,
+    },
+}
+
+/// Starts one configured exporter behind its [`Delivery`] (the same for the in-process library
+/// and the service).
+///
+/// Errors: the OS refused to spawn the delivery thread.
+pub fn start(e: &ExporterSettings) -> std::io::Result<(Arc<Delivery>, Target)> {
+    let (delivery, target) = match &e.backend {
+        Backend::TensorBoard(tb) => {
+            let exporter = tensorboard::TensorBoardExporter::new(tb.clone());
+            let run_dirs = exporter.run_dirs();
+            let target = Target::TensorBoard { logdir: tb.logdir.clone(), run_dirs };
+            (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)
+        }
+        Backend::Mlflow(m) => {
+            let exporter = mlflow::MlflowExporter::new(m.clone());
+            let run_ids = exporter.run_ids();
+            let target = Target::Mlflow { tracking_uri: m.tracking_uri.clone(), run_ids };
+            (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)
+        }
+    };
+    Ok((Arc::new(delivery), target))
 }

@@ -451,6 +451,7 @@ impl Exporter for MlflowExporter {
         let status = match outcome {
             RunOutcome::Finished => "FINISHED",
             RunOutcome::Failed => "FAILED",
+            RunOutcome::Running => return Ok(()),
         };
         let mut first_error: Option<ClientError> = None;
         for (key, state) in &self.runs {
