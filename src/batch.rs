@@ -21,8 +21,11 @@
 //!
 //! # Values
 //! Gauge and sum points give scalars (int values converted to f64). Explicit-bucket histograms
-//! keep their buckets. Exponential histograms and summaries are not mapped yet: counted
-//! `unsupported_type`. Points flagged "no recorded value" are skipped without counting. Points in
+//! keep their buckets. Exponential histograms become explicit ones (bucket `i` of scale `s`
+//! covers `(base^i, base^(i+1)]`, `base = 2^(2^-s)`, negative buckets mirrored, the zero bucket
+//! up to `zero_threshold`; OTLP metrics data model); more than 16 384 buckets or bounds that
+//! overflow are `invalid_histogram`. Summaries become a one-bucket histogram of their count and
+//! sum (quantiles cannot be aggregated over a window and are dropped). Points flagged "no recorded value" are skipped without counting. Points in
 //! the SDK's cardinality overflow series (`otel.metric.overflow=true`) cannot be placed at a step
 //! and are counted `cardinality_overflow`.
 //!
@@ -476,15 +479,18 @@ impl Decoder {
                 }
             }
             Some(metric::Data::ExponentialHistogram(h)) => {
-                for _ in &h.data_points {
-                    out.drop(DropReason::UnsupportedType, || {
-                        format!("metric {:?}: exponential histograms are not mapped yet", m.name)
-                    });
+                for dp in &h.data_points {
+                    match exponential_histogram(dp) {
+                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                    }
                 }
             }
-            Some(metric::Data::Summary(s)) => {
-                for _ in &s.data_points {
-                    out.drop(DropReason::UnsupportedType, || format!("metric {:?}: summaries are not mapped yet", m.name));
+            Some(metric::Data::Summary(sm)) => {
+                for dp in &sm.data_points {
+                    // Quantiles cannot be aggregated across windows; count and sum can.
+                    let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
+                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out);
                 }
             }
             None => {}
@@ -543,6 +549,48 @@ fn number(v: Option<number_data_point::Value>) -> Option<f64> {
         number_data_point::Value::AsDouble(d) => Some(d),
         number_data_point::Value::AsInt(i) => Some(i as f64),
     }
+}
+
+/// Most buckets an exponential histogram may expand to (bounds memory per point).
+const MAX_EXPONENTIAL_BUCKETS: usize = 16_384;
+
+fn exponential_histogram(
+    dp: &opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint,
+) -> Result<Histogram, String> {
+    let empty = Default::default();
+    let pos = dp.positive.as_ref().unwrap_or(&empty);
+    let neg = dp.negative.as_ref().unwrap_or(&empty);
+    if pos.bucket_counts.len() + neg.bucket_counts.len() > MAX_EXPONENTIAL_BUCKETS {
+        return Err(format!("more than {MAX_EXPONENTIAL_BUCKETS} buckets"));
+    }
+    if !(-10..=20).contains(&dp.scale) {
+        return Err(format!("scale {} outside -10..=20", dp.scale));
+    }
+    let base = 2f64.powf(2f64.powi(-dp.scale));
+    let edge = |index: i64| base.powf(index as f64);
+    // (upper edge, count) in ascending order; the last bucket's upper edge is +inf in the
+    // explicit form, so only the others become bounds.
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for (k, c) in neg.bucket_counts.iter().enumerate().rev() {
+        buckets.push((-edge(i64::from(neg.offset) + k as i64), *c));
+    }
+    if dp.zero_count > 0 || buckets.is_empty() || pos.bucket_counts.is_empty() {
+        buckets.push((dp.zero_threshold.abs(), dp.zero_count));
+    }
+    for (k, c) in pos.bucket_counts.iter().enumerate() {
+        buckets.push((edge(i64::from(pos.offset) + k as i64 + 1), *c));
+    }
+    let bounds: Vec<f64> = buckets[..buckets.len() - 1].iter().map(|b| b.0).collect();
+    let counts: Vec<u64> = buckets.iter().map(|b| b.1).collect();
+    histogram(&HistogramDataPoint {
+        count: dp.count,
+        sum: dp.sum,
+        bucket_counts: counts,
+        explicit_bounds: bounds,
+        min: dp.min,
+        max: dp.max,
+        ..Default::default()
+    })
 }
 
 fn histogram(dp: &HistogramDataPoint) -> Result<Histogram, String> {
@@ -702,6 +750,38 @@ pub(crate) mod tests {
         let out = Decoder::new(DecodeSettings::default()).decode(&req);
         assert_eq!(out.dropped, vec![(DropReason::InvalidValue, 2)]);
         assert!(out.runs.is_empty());
+    }
+
+    #[test]
+    fn exponential_histograms_become_explicit_ones() {
+        use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
+        use opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint;
+        // The official example: scale 0 (base 2), zero bucket 1, positive offset 1 counts [0, 2].
+        let dp = ExponentialHistogramDataPoint {
+            count: 3,
+            sum: Some(10.0),
+            scale: 0,
+            zero_count: 1,
+            positive: Some(Buckets { offset: 1, bucket_counts: vec![0, 2] }),
+            min: Some(0.0),
+            max: Some(5.0),
+            ..Default::default()
+        };
+        let h = exponential_histogram(&dp).map_err(|e| e.to_string());
+        assert_eq!(h.map(|h| (h.bounds, h.counts, h.count)), Ok((vec![0.0, 4.0], vec![1, 0, 2], 3)));
+        let neg = ExponentialHistogramDataPoint {
+            count: 2,
+            scale: 1,
+            negative: Some(Buckets { offset: 0, bucket_counts: vec![1, 1] }),
+            ..Default::default()
+        };
+        let h = exponential_histogram(&neg).map_err(|e| e.to_string());
+        let two = 2f64.sqrt();
+        assert_eq!(h.map(|h| (h.bounds, h.counts)), Ok((vec![-two, -1.0], vec![1, 1, 0])));
+        let huge = ExponentialHistogramDataPoint { count: 0, positive: Some(Buckets { offset: 0, bucket_counts: vec![0; 20_000] }), ..Default::default() };
+        assert!(exponential_histogram(&huge).is_err());
+        let overflow = ExponentialHistogramDataPoint { count: 2, scale: -10, positive: Some(Buckets { offset: 5, bucket_counts: vec![1, 1] }), ..Default::default() };
+        assert!(exponential_histogram(&overflow).is_err(), "bounds of 2^(1024·6) are not finite");
     }
 
     #[test]
