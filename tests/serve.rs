@@ -1,0 +1,231 @@
+//! `trainmetrics serve` as a process: OTLP over HTTP (JSON and protobuf, gzip) and gRPC (gzip),
+//! the official OTLP JSON example, malformed payloads, a full queue answering 503/UNAVAILABLE,
+//! SIGTERM delivering what was acknowledged, and a restart continuing the same MLflow run.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{history, mlflow_uri, otlp, read_tb_both, runs_of_experiment, unique};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use prost::Message;
+
+/// A running `trainmetrics serve`, killed when dropped.
+struct Service {
+    child: Child,
+    grpc: String,
+    http: String,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Service {
+    fn start(logdir: &Path, extra: &[String]) -> Service {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainmetrics"));
+        cmd.arg("serve")
+            .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
+            .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
+            .arg("--set")
+            .arg(format!("exporters.tensorboard.logdir={}", logdir.display()))
+            .args(["--set", "exporters.tensorboard.reorder_window=1s"])
+            .args(["--set", "exporters.tensorboard.linger=200ms"])
+            .env_remove("MLFLOW_TRACKING_URI")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for e in extra {
+            cmd.arg("--set").arg(e);
+        }
+        let mut child = cmd.spawn().expect("run trainmetrics serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("listening line");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
+                .to_string()
+        };
+        let (grpc, http) = (field("grpc="), field("http="));
+        Service { child, grpc, http, stdout }
+    }
+
+    /// SIGTERM, then the rest of stdout (the shutdown report).
+    fn stop(mut self) -> String {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stdout, &mut rest);
+        rest
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn post(url: &str, content_type: &str, encoding: Option<&str>, body: Vec<u8>) -> (u16, String, Option<String>) {
+    let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+    let mut req = agent.post(url).header("Content-Type", content_type);
+    if let Some(e) = encoding {
+        req = req.header("Content-Encoding", e);
+    }
+    let mut resp = req.send(body).expect("POST");
+    let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default(), retry_after)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+/// `examples/metrics.json` of opentelemetry-proto, as shipped inside the pinned
+/// opentelemetry-proto crate (read from cargo's registry, not copied into this repository).
+fn official_example() -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .expect("CARGO_HOME or HOME");
+    let src = home.join("registry/src");
+    std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("opentelemetry-proto-0.33.1/src/proto/opentelemetry-proto/examples/metrics.json"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("missing component: opentelemetry-proto 0.33.1's examples/metrics.json under {}", src.display()))
+}
+
+fn run_res(name: &str) -> Vec<opentelemetry_proto::tonic::common::v1::KeyValue> {
+    vec![otlp::s("ml.run.name", name), otlp::s("ml.run.id", name)]
+}
+
+#[test]
+fn the_official_json_example_and_protobuf_over_http_are_delivered_and_garbage_is_400() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let example = std::fs::read(official_example()).expect("example");
+    let (status, body, _) = post(&url, "application/json", None, example);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("rejected"), "every data point of the example is usable: {body}");
+    let req = otlp::request(vec![otlp::resource(run_res("http-run"), &[("x", Some(1), 1.0), ("x", Some(2), 2.0)])]);
+    let (status, body, _) = post(&url, "application/x-protobuf", Some("gzip"), gzip(&req.encode_to_vec()));
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = post(&url, "application/x-protobuf", None, b"\x0a\xff\xff\xff".to_vec());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("cannot decode"), "{body}");
+    let report = svc.stop();
+    // The example's 4 points and 2 of ours.
+    assert!(report.contains("tensorboard: received 6 delivered 6 dropped 0"), "{report}");
+
+    // A bomb: 64 MiB of zeros gzip to ~64 KiB; the limit is 1 MiB.
+    let svc = Service::start(logdir.path(), &["receivers.otlp.protocols.http.max_request_body_size_mib=1".into()]);
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let (status, body, _) = post(&url, "application/x-protobuf", Some("gzip"), gzip(&vec![0u8; 64 << 20]));
+    assert_eq!(status, 413, "{body}");
+    let after = otlp::request(vec![otlp::resource(run_res("after-bomb"), &[("x", Some(1), 7.0)])]);
+    let (status, _, _) = post(&url, "application/x-protobuf", None, after.encode_to_vec());
+    assert_eq!(status, 200, "the service keeps serving after bad input");
+    let report = svc.stop();
+    assert!(report.contains("tensorboard: received 1 delivered 1 dropped 0"), "{report}");
+
+    let tb = read_tb_both(logdir.path());
+    assert_eq!(tb.scalars["http-run"]["x"], vec![(1, 1.0), (2, 2.0)]);
+    assert_eq!(tb.scalars["after-bomb"]["x"], vec![(1, 7.0)]);
+    let example_run = &tb.scalars["my.service"];
+    assert_eq!(example_run["my.counter/my.counter.attr=some value"], vec![(0, 5.0)]);
+    assert_eq!(example_run["my.gauge/my.gauge.attr=some value"], vec![(0, 10.0)]);
+    assert!(tb.histograms["my.service"].contains_key("my.exponential.histogram/my.exponential.histogram.attr=some value"));
+}
+
+#[test]
+fn grpc_with_gzip_out_of_order_batches_and_a_restart_continue_one_run() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let exp = unique("serve");
+    let uri = mlflow_uri();
+    let mlflow = [
+        format!("exporters.mlflow.tracking_uri={uri}"),
+        format!("exporters.mlflow.experiment={exp}"),
+        "exporters.mlflow.every_steps=1".to_string(),
+        "exporters.mlflow.linger=200ms".to_string(),
+        "exporters.mlflow.reorder_window=1s".to_string(),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for round in 0..2 {
+        let svc = Service::start(logdir.path(), &mlflow);
+        rt.block_on(async {
+            let mut client = MetricsServiceClient::connect(format!("http://{}", svc.grpc))
+                .await
+                .expect("connect")
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+            // Batches out of step order, as a collector's parallel consumers deliver them.
+            let base = round * 10;
+            for steps in [[5, 6], [1, 2], [3, 4], [9, 10], [7, 8]] {
+                let pts: Vec<(&str, Option<i64>, f64)> =
+                    steps.iter().map(|s| ("loss", Some(base + s), (base + s) as f64)).collect();
+                let req = otlp::request(vec![otlp::resource(run_res("grpc-run"), &pts)]);
+                let resp = client.export(req).await.expect("export").into_inner();
+                assert_eq!(resp.partial_success, None);
+            }
+        });
+        let report = svc.stop();
+        assert!(report.contains("tensorboard: received 10 delivered 10 dropped 0"), "{report}");
+        assert!(report.contains("mlflow: received 10 delivered 10 dropped 0"), "{report}");
+    }
+    let tb = read_tb_both(logdir.path());
+    assert_eq!(tb.scalars["grpc-run"]["loss"], (1..=20).map(|s| (s, s as f64)).collect::<Vec<_>>());
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1, "a restarted service continues the same MLflow run");
+    let id = runs[0]["info"]["run_id"].as_str().expect("id");
+    let steps: Vec<i64> = history(&uri, id, "loss").iter().map(|m| m.0).collect();
+    let mut sorted = steps.clone();
+    sorted.sort();
+    assert_eq!(sorted, (1..=20).collect::<Vec<_>>());
+    assert_eq!(runs[0]["info"]["status"], "RUNNING", "service shutdown leaves runs running");
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_unavailable() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    // An MLflow that accepts connections and never answers keeps its exporter busy.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hang = format!("http://{}", listener.local_addr().expect("addr"));
+    let svc = Service::start(
+        logdir.path(),
+        &[
+            format!("exporters.mlflow.tracking_uri={hang}"),
+            "exporters.mlflow.every_steps=1".into(),
+            "exporters.mlflow.linger=10ms".into(),
+            "exporters.mlflow.timeout=30s".into(),
+            "exporters.mlflow.sending_queue.queue_size=1".into(),
+        ],
+    );
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for step in 1..=20 {
+        let req = otlp::request(vec![otlp::resource(run_res("busy"), &[("x", Some(step), 1.0)])]);
+        let (status, _, ra) = post(&url, "application/x-protobuf", None, req.encode_to_vec());
+        statuses.push(status);
+        retry_after = retry_after.or(ra);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let code = rt.block_on(async {
+        let mut client = MetricsServiceClient::connect(format!("http://{}", svc.grpc)).await.expect("connect");
+        let req = otlp::request(vec![otlp::resource(run_res("busy"), &[("x", Some(99), 1.0)])]);
+        client.export(req).await.err().map(|s| s.code())
+    });
+    assert_eq!(code, Some(tonic::Code::Unavailable));
+    drop(listener);
+}
