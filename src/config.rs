@@ -540,7 +540,7 @@ impl PipelineConfig {
                 p.add(format!("{path}.endpoint"), format!("{endpoint:?} is not host:port"));
             }
             if mib == 0 || mib > 1024 {
-                p.add(format!("{path}"), "the size limit must be 1..=1024 MiB");
+                p.add(path.to_string(), "the size limit must be 1..=1024 MiB");
             }
         }
         let id = &self.identity;

@@ -29,7 +29,7 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 /// Decompresses `body` per `encoding`, refusing output beyond `max` bytes.
-fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Response> {
+fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Box<Response>> {
     let mut out = Vec::new();
     let limit = max as u64 + 1;
     let read = match encoding {
@@ -39,12 +39,19 @@ fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Respon
             Ok(d) => d.take(limit).read_to_end(&mut out),
             Err(e) => Err(e),
         },
-        other => return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("unsupported Content-Encoding {other:?} (gzip, zstd)"))),
+        other => {
+            return Err(Box::new(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported Content-Encoding {other:?} (gzip, zstd)"),
+            )))
+        }
     };
     match read {
-        Ok(_) if out.len() > max => Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("decompressed body exceeds {max} bytes"))),
+        Ok(_) if out.len() > max => {
+            Err(Box::new(error(StatusCode::PAYLOAD_TOO_LARGE, format!("decompressed body exceeds {max} bytes"))))
+        }
         Ok(_) => Ok(out),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("cannot decompress the body: {e}"))),
+        Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, format!("cannot decompress the body: {e}")))),
     }
 }
 
@@ -53,7 +60,7 @@ async fn export(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     let (encoding, content_type) = (text(header::CONTENT_ENCODING), text(header::CONTENT_TYPE));
     let raw = match decompress(encoding.trim(), &body, state.max_body) {
         Ok(raw) => raw,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let json = content_type.starts_with("application/json");
     let req = if json {
