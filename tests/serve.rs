@@ -4,69 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{history, mlflow_uri, otlp, read_tb_both, runs_of_experiment, unique};
+use common::{history, mlflow_uri, otlp, read_tb_both, runs_of_experiment, unique, Service};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use prost::Message;
-
-/// A running `trainmetrics serve`, killed when dropped.
-struct Service {
-    child: Child,
-    grpc: String,
-    http: String,
-    stdout: BufReader<std::process::ChildStdout>,
-}
-
-impl Service {
-    fn start(logdir: &Path, extra: &[String]) -> Service {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainmetrics"));
-        cmd.arg("serve")
-            .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
-            .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
-            .arg("--set")
-            .arg(format!("exporters.tensorboard.logdir={}", logdir.display()))
-            .args(["--set", "exporters.tensorboard.reorder_window=1s"])
-            .args(["--set", "exporters.tensorboard.linger=200ms"])
-            .env_remove("MLFLOW_TRACKING_URI")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for e in extra {
-            cmd.arg("--set").arg(e);
-        }
-        let mut child = cmd.spawn().expect("run trainmetrics serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("listening line");
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
-                .to_string()
-        };
-        let (grpc, http) = (field("grpc="), field("http="));
-        Service { child, grpc, http, stdout }
-    }
-
-    /// SIGTERM, then the rest of stdout (the shutdown report).
-    fn stop(mut self) -> String {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut self.stdout, &mut rest);
-        rest
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn post(url: &str, content_type: &str, encoding: Option<&str>, body: Vec<u8>) -> (u16, String, Option<String>) {
     let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());

@@ -404,3 +404,71 @@ pub fn fake_run_endpoints(line: &str) -> Option<(u16, String, String)> {
         ok("{}")
     }
 }
+
+/// The `trainmetrics` binary cargo built next to the test binaries.
+pub fn trainmetrics_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(format!("trainmetrics{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "missing component: the trainmetrics binary {} (built by `cargo test`)", path.display());
+    path
+}
+
+/// A running `trainmetrics serve`, killed when dropped.
+pub struct Service {
+    child: Child,
+    /// gRPC `host:port`.
+    pub grpc: String,
+    /// HTTP `host:port`.
+    pub http: String,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Service {
+    /// Starts it on free ports with TensorBoard into `logdir` and extra `--set` overrides.
+    pub fn start(logdir: &Path, extra: &[String]) -> Service {
+        let mut cmd = Command::new(trainmetrics_bin());
+        cmd.arg("serve")
+            .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
+            .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
+            .arg("--set")
+            .arg(format!("exporters.tensorboard.logdir={}", logdir.display()))
+            .args(["--set", "exporters.tensorboard.reorder_window=1s"])
+            .args(["--set", "exporters.tensorboard.linger=200ms"])
+            .env_remove("MLFLOW_TRACKING_URI")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for e in extra {
+            cmd.arg("--set").arg(e);
+        }
+        let mut child = cmd.spawn().expect("run trainmetrics serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("listening line");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
+                .to_string()
+        };
+        let (grpc, http) = (field("grpc="), field("http="));
+        Service { child, grpc, http, stdout }
+    }
+
+    /// SIGTERM, then the rest of stdout (the shutdown report).
+    pub fn stop(mut self) -> String {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stdout, &mut rest);
+        rest
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
