@@ -427,8 +427,17 @@ pub struct Service {
 impl Service {
     /// Starts it on free ports with TensorBoard into `logdir` and extra `--set` overrides.
     pub fn start(logdir: &Path, extra: &[String]) -> Service {
+        Self::start_with(None, logdir, extra)
+    }
+
+    /// As [`Service::start`], from a config file.
+    pub fn start_with(config: Option<&Path>, logdir: &Path, extra: &[String]) -> Service {
         let mut cmd = Command::new(trainmetrics_bin());
-        cmd.arg("serve")
+        cmd.arg("serve");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd
             .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
             .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
             .arg("--set")

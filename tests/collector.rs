@@ -1,0 +1,156 @@
+//! With a real OpenTelemetry Collector built from Go modules (`scripts/build-collector.sh`, path
+//! in `TRAINMETRICS_OTELCOL`, set by `scripts/test.sh`): every YAML validates, and the Python
+//! trainer (OTel Python SDK) → collector (agent.yaml: gzip, retry, file_storage queue) →
+//! `trainmetrics serve` → TensorBoard and a real MLflow server shows exactly what was recorded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, history, mlflow_uri, python, read_tb_both, root, runs_of_experiment, trainmetrics_bin, unique, Service};
+
+fn otelcol() -> PathBuf {
+    let path = std::env::var_os("TRAINMETRICS_OTELCOL").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("missing component: the OpenTelemetry Collector; run scripts/build-collector.sh and set TRAINMETRICS_OTELCOL (scripts/test.sh does both)")
+    });
+    assert!(path.exists(), "missing component: the OpenTelemetry Collector at {}", path.display());
+    path
+}
+
+#[test]
+fn every_collector_yaml_validates_with_otelcol_and_trainmetrics() {
+    for file in ["agent.yaml", "gateway.yaml"] {
+        let out = Command::new(otelcol())
+            .arg("validate")
+            .arg(format!("--config={}", root().join("collector-config").join(file).display()))
+            .output()
+            .expect("run otelcol");
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for file in ["trainmetrics.yaml"] {
+        let out = Command::new(trainmetrics_bin())
+            .args(["validate", "--config"])
+            .arg(root().join("collector-config").join(file))
+            .output()
+            .expect("run trainmetrics");
+        assert!(out.status.success(), "{file}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A collector process, stopped with SIGTERM (it flushes its queue) or killed when dropped.
+struct Collector {
+    child: Child,
+    grpc: String,
+}
+
+impl Collector {
+    fn start(upstream: &str, queue_dir: &Path) -> Collector {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(otelcol())
+            .arg(format!("--config={}", root().join("collector-config/agent.yaml").display()))
+            .env("OTELCOL_GRPC_ENDPOINT", &grpc)
+            .env("OTELCOL_HTTP_ENDPOINT", format!("127.0.0.1:{}", free_port()))
+            .env("TRAINMETRICS_GRPC_ENDPOINT", upstream)
+            .env("OTELCOL_QUEUE_DIR", queue_dir)
+            .env("OTELCOL_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the collector");
+        let started = Instant::now();
+        while TcpStream::connect(&grpc).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the collector did not listen on {grpc}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Collector { child, grpc }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_csv(path: &Path) -> BTreeMap<String, Vec<(i64, f64)>> {
+    let text = std::fs::read_to_string(path).expect("record csv");
+    let mut out: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    for l in text.lines().skip(1) {
+        let mut it = l.splitn(3, ',');
+        let (Some(s), Some(n), Some(v)) = (it.next(), it.next(), it.next()) else { panic!("bad line {l:?}") };
+        out.entry(n.to_string()).or_default().push((s.parse().expect("step"), v.parse().expect("value")));
+    }
+    out
+}
+
+#[test]
+fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logdir = dir.path().join("runs");
+    let exp = unique("collector-e2e");
+    let uri = mlflow_uri();
+    // The service config the examples use, pointed at this test's directories and servers.
+    let svc = Service::start_with(
+        Some(&root().join("collector-config/trainmetrics.yaml")),
+        &logdir,
+        &[format!("exporters.mlflow.tracking_uri={uri}"), "exporters.mlflow.reorder_window=5s".into()],
+    );
+    let collector = Collector::start(&svc.grpc, &dir.path().join("queue"));
+    let csv = dir.path().join("recorded.csv");
+    let out = Command::new(python())
+        .arg(root().join("examples/python/train.py"))
+        .args(["--endpoint", &format!("http://{}", collector.grpc), "--steps", "1000", "--experiment", &exp])
+        .args(["--run-name", "py-e2e", "--run-id", "py-e2e-1"])
+        .arg("--record-csv")
+        .arg(&csv)
+        .output()
+        .expect("run the Python trainer");
+    assert!(out.status.success(), "trainer: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The collector flushes its queue on SIGTERM; then the service delivers what it holds.
+    collector.stop();
+    let report = svc.stop();
+    let recorded = read_csv(&csv);
+    let total: usize = recorded.values().map(Vec::len).sum();
+    for name in ["tensorboard", "mlflow"] {
+        let want = format!("{name}: received {total} delivered {total} dropped 0");
+        assert!(report.contains(&want), "{want:?} not in:\n{report}");
+    }
+
+    let tb = read_tb_both(&logdir);
+    let tags = &tb.scalars["py-e2e"];
+    assert_eq!(tags.keys().collect::<Vec<_>>(), recorded.keys().collect::<Vec<_>>());
+    for (name, points) in &recorded {
+        let want: Vec<(i64, f64)> = points.iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
+        assert_eq!(tags[name], want, "{name}");
+    }
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1);
+    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
+    for (name, points) in &recorded {
+        let got: Vec<(i64, f64)> = history(&uri, id, name).into_iter().map(|m| (m.0, m.1)).collect();
+        let want: Vec<(i64, f64)> = (1..=10)
+            .filter_map(|w| {
+                let end = w * 100;
+                let window: Vec<&(i64, f64)> = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).collect();
+                let last = window.iter().max_by_key(|p| p.0)?.1;
+                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+                Some((end, if name == "train.loss" { mean } else { last }))
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
+            assert_eq!(gs, ws, "{name}");
+            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
+        }
+    }
+}
