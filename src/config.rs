@@ -4,6 +4,11 @@
 //! `sending_queue`); durations are strings like `500ms`, `30s`, `5m`.
 //!
 //! ```yaml
+//! receivers:                 # service only (trainmetrics serve)
+//!   otlp:
+//!     protocols:             # the protocols listed are enabled; none listed: both
+//!       grpc: {endpoint: 127.0.0.1:14317, max_recv_msg_size_mib: 64}
+//!       http: {endpoint: 127.0.0.1:14318, max_request_body_size_mib: 64}
 //! run:                       # in-process only: the identity of this process's run
 //!   experiment: iris         # default: MLFLOW_EXPERIMENT_NAME, else none (exporter default)
 //!   name: mlp-1              # default: run-<UTC date>-<time>
