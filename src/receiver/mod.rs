@@ -28,6 +28,9 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct Fanout {
     deliveries: Arc<Vec<Arc<Delivery>>>,
     decode: DecodeSettings,
+    /// Serialises check-and-submit, so a request that passed the "not full" check is never
+    /// dropped by a queue that another request filled in between.
+    gate: Arc<std::sync::Mutex<()>>,
 }
 
 /// A request was not taken because an exporter's queue is full; the sender should retry.
@@ -39,23 +42,26 @@ impl Fanout {
     /// Fans out to `deliveries`; `decode` (step key, identity keys) is used to find the data
     /// points to report as rejected.
     pub fn new(deliveries: Vec<Arc<Delivery>>, decode: DecodeSettings) -> Self {
-        Self { deliveries: Arc::new(deliveries), decode }
+        Self { deliveries: Arc::new(deliveries), decode, gate: Arc::default() }
     }
 
     /// Hands `req` to every exporter. Returns the partial success to answer with (`None` when
     /// every data point is usable), or [`Busy`] when a queue is full (nothing is handed over
     /// then, so the sender's retry does not duplicate data).
     pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Option<ExportMetricsPartialSuccess>, Busy> {
-        if self.deliveries.iter().any(|d| d.is_full()) {
-            return Err(Busy);
-        }
         // The exporters decode again (with their own state); this pass only counts for the answer.
         let decoded = Decoder::new(self.decode.clone()).decode(&req);
         let rejected: u64 = decoded.dropped.iter().map(|(_, n)| n).sum();
         let req = Arc::new(req);
-        for d in self.deliveries.iter() {
-            // A queue that filled up since the check above counts the drop (`queue_full`).
-            let _ = d.submit(req.clone());
+        {
+            let _gate = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if self.deliveries.iter().any(|d| d.is_full()) {
+                return Err(Busy);
+            }
+            for d in self.deliveries.iter() {
+                // Only the workers empty the queues meanwhile, so this cannot find one full.
+                let _ = d.submit(req.clone());
+            }
         }
         Ok((rejected > 0).then(|| ExportMetricsPartialSuccess {
             rejected_data_points: i64::try_from(rejected).unwrap_or(i64::MAX),
