@@ -173,3 +173,36 @@ fn a_full_queue_answers_503_with_retry_after_and_unavailable() {
     assert_eq!(code, Some(tonic::Code::Unavailable));
     drop(listener);
 }
+
+#[test]
+fn sigterm_under_load_delivers_or_reports_every_acknowledged_point() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let sender = std::thread::spawn(move || {
+        let mut acked = 0u64;
+        for batch in 0..100_000i64 {
+            let pts: Vec<(&str, Option<i64>, f64)> = (0..10).map(|i| ("x", Some(batch * 10 + i), i as f64)).collect();
+            let req = otlp::request(vec![otlp::resource(run_res("load"), &pts)]);
+            let agent = ureq::Agent::new_with_config(
+                ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(2))).build(),
+            );
+            match agent.post(&url).header("Content-Type", "application/x-protobuf").send(req.encode_to_vec()) {
+                Ok(r) if r.status().as_u16() == 200 => acked += 10,
+                Ok(_) => {}
+                Err(_) => break, // the service stopped listening
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = svc.stop();
+    let acked = sender.join().expect("sender");
+    assert!(acked > 0);
+    let line = report.lines().find(|l| l.trim_start().starts_with("tensorboard:")).expect("report line");
+    let num = |k: &str| -> u64 { line.split_whitespace().skip_while(|w| *w != k).nth(1).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    assert_eq!(num("received"), acked, "every acknowledged point reached the exporter: {line}");
+    assert_eq!(num("delivered") + num("dropped"), acked, "{line}");
+    let tb = common::read_tb(logdir.path(), common::Loader::Rust);
+    assert_eq!(tb.scalars["load"]["x"].len() as u64, num("delivered"), "{line}");
+}
