@@ -206,3 +206,25 @@ fn sigterm_under_load_delivers_or_reports_every_acknowledged_point() {
     let tb = common::read_tb(logdir.path(), common::Loader::Rust);
     assert_eq!(tb.scalars["load"]["x"].len() as u64, num("delivered"), "{line}");
 }
+
+#[test]
+fn invalid_points_get_a_partial_success_and_the_rest_lands() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let mut bad = otlp::resource(run_res("partial"), &[("x", Some(1), 1.0), ("x", Some(2), 2.0)]);
+    if let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Gauge(g)) = &mut bad.scope_metrics[0].metrics[1].data {
+        g.data_points[0].attributes = vec![otlp::s("step", "two")];
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let partial = rt.block_on(async {
+        let mut client = MetricsServiceClient::connect(format!("http://{}", svc.grpc)).await.expect("connect");
+        client.export(otlp::request(vec![bad])).await.expect("export").into_inner().partial_success
+    });
+    let partial = partial.expect("a partial success");
+    assert_eq!(partial.rejected_data_points, 1);
+    assert!(partial.error_message.contains("invalid_step") && partial.error_message.contains("two"), "{}", partial.error_message);
+    let report = svc.stop();
+    assert!(report.contains("tensorboard: received 2 delivered 1 dropped 1 (invalid_step=1)"), "{report}");
+    let tb = common::read_tb(logdir.path(), common::Loader::Rust);
+    assert_eq!(tb.scalars["partial"]["x"], vec![(1, 1.0)]);
+}
