@@ -1,0 +1,232 @@
+//! The Rust trainer (`examples/train.rs --otlp-endpoint`: its own `SdkMeterProvider`, the
+//! `opentelemetry-otlp` tonic exporter with gzip and delta temporality) → a real OpenTelemetry
+//! Collector (`collector-config/agent.yaml`; built by `scripts/build-collector.sh`, path in
+//! `TRAINMETRICS_OTELCOL`) → `trainmetrics serve` (`collector-config/trainmetrics.yaml`) →
+//! TensorBoard and a real MLflow server shows exactly what the trainer recorded (`--record-csv`).
+//! The same end-to-end check as `tests/collector.rs` does for the Python trainer, plus the
+//! histogram `train.logits`, which only the Rust trainer records.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, history, kv, mlflow_uri, read_tb_both, root, runs_of_experiment, unique, Service};
+
+// The helpers below are copies of tests/collector.rs and tests/main_job.rs (candidates for
+// tests/common).
+
+fn otelcol() -> PathBuf {
+    let path = std::env::var_os("TRAINMETRICS_OTELCOL").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("missing component: the OpenTelemetry Collector; run scripts/build-collector.sh and set TRAINMETRICS_OTELCOL (scripts/test.sh does both)")
+    });
+    assert!(path.exists(), "missing component: the OpenTelemetry Collector at {}", path.display());
+    path
+}
+
+/// `cargo test` builds the examples next to the test binaries (`target/<profile>/examples`).
+fn trainer() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join("examples").join(format!("train{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "missing component: the example trainer {} (built by `cargo test`)", path.display());
+    path
+}
+
+/// A collector process with its own telemetry on (Prometheus, on a free port), killed when
+/// dropped.
+///
+/// Stopping it is not enough to get everything through: on SIGTERM its batch processor hands
+/// what it holds to the exporter's persistent (file_storage) sending queue, which keeps it on
+/// disk for the next start instead of sending it. So the test first waits until the collector
+/// says it sent every data point ([`Collector::wait_sent`]).
+struct Collector {
+    child: Child,
+    grpc: String,
+    telemetry: String,
+}
+
+impl Collector {
+    fn start(upstream: &str, queue_dir: &Path) -> Collector {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let metrics_port = free_port();
+        let child = Command::new(otelcol())
+            .arg(format!("--config={}", root().join("collector-config/agent.yaml").display()))
+            .env("OTELCOL_GRPC_ENDPOINT", &grpc)
+            .env("OTELCOL_HTTP_ENDPOINT", format!("127.0.0.1:{}", free_port()))
+            .env("TRAINMETRICS_GRPC_ENDPOINT", upstream)
+            .env("OTELCOL_QUEUE_DIR", queue_dir)
+            .env("OTELCOL_LOG_LEVEL", "warn")
+            .env("OTELCOL_METRICS_LEVEL", "basic")
+            .env("OTELCOL_METRICS_PORT", metrics_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the collector");
+        let started = Instant::now();
+        while TcpStream::connect(&grpc).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the collector did not listen on {grpc}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Collector { child, grpc, telemetry: format!("http://127.0.0.1:{metrics_port}/metrics") }
+    }
+
+    /// The collector's own metrics (Prometheus text), empty until its endpoint answers.
+    fn telemetry(&self) -> String {
+        ureq::get(&self.telemetry)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the collector's exporter has sent `n` data points (acknowledged by the
+    /// service), at most 60 s (its retries back off up to 10 s).
+    fn wait_sent(&self, n: u64) {
+        let started = Instant::now();
+        loop {
+            let text = self.telemetry();
+            let sent: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("otelcol_exporter_sent_metric_points{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if sent as u64 >= n {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the collector sent {sent} of {n} data points in 60 s:\n{}",
+                text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Recorded = BTreeMap<String, Vec<(i64, f64)>>;
+
+fn read_csv(path: &Path) -> Recorded {
+    let text = std::fs::read_to_string(path).expect("record csv");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step,name,value"));
+    let mut out = Recorded::new();
+    for l in lines {
+        let mut it = l.splitn(3, ',');
+        let (Some(s), Some(n), Some(v)) = (it.next(), it.next(), it.next()) else { panic!("bad csv line {l:?}") };
+        out.entry(n.to_string()).or_default().push((s.parse().expect("step"), v.parse().expect("value")));
+    }
+    out
+}
+
+#[test]
+fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logdir = dir.path().join("runs");
+    let exp = unique("collector-rust-e2e");
+    let uri = mlflow_uri();
+    // The service config the examples use, pointed at this test's directories and servers.
+    let svc = Service::start_with(
+        Some(&root().join("collector-config/trainmetrics.yaml")),
+        &logdir,
+        &[format!("exporters.mlflow.tracking_uri={uri}"), "exporters.mlflow.reorder_window=5s".into()],
+    );
+    let collector = Collector::start(&svc.grpc, &dir.path().join("queue"));
+    let csv = dir.path().join("recorded.csv");
+    let endpoint = format!("http://{}", collector.grpc);
+    let out = Command::new(trainer())
+        .args(["--otlp-endpoint", &endpoint, "--steps", "1000", "--experiment", &exp])
+        .args(["--run-name", "rust-e2e", "--run-id", "rust-e2e-1"])
+        .arg("--record-csv")
+        .arg(&csv)
+        .env_remove("MLFLOW_TRACKING_URI")
+        .output()
+        .expect("run the Rust trainer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "trainer: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let recorded = read_csv(&csv);
+    let total: usize = recorded.values().map(Vec::len).sum();
+    // Everything through the collector before it stops (see `Collector`); then the service
+    // delivers what it acknowledged.
+    collector.wait_sent(total as u64);
+    collector.stop();
+    let report = svc.stop();
+
+    // Every step: 4 scalars; every 50th step: eval.loss, eval.accuracy and one train.logits row.
+    assert_eq!(recorded["train.loss"].len(), 1000);
+    assert_eq!(recorded["eval.accuracy"].len(), 20);
+    assert_eq!(recorded["train.logits"].len(), 20);
+    // One CSV row is one OTLP data point, histograms included: a histogram record puts all of
+    // the batch's logits under one attribute set (its step and record time), so the SDK exports
+    // it as one histogram data point, and the service counts a data point as one whatever its
+    // kind (TensorBoard writes it as a histogram, MLflow as its mean).
+    assert_eq!(total, 4 * 1000 + 3 * 20);
+    assert!(stdout.contains("run: rust-e2e (id rust-e2e-1)"), "{stdout}");
+    assert!(stdout.contains("step_time_ms mean="), "{stdout}");
+    let exported = format!("otlp: exported to {endpoint} ({total} of {total} recorded data points in ");
+    assert!(stdout.contains(&exported) && stdout.contains(" 0 failed;"), "{exported:?} not in:\n{stdout}");
+    for name in ["tensorboard", "mlflow"] {
+        let want = format!("{name}: received {total} delivered {total} dropped 0");
+        assert!(report.contains(&want), "{want:?} not in:\n{report}");
+    }
+
+    // TensorBoard, both loaders: every scalar as recorded (as float32), the histogram at its steps.
+    let tb = read_tb_both(&logdir);
+    assert_eq!(tb.scalars.keys().collect::<Vec<_>>(), vec!["rust-e2e"]);
+    let tags = &tb.scalars["rust-e2e"];
+    let scalars: Vec<&String> = recorded.keys().filter(|n| n.as_str() != "train.logits").collect();
+    assert_eq!(tags.keys().collect::<Vec<_>>(), scalars);
+    for name in scalars {
+        let want: Vec<(i64, f64)> = recorded[name].iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
+        assert_eq!(tags[name], want, "{name}");
+    }
+    let logits = &tb.histograms["rust-e2e"]["train.logits"];
+    assert_eq!(logits.iter().map(|h| h.0).collect::<Vec<_>>(), recorded["train.logits"].iter().map(|r| r.0).collect::<Vec<_>>());
+    let hp = &tb.hparams["rust-e2e"];
+    assert!(hp.contains_key("lr") && hp.contains_key("batch_size"), "{hp:?}");
+
+    // MLflow: points exactly at 100, 200, …, 1000; train.loss = the window mean, the rest
+    // (train.logits: its histogram's mean) = the window's last value.
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(run["info"]["run_name"], "rust-e2e");
+    let id = run["info"]["run_id"].as_str().expect("run id");
+    for (name, points) in &recorded {
+        let got: Vec<(i64, f64)> = history(&uri, id, name).into_iter().map(|m| (m.0, m.1)).collect();
+        let want: Vec<(i64, f64)> = (1..=10)
+            .filter_map(|w| {
+                let end = w * 100;
+                let window: Vec<&(i64, f64)> = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).collect();
+                let last = window.iter().max_by_key(|p| p.0)?.1;
+                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+                Some((end, if name == "train.loss" { mean } else { last }))
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
+            assert_eq!(gs, ws, "{name}");
+            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
+        }
+    }
+    // The resource's ml.param.* are the run's params, as in process.
+    let params = kv(run, "params");
+    for p in ["lr", "batch_size", "hidden", "steps", "warmup", "weight_decay", "seed", "dataset"] {
+        assert!(params.contains_key(p), "param {p} missing: {params:?}");
+    }
+}
