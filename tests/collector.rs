@@ -5,21 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{free_port, history, mlflow_uri, python, read_tb_both, root, runs_of_experiment, trainmetrics_bin, unique, Service};
-
-fn otelcol() -> PathBuf {
-    let path = std::env::var_os("TRAINMETRICS_OTELCOL").map(PathBuf::from).unwrap_or_else(|| {
-        panic!("missing component: the OpenTelemetry Collector; run scripts/build-collector.sh and set TRAINMETRICS_OTELCOL (scripts/test.sh does both)")
-    });
-    assert!(path.exists(), "missing component: the OpenTelemetry Collector at {}", path.display());
-    path
-}
+use common::{history, mlflow_uri, otelcol, python, read_csv, read_tb_both, root, runs_of_experiment, trainmetrics_bin, unique, Collector, Service};
 
 #[test]
 fn every_collector_yaml_validates_with_otelcol_and_trainmetrics() {
@@ -39,62 +28,6 @@ fn every_collector_yaml_validates_with_otelcol_and_trainmetrics() {
     assert!(out.status.success(), "trainmetrics.yaml: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-/// A collector process, stopped with SIGTERM (it flushes its queue) or killed when dropped.
-struct Collector {
-    child: Child,
-    grpc: String,
-}
-
-impl Collector {
-    fn start(upstream: &str, queue_dir: &Path) -> Collector {
-        Self::start_logging(upstream, queue_dir, Stdio::null())
-    }
-
-    fn start_logging(upstream: &str, queue_dir: &Path, stderr: Stdio) -> Collector {
-        let grpc = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(otelcol())
-            .arg(format!("--config={}", root().join("collector-config/agent.yaml").display()))
-            .env("OTELCOL_GRPC_ENDPOINT", &grpc)
-            .env("OTELCOL_HTTP_ENDPOINT", format!("127.0.0.1:{}", free_port()))
-            .env("TRAINMETRICS_GRPC_ENDPOINT", upstream)
-            .env("OTELCOL_QUEUE_DIR", queue_dir)
-            .env("OTELCOL_LOG_LEVEL", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start the collector");
-        let started = Instant::now();
-        while TcpStream::connect(&grpc).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "the collector did not listen on {grpc}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Collector { child, grpc }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_csv(path: &Path) -> BTreeMap<String, Vec<(i64, f64)>> {
-    let text = std::fs::read_to_string(path).expect("record csv");
-    let mut out: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
-    for l in text.lines().skip(1) {
-        let mut it = l.splitn(3, ',');
-        let (Some(s), Some(n), Some(v)) = (it.next(), it.next(), it.next()) else { panic!("bad line {l:?}") };
-        out.entry(n.to_string()).or_default().push((s.parse().expect("step"), v.parse().expect("value")));
-    }
-    out
-}
-
 #[test]
 fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -107,7 +40,7 @@ fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
         &logdir,
         &[format!("exporters.mlflow.tracking_uri={uri}"), "exporters.mlflow.reorder_window=5s".into()],
     );
-    let collector = Collector::start(&svc.grpc, &dir.path().join("queue"));
+    let collector = Collector::start(&svc.grpc, &dir.path().join("queue"), Stdio::null());
     let csv = dir.path().join("recorded.csv");
     let out = Command::new(python())
         .arg(root().join("examples/python/train.py"))
@@ -118,11 +51,13 @@ fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
         .output()
         .expect("run the Python trainer");
     assert!(out.status.success(), "trainer: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    // The collector flushes its queue on SIGTERM; then the service delivers what it holds.
-    collector.stop();
-    let report = svc.stop();
     let recorded = read_csv(&csv);
     let total: usize = recorded.values().map(Vec::len).sum();
+    // On SIGTERM the collector keeps unsent data in its file_storage queue for its next start,
+    // so wait until it reports everything sent; then the service delivers what it holds.
+    collector.wait_sent(total as u64);
+    collector.stop();
+    let report = svc.stop();
     for name in ["tensorboard", "mlflow"] {
         let want = format!("{name}: received {total} delivered {total} dropped 0");
         assert!(report.contains(&want), "{want:?} not in:\n{report}");
@@ -187,11 +122,8 @@ fn a_full_queue_is_retried_by_the_collector_until_everything_is_delivered() {
         ],
     );
     let log = dir.path().join("collector.log");
-    let collector = Collector::start_logging(
-        &svc.grpc,
-        &dir.path().join("queue"),
-        Stdio::from(std::fs::File::create(&log).expect("log file")),
-    );
+    let collector =
+        Collector::start(&svc.grpc, &dir.path().join("queue"), Stdio::from(std::fs::File::create(&log).expect("log file")));
     let csv = dir.path().join("recorded.csv");
     let out = Command::new(python())
         .arg(root().join("examples/python/train.py"))
@@ -202,12 +134,11 @@ fn a_full_queue_is_retried_by_the_collector_until_everything_is_delivered() {
         .output()
         .expect("run the Python trainer");
     assert!(out.status.success(), "trainer: {}", String::from_utf8_lossy(&out.stderr));
-    // The collector keeps retrying while the queue is full; give it time to drain, then stop it
-    // (SIGTERM flushes its queue) and the service.
-    std::thread::sleep(Duration::from_secs(8));
+    // The collector keeps retrying while the queue is full, until it has sent everything.
+    let total: usize = read_csv(&csv).values().map(Vec::len).sum();
+    collector.wait_sent(total as u64);
     collector.stop();
     let report = svc.stop();
-    let total: usize = read_csv(&csv).values().map(Vec::len).sum();
     // Every refused request came back: the service received everything, once.
     let want = format!("tensorboard: received {total} delivered {total} dropped 0");
     assert!(report.contains(&want), "{want:?} not in:\n{report}");

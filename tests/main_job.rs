@@ -4,36 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{history, kv, mlflow_uri, read_tb_both, runs_of_experiment, unique};
-
-/// `cargo test` builds the examples next to the test binaries (`target/<profile>/examples`).
-fn trainer() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join("examples").join(format!("train{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.exists(), "missing component: the example trainer {} (built by `cargo test`)", path.display());
-    path
-}
-
-type Recorded = BTreeMap<String, Vec<(i64, f64)>>;
-
-fn read_csv(path: &std::path::Path) -> Recorded {
-    let text = std::fs::read_to_string(path).expect("record csv");
-    let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("step,name,value"));
-    let mut out = Recorded::new();
-    for l in lines {
-        let mut it = l.splitn(3, ',');
-        let (s, n, v) = (it.next(), it.next(), it.next());
-        let (Some(s), Some(n), Some(v)) = (s, n, v) else { panic!("bad csv line {l:?}") };
-        out.entry(n.to_string()).or_default().push((s.parse().expect("step"), v.parse().expect("value")));
-    }
-    out
-}
+use common::{history, kv, mlflow_uri, read_csv, read_tb_both, runs_of_experiment, trainer, unique, Recorded};
 
 #[test]
 fn main_job_matches_what_the_trainer_recorded() {

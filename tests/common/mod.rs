@@ -6,12 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -481,3 +481,123 @@ impl Drop for Service {
     }
 }
 
+/// The collector binary (`TRAINMETRICS_OTELCOL`, set by scripts/test.sh).
+pub fn otelcol() -> PathBuf {
+    let path = std::env::var_os("TRAINMETRICS_OTELCOL").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("missing component: the OpenTelemetry Collector; run scripts/build-collector.sh and set TRAINMETRICS_OTELCOL (scripts/test.sh does both)")
+    });
+    assert!(path.exists(), "missing component: the OpenTelemetry Collector at {}", path.display());
+    path
+}
+
+/// `cargo test` builds the examples next to the test binaries (`target/<profile>/examples`).
+pub fn trainer() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join("examples").join(format!("train{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "missing component: the example trainer {} (built by `cargo test`)", path.display());
+    path
+}
+
+/// A collector process with its own telemetry on (Prometheus, on a free port), killed when
+/// dropped.
+///
+/// Stopping it is not enough to get everything through: on SIGTERM its batch processor hands
+/// what it holds to the exporter's persistent (file_storage) sending queue, which keeps it on
+/// disk for the next start instead of sending it. So the test first waits until the collector
+/// says it sent every data point ([`Collector::wait_sent`]).
+pub struct Collector {
+    child: Child,
+    /// Its OTLP/gRPC `host:port`.
+    pub grpc: String,
+    telemetry: String,
+}
+
+impl Collector {
+    /// Starts `collector-config/agent.yaml` forwarding to `upstream`, its log to `log`.
+    pub fn start(upstream: &str, queue_dir: &Path, log: Stdio) -> Collector {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let metrics_port = free_port();
+        let child = Command::new(otelcol())
+            .arg(format!("--config={}", root().join("collector-config/agent.yaml").display()))
+            .env("OTELCOL_GRPC_ENDPOINT", &grpc)
+            .env("OTELCOL_HTTP_ENDPOINT", format!("127.0.0.1:{}", free_port()))
+            .env("TRAINMETRICS_GRPC_ENDPOINT", upstream)
+            .env("OTELCOL_QUEUE_DIR", queue_dir)
+            .env("OTELCOL_LOG_LEVEL", "info")
+            .env("OTELCOL_METRICS_LEVEL", "basic")
+            .env("OTELCOL_METRICS_PORT", metrics_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the collector");
+        let started = Instant::now();
+        while TcpStream::connect(&grpc).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the collector did not listen on {grpc}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Collector { child, grpc, telemetry: format!("http://127.0.0.1:{metrics_port}/metrics") }
+    }
+
+    /// The collector's own metrics (Prometheus text), empty until its endpoint answers.
+    fn telemetry(&self) -> String {
+        ureq::get(&self.telemetry)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the collector's exporter has sent `n` data points (acknowledged by the
+    /// service), at most 60 s (its retries back off up to 10 s).
+    pub fn wait_sent(&self, n: u64) {
+        let started = Instant::now();
+        loop {
+            let text = self.telemetry();
+            let sent: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("otelcol_exporter_sent_metric_points{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if sent as u64 >= n {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the collector sent {sent} of {n} data points in 60 s:\n{}",
+                text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then wait for the process.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// metric name → [(step, value)] as a trainer's `--record-csv` wrote them.
+pub type Recorded = BTreeMap<String, Vec<(i64, f64)>>;
+
+/// Reads a `--record-csv` file (`step,name,value`).
+pub fn read_csv(path: &Path) -> Recorded {
+    let text = std::fs::read_to_string(path).expect("record csv");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step,name,value"));
+    let mut out = Recorded::new();
+    for l in lines {
+        let mut it = l.splitn(3, ',');
+        let (Some(s), Some(n), Some(v)) = (it.next(), it.next(), it.next()) else { panic!("bad csv line {l:?}") };
+        out.entry(n.to_string()).or_default().push((s.parse().expect("step"), v.parse().expect("value")));
+    }
+    out
+}
