@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -155,4 +156,50 @@ fn a_full_queue_is_retried_by_the_collector_until_everything_is_delivered() {
     assert!(log.contains("Unavailable") || log.contains("UNAVAILABLE"), "the collector never saw UNAVAILABLE:\n{log}");
     let tb = read_tb_both(&logdir);
     assert_eq!(tb.scalars["busy"]["train.loss"].len(), 300);
+}
+
+#[test]
+fn a_gateway_routes_each_run_to_one_of_two_services_and_one_mlflow_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exp = unique("gateway");
+    let uri = mlflow_uri();
+    let mlflow = [format!("exporters.mlflow.tracking_uri={uri}"), format!("exporters.mlflow.experiment={exp}")];
+    let (logdir_a, logdir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let a = Service::start_with(Some(&root().join("collector-config/trainmetrics.yaml")), &logdir_a, &mlflow);
+    let b = Service::start_with(Some(&root().join("collector-config/trainmetrics.yaml")), &logdir_b, &mlflow);
+    let gateway = Collector::start_config(
+        "gateway.yaml",
+        &[("TRAINMETRICS_BACKENDS", format!("{},{}", a.grpc, b.grpc))],
+        Stdio::null(),
+    );
+    let mut total = 0;
+    let mut rows = BTreeMap::new();
+    for i in 0..4 {
+        let csv = dir.path().join(format!("run{i}.csv"));
+        let out = Command::new(python())
+            .arg(root().join("examples/python/train.py"))
+            .args(["--endpoint", &format!("http://{}", gateway.grpc), "--steps", "200", "--experiment", &exp])
+            .args(["--run-name", &format!("gw-{i}"), "--run-id", &format!("gw-run-{i}")])
+            .arg("--record-csv")
+            .arg(&csv)
+            .output()
+            .expect("run the Python trainer");
+        assert!(out.status.success(), "trainer: {}", String::from_utf8_lossy(&out.stderr));
+        let n = read_csv(&csv)["train.loss"].len();
+        rows.insert(format!("gw-{i}"), n);
+        total += read_csv(&csv).values().map(Vec::len).sum::<usize>();
+    }
+    gateway.wait_sent(total as u64);
+    gateway.stop();
+    let (ra, rb) = (a.stop(), b.stop());
+    let (ta, tb) = (read_tb_both(&logdir_a), read_tb_both(&logdir_b));
+    for (run, n) in &rows {
+        let in_a = ta.scalars.get(run).map(|t| t["train.loss"].len());
+        let in_b = tb.scalars.get(run).map(|t| t["train.loss"].len());
+        assert!(matches!((in_a, in_b), (Some(x), None) | (None, Some(x)) if x == *n), "{run}: a={in_a:?} b={in_b:?}\n{ra}\n{rb}");
+    }
+    let runs = runs_of_experiment(&uri, &exp);
+    let mut names: Vec<String> = runs.iter().map(|r| r["info"]["run_name"].as_str().unwrap_or("").to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["gw-0", "gw-1", "gw-2", "gw-3"], "one MLflow run per run");
 }

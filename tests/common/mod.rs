@@ -516,21 +516,30 @@ pub struct Collector {
 impl Collector {
     /// Starts `collector-config/agent.yaml` forwarding to `upstream`, its log to `log`.
     pub fn start(upstream: &str, queue_dir: &Path, log: Stdio) -> Collector {
+        let env = [
+            ("TRAINMETRICS_GRPC_ENDPOINT", upstream.to_string()),
+            ("OTELCOL_QUEUE_DIR", queue_dir.display().to_string()),
+        ];
+        Self::start_config("agent.yaml", &env, log)
+    }
+
+    /// Starts `collector-config/<file>` on free ports with extra environment variables.
+    pub fn start_config(file: &str, env: &[(&str, String)], log: Stdio) -> Collector {
         let grpc = format!("127.0.0.1:{}", free_port());
         let metrics_port = free_port();
-        let child = Command::new(otelcol())
-            .arg(format!("--config={}", root().join("collector-config/agent.yaml").display()))
+        let mut cmd = Command::new(otelcol());
+        cmd.arg(format!("--config={}", root().join("collector-config").join(file).display()))
             .env("OTELCOL_GRPC_ENDPOINT", &grpc)
             .env("OTELCOL_HTTP_ENDPOINT", format!("127.0.0.1:{}", free_port()))
-            .env("TRAINMETRICS_GRPC_ENDPOINT", upstream)
-            .env("OTELCOL_QUEUE_DIR", queue_dir)
             .env("OTELCOL_LOG_LEVEL", "info")
             .env("OTELCOL_METRICS_LEVEL", "basic")
             .env("OTELCOL_METRICS_PORT", metrics_port.to_string())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the collector");
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the collector");
         let started = Instant::now();
         while TcpStream::connect(&grpc).is_err() {
             assert!(started.elapsed() < Duration::from_secs(30), "the collector did not listen on {grpc}");
