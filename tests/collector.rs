@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{history, mlflow_uri, otelcol, python, read_csv, read_tb_both, root, runs_of_experiment, trainmetrics_bin, unique, Collector, Service};
+use common::{mlflow_uri, otelcol, python, read_csv, read_tb_both, root, runs_of_experiment, trainmetrics_bin, unique, Collector, Service};
 
 #[test]
 fn every_collector_yaml_validates_with_otelcol_and_trainmetrics() {
@@ -66,31 +66,12 @@ fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
 
     let tb = read_tb_both(&logdir);
     let tags = &tb.scalars["py-e2e"];
-    assert_eq!(tags.keys().collect::<Vec<_>>(), recorded.keys().collect::<Vec<_>>());
-    for (name, points) in &recorded {
-        let want: Vec<(i64, f64)> = points.iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
-        assert_eq!(tags[name], want, "{name}");
-    }
+    common::assert_tb_matches(tags, &recorded, &[]);
     let runs = runs_of_experiment(&uri, &exp);
     assert_eq!(runs.len(), 1);
     let id = runs[0]["info"]["run_id"].as_str().expect("run id");
-    for (name, points) in &recorded {
-        let got: Vec<(i64, f64)> = history(&uri, id, name).into_iter().map(|m| (m.0, m.1)).collect();
-        let want: Vec<(i64, f64)> = (1..=10)
-            .filter_map(|w| {
-                let end = w * 100;
-                let window: Vec<&(i64, f64)> = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).collect();
-                let last = window.iter().max_by_key(|p| p.0)?.1;
-                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
-                Some((end, if name == "train.loss" { mean } else { last }))
-            })
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
-        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
-            assert_eq!(gs, ws, "{name}");
-            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
-        }
-    }
+    common::assert_mlflow_windows(&uri, id, &recorded, 100, 1000);
+
 }
 
 #[test]

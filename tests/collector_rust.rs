@@ -10,7 +10,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{history, kv, mlflow_uri, read_csv, read_tb_both, root, runs_of_experiment, trainer, unique, Collector, Service};
+use common::{kv, mlflow_uri, read_csv, read_tb_both, root, runs_of_experiment, trainer, unique, Collector, Service};
 
 #[test]
 fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
@@ -67,12 +67,7 @@ fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
     let tb = read_tb_both(&logdir);
     assert_eq!(tb.scalars.keys().collect::<Vec<_>>(), vec!["rust-e2e"]);
     let tags = &tb.scalars["rust-e2e"];
-    let scalars: Vec<&String> = recorded.keys().filter(|n| n.as_str() != "train.logits").collect();
-    assert_eq!(tags.keys().collect::<Vec<_>>(), scalars);
-    for name in scalars {
-        let want: Vec<(i64, f64)> = recorded[name].iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
-        assert_eq!(tags[name], want, "{name}");
-    }
+    common::assert_tb_matches(tags, &recorded, &["train.logits"]);
     let logits = &tb.histograms["rust-e2e"]["train.logits"];
     assert_eq!(logits.iter().map(|h| h.0).collect::<Vec<_>>(), recorded["train.logits"].iter().map(|r| r.0).collect::<Vec<_>>());
     let hp = &tb.hparams["rust-e2e"];
@@ -85,23 +80,8 @@ fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
     let run = &runs[0];
     assert_eq!(run["info"]["run_name"], "rust-e2e");
     let id = run["info"]["run_id"].as_str().expect("run id");
-    for (name, points) in &recorded {
-        let got: Vec<(i64, f64)> = history(&uri, id, name).into_iter().map(|m| (m.0, m.1)).collect();
-        let want: Vec<(i64, f64)> = (1..=10)
-            .filter_map(|w| {
-                let end = w * 100;
-                let window: Vec<&(i64, f64)> = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).collect();
-                let last = window.iter().max_by_key(|p| p.0)?.1;
-                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
-                Some((end, if name == "train.loss" { mean } else { last }))
-            })
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
-        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
-            assert_eq!(gs, ws, "{name}");
-            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
-        }
-    }
+    common::assert_mlflow_windows(&uri, id, &recorded, 100, 1000);
+
     // The resource's ml.param.* are the run's params, as in process.
     let params = kv(run, "params");
     for p in ["lr", "batch_size", "hidden", "steps", "warmup", "weight_decay", "seed", "dataset"] {

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{history, kv, mlflow_uri, read_csv, read_tb_both, runs_of_experiment, trainer, unique, Recorded};
+use common::{kv, mlflow_uri, read_csv, read_tb_both, runs_of_experiment, trainer, unique};
 
 #[test]
 fn main_job_matches_what_the_trainer_recorded() {
@@ -29,20 +29,14 @@ fn main_job_matches_what_the_trainer_recorded() {
     assert!(stdout.contains("tensorboard: received") && stdout.contains("mlflow: received"), "{stdout}");
 
     let recorded = read_csv(&csv);
-    // Histograms (train.logits) show under TensorBoard's histograms, not scalars.
-    let scalars: Recorded = recorded.iter().filter(|(n, _)| n.as_str() != "train.logits").map(|(n, v)| (n.clone(), v.clone())).collect();
-    assert_eq!(scalars["train.loss"].len(), 1000);
-    assert_eq!(scalars["eval.accuracy"].len(), 20);
+    assert_eq!(recorded["train.loss"].len(), 1000);
+    assert_eq!(recorded["eval.accuracy"].len(), 20);
 
     // TensorBoard: exactly one point per recorded step, equal as float32, in both loaders.
     let tb = read_tb_both(&logdir);
     assert_eq!(tb.scalars.keys().collect::<Vec<_>>(), vec!["main-job"]);
-    let tags = &tb.scalars["main-job"];
-    assert_eq!(tags.keys().collect::<Vec<_>>(), scalars.keys().collect::<Vec<_>>());
-    for (name, points) in &scalars {
-        let want: Vec<(i64, f64)> = points.iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
-        assert_eq!(tags[name], want, "{name}");
-    }
+    // Histograms (train.logits) show under TensorBoard's histograms, not scalars.
+    common::assert_tb_matches(&tb.scalars["main-job"], &recorded, &["train.logits"]);
     let logits = &tb.histograms["main-job"]["train.logits"];
     assert_eq!(logits.iter().map(|h| h.0).collect::<Vec<_>>(), recorded["train.logits"].iter().map(|r| r.0).collect::<Vec<_>>());
     let hp = &tb.hparams["main-job"];
@@ -56,22 +50,8 @@ fn main_job_matches_what_the_trainer_recorded() {
     assert_eq!(run["info"]["run_name"], "main-job");
     let id = run["info"]["run_id"].as_str().expect("run id");
     assert!(stdout.contains(id), "the trainer prints its MLflow run id");
-    for (name, points) in &recorded {
-        let got: Vec<(i64, f64)> = history(&uri, id, name).into_iter().map(|m| (m.0, m.1)).collect();
-        let want: Vec<(i64, f64)> = (1..=10)
-            .map(|w| w * 100)
-            .filter_map(|end| {
-                let window: Vec<f64> = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).map(|p| p.1).collect();
-                let last = points.iter().filter(|(s, _)| *s > end - 100 && *s <= end).max_by_key(|p| p.0)?.1;
-                Some((end, if name == "train.loss" { window.iter().sum::<f64>() / window.len() as f64 } else { last }))
-            })
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
-        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
-            assert_eq!(gs, ws, "{name}");
-            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
-        }
-    }
+    common::assert_mlflow_windows(&uri, id, &recorded, 100, 1000);
+
     let params = kv(run, "params");
     for p in ["lr", "batch_size", "hidden", "steps", "warmup", "weight_decay", "seed", "dataset"] {
         assert!(params.contains_key(p), "param {p} missing: {params:?}");

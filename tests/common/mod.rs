@@ -610,3 +610,37 @@ pub fn read_csv(path: &Path) -> Recorded {
     }
     out
 }
+
+/// Asserts that MLflow's history of every recorded metric holds exactly the windows of
+/// `every` steps up to `last_step`, each stamped with its end: the window mean for `train.loss`,
+/// else the value at the window's last recorded step (1e-6 relative).
+pub fn assert_mlflow_windows(uri: &str, run_id: &str, recorded: &Recorded, every: i64, last_step: i64) {
+    for (name, points) in recorded {
+        let got: Vec<(i64, f64)> = history(uri, run_id, name).into_iter().map(|m| (m.0, m.1)).collect();
+        let want: Vec<(i64, f64)> = (1..=last_step / every)
+            .filter_map(|w| {
+                let end = w * every;
+                let window: Vec<&(i64, f64)> = points.iter().filter(|(s, _)| *s > end - every && *s <= end).collect();
+                let last = window.iter().max_by_key(|p| p.0)?.1;
+                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+                Some((end, if name == "train.loss" { mean } else { last }))
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for ((gs, gv), (ws, wv)) in got.iter().zip(&want) {
+            assert_eq!(gs, ws, "{name}");
+            assert!((gv - wv).abs() <= 1e-6 * wv.abs().max(1e-12), "{name} at {gs}: {gv} vs {wv}");
+        }
+    }
+}
+
+/// Asserts that a TensorBoard run's scalar tags are exactly the recorded scalars (all recorded
+/// metrics but `histograms`), one point per recorded step, equal as float32.
+pub fn assert_tb_matches(tags: &BTreeMap<String, Vec<(i64, f64)>>, recorded: &Recorded, histograms: &[&str]) {
+    let scalars: Vec<&String> = recorded.keys().filter(|n| !histograms.contains(&n.as_str())).collect();
+    assert_eq!(tags.keys().collect::<Vec<_>>(), scalars);
+    for name in scalars {
+        let want: Vec<(i64, f64)> = recorded[name].iter().map(|(s, v)| (*s, f64::from(*v as f32))).collect();
+        assert_eq!(tags[name], want, "{name}");
+    }
+}
