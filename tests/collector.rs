@@ -35,12 +35,7 @@ fn python_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
     let logdir = dir.path().join("runs");
     let exp = unique("collector-e2e");
     let uri = mlflow_uri();
-    // The service config the examples use, pointed at this test's directories and servers.
-    let svc = Service::start_with(
-        Some(&root().join("collector-config/trainmetrics.yaml")),
-        &logdir,
-        &[format!("exporters.mlflow.tracking_uri={uri}"), "exporters.mlflow.reorder_window=5s".into()],
-    );
+    let svc = Service::start_example(&logdir, &uri, &[]);
     let collector = Collector::start(&svc.grpc, &dir.path().join("queue"), Stdio::null());
     let csv = dir.path().join("recorded.csv");
     let out = Command::new(python())
@@ -144,10 +139,10 @@ fn a_gateway_routes_each_run_to_one_of_two_services_and_one_mlflow_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exp = unique("gateway");
     let uri = mlflow_uri();
-    let mlflow = [format!("exporters.mlflow.tracking_uri={uri}"), format!("exporters.mlflow.experiment={exp}")];
+    let experiment = [format!("exporters.mlflow.experiment={exp}")];
     let (logdir_a, logdir_b) = (dir.path().join("a"), dir.path().join("b"));
-    let a = Service::start_with(Some(&root().join("collector-config/trainmetrics.yaml")), &logdir_a, &mlflow);
-    let b = Service::start_with(Some(&root().join("collector-config/trainmetrics.yaml")), &logdir_b, &mlflow);
+    let a = Service::start_example(&logdir_a, &uri, &experiment);
+    let b = Service::start_example(&logdir_b, &uri, &experiment);
     let gateway = Collector::start_config(
         "gateway.yaml",
         &[("TRAINMETRICS_BACKENDS", format!("{},{}", a.grpc, b.grpc))],
@@ -173,7 +168,9 @@ fn a_gateway_routes_each_run_to_one_of_two_services_and_one_mlflow_run() {
     gateway.wait_sent(total as u64);
     gateway.stop();
     let (ra, rb) = (a.stop(), b.stop());
-    let (ta, tb) = (read_tb_both(&logdir_a), read_tb_both(&logdir_b));
+    // The ring hashes the backends' (random) ports, so one service may get no run at all.
+    let read = |d: &std::path::Path| if d.exists() { read_tb_both(d) } else { common::Tb::default() };
+    let (ta, tb) = (read(&logdir_a), read(&logdir_b));
     for (run, n) in &rows {
         let in_a = ta.scalars.get(run).map(|t| t["train.loss"].len());
         let in_b = tb.scalars.get(run).map(|t| t["train.loss"].len());

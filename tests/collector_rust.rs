@@ -10,7 +10,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{kv, mlflow_uri, read_csv, read_tb_both, root, runs_of_experiment, trainer, unique, Collector, Service};
+use common::{kv, mlflow_uri, read_csv, read_tb_both, runs_of_experiment, trainer, unique, Collector, Service};
 
 #[test]
 fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
@@ -18,12 +18,7 @@ fn rust_trainer_through_a_real_collector_into_tensorboard_and_mlflow() {
     let logdir = dir.path().join("runs");
     let exp = unique("collector-rust-e2e");
     let uri = mlflow_uri();
-    // The service config the examples use, pointed at this test's directories and servers.
-    let svc = Service::start_with(
-        Some(&root().join("collector-config/trainmetrics.yaml")),
-        &logdir,
-        &[format!("exporters.mlflow.tracking_uri={uri}"), "exporters.mlflow.reorder_window=5s".into()],
-    );
+    let svc = Service::start_example(&logdir, &uri, &[]);
     let collector = Collector::start(&svc.grpc, &dir.path().join("queue"), Stdio::null());
     let csv = dir.path().join("recorded.csv");
     let endpoint = format!("http://{}", collector.grpc);

@@ -430,6 +430,14 @@ impl Service {
         Self::start_with(None, logdir, extra)
     }
 
+    /// As [`Service::start`], from `collector-config/trainmetrics.yaml` (the config the examples
+    /// use), with MLflow at `mlflow_uri` and a reorder window that covers collector batching.
+    pub fn start_example(logdir: &Path, mlflow_uri: &str, extra: &[String]) -> Service {
+        let mut sets = vec![format!("exporters.mlflow.tracking_uri={mlflow_uri}"), "exporters.mlflow.reorder_window=5s".into()];
+        sets.extend_from_slice(extra);
+        Self::start_with(Some(&root().join("collector-config/trainmetrics.yaml")), logdir, &sets)
+    }
+
     /// As [`Service::start`], from a config file.
     pub fn start_with(config: Option<&Path>, logdir: &Path, extra: &[String]) -> Service {
         let mut cmd = Command::new(trainmetrics_bin());
