@@ -74,37 +74,50 @@ fn validate(path: &Path, set: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGTERM/SIGINT handlers now and returns the future that resolves on the first
+/// of them. Installing before the listeners are up matters: a supervisor (or a test) may send
+/// SIGTERM the moment it reads "listening", and a signal that arrives before the handler exists
+/// kills the process without the drain and the report.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (term, int) => {
+                    for e in [term.err(), int.err()].into_iter().flatten() {
+                        tracing::warn!("cannot listen for a shutdown signal: {e}");
+                    }
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn serve(config: Option<&Path>, set: &[String]) -> anyhow::Result<()> {
     let settings = load(config, set)?.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let stop = rt.block_on(async { shutdown_signal() });
     let report = rt.block_on(trainmetrics::serve::run(
         settings,
         |l| {
             let show = |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
             println!("listening grpc={} http={}", show(l.grpc), show(l.http));
         },
-        signal(),
+        stop,
     ))?;
     println!("shut down in {:.2}s", report.shutdown_took.as_secs_f64());
     for e in &report.exporters {

@@ -475,9 +475,13 @@ impl Service {
     /// SIGTERM, then the rest of stdout (the shutdown report).
     pub fn stop(mut self) -> String {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+        let status = self.child.wait();
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut self.stdout, &mut rest);
+        if rest.is_empty() {
+            // Say how it ended, so an assertion on the report shows why there was none.
+            rest = format!("(no shutdown report; trainmetrics serve ended with {status:?})");
+        }
         rest
     }
 }
