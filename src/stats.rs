@@ -32,13 +32,25 @@ pub enum DropReason {
     RetryExhausted,
     /// The backend rejected the batch with a permanent error (e.g. HTTP 400).
     Rejected,
-    /// Shutdown's timeout expired before these points could be delivered.
+    /// Shutdown's timeout expired before these points could be delivered (and no spool took
+    /// them).
     ShutdownTimeout,
+    /// The on-disk spool reached `sending_queue.spool.max_size`; the documented policy dropped
+    /// these points (see [`crate::spool`]).
+    SpoolFull,
+    /// The run already has `max_series_per_run` distinct series; points of further series are
+    /// dropped so memory stays bounded.
+    SeriesLimit,
+    /// A NaN or ±Inf value dropped by the exporter's `nonfinite: drop` policy.
+    NonFinite,
+    /// Points of an earlier session of a run at or above the step the run resumed from
+    /// (checkpoint resume): the resumed session's points replace them.
+    Superseded,
 }
 
 impl DropReason {
     /// Every reason, in report order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::QueueFull,
         DropReason::CardinalityOverflow,
         DropReason::InvalidStep,
@@ -50,6 +62,10 @@ impl DropReason {
         DropReason::RetryExhausted,
         DropReason::Rejected,
         DropReason::ShutdownTimeout,
+        DropReason::SpoolFull,
+        DropReason::SeriesLimit,
+        DropReason::NonFinite,
+        DropReason::Superseded,
     ];
 
     /// The snake_case name used in reports and logs.
@@ -66,6 +82,10 @@ impl DropReason {
             DropReason::RetryExhausted => "retry_exhausted",
             DropReason::Rejected => "rejected",
             DropReason::ShutdownTimeout => "shutdown_timeout",
+            DropReason::SpoolFull => "spool_full",
+            DropReason::SeriesLimit => "series_limit",
+            DropReason::NonFinite => "non_finite",
+            DropReason::Superseded => "superseded",
         }
     }
 
@@ -86,7 +106,7 @@ pub struct ExporterStats {
     received: AtomicU64,
     delivered: AtomicU64,
     retried: AtomicU64,
-    dropped: [AtomicU64; 11],
+    dropped: [AtomicU64; DropReason::ALL.len()],
     /// Named events that are not point drops (e.g. `param_conflict`): counted and reported.
     events: Mutex<BTreeMap<String, u64>>,
     last_error: Mutex<Option<String>>,
