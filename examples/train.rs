@@ -428,7 +428,7 @@ impl Recorder {
     /// OTLP mode: collects and exports now every [`FLUSH_EVERY`] steps (blocking until the
     /// export is done); returns how long that took. A failure is counted by the exporter.
     fn after_step(&self, step: u64) -> Option<Duration> {
-        let provider = self.flush.as_ref().filter(|_| step % FLUSH_EVERY == 0)?;
+        let provider = self.flush.as_ref().filter(|_| step.is_multiple_of(FLUSH_EVERY))?;
         let t = Instant::now();
         if let Err(e) = provider.force_flush() {
             tracing::warn!("forced export at step {step}: {e}");

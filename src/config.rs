@@ -148,9 +148,46 @@ pub struct QueueConfig {
     /// Requests the queue holds; default 1000.
     #[serde(default)]
     pub queue_size: Option<usize>,
-    /// Aggregated points that may await delivery; default 100000.
+    /// Aggregated points that may await delivery in memory; default 100000. With a spool, batches
+    /// past it move to disk instead of being dropped.
     #[serde(default)]
     pub max_pending_points: Option<usize>,
+    /// The on-disk part of the queue.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// `sending_queue.spool`: batches that cannot be delivered yet go to disk and survive restarts
+/// (see [`crate::spool`] for the format, fsync policy and replay).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Default: true for mlflow exporters, false for tensorboard (its backend is the disk).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The exporter's spool directory. Default: `<root>/<exporter name>` ('/' in the name as
+    /// '-'), root = `$TRAINMETRICS_SPOOL_DIR`, else `$XDG_STATE_HOME/trainmetrics/spool`, else
+    /// `$HOME/.local/state/trainmetrics/spool`, else `.trainmetrics/spool`.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// Most disk space, MiB; default 1024.
+    #[serde(default)]
+    pub max_size_mib: Option<u64>,
+    /// `drop_newest` (default) or `drop_oldest`: which batch goes when the spool is full.
+    #[serde(default)]
+    pub when_full: Option<crate::spool::WhenFull>,
+    /// fdatasync after every record; default true.
+    #[serde(default)]
+    pub fsync: Option<bool>,
+}
+
+/// The default spool root (see [`SpoolConfig::directory`]).
+pub fn default_spool_root() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("TRAINMETRICS_SPOOL_DIR")
+        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("trainmetrics/spool")))
+        .or_else(|| env("HOME").map(|d| d.join(".local/state/trainmetrics/spool")))
+        .unwrap_or_else(|| PathBuf::from(".trainmetrics/spool"))
 }
 
 /// One exporter as written by users. Keys of the other exporter type are rejected at validation.
@@ -674,6 +711,20 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     if c.sending_queue.queue_size == Some(0) {
         p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
     }
+    if c.sending_queue.spool.max_size_mib == Some(0) {
+        p.add(format!("{path}.sending_queue.spool.max_size_mib"), "must be at least 1");
+    }
+    let sc = &c.sending_queue.spool;
+    let spool = sc.enabled.unwrap_or(kind == "mlflow").then(|| crate::spool::SpoolSettings {
+        directory: sc.directory.clone().unwrap_or_else(|| default_spool_root().join(name.replace('/', "-"))),
+        max_bytes: sc.max_size_mib.unwrap_or(1024).saturating_mul(1 << 20),
+        when_full: sc.when_full.unwrap_or(crate::spool::WhenFull::DropNewest),
+        fsync: sc.fsync.unwrap_or(true),
+        target: match &backend {
+            Backend::TensorBoard(tb) => format!("tensorboard {}", tb.logdir.display()),
+            Backend::Mlflow(m) => format!("mlflow {}", m.tracking_uri),
+        },
+    });
     let defaults = DeliverySettings::default();
     let retry_defaults = RetrySettings::default();
     let every_steps = match (c.every_steps, c.interval) {
@@ -700,6 +751,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         },
         cadence,
         decode: DecodeSettings { prefix: c.prefix.clone().filter(|s| !s.is_empty()), ..decode.clone() },
+        spool,
     };
     Some(ExporterSettings {
         name: name.to_string(),

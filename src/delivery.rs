@@ -5,9 +5,16 @@
 //! never blocks: a full queue drops the request and counts it (`queue_full`), so the trainer's
 //! hot path and the SDK's reader thread never wait on disk or network.
 //!
-//! Shutdown closes every window, delivers within its timeout, counts what could not be delivered
-//! (`shutdown_timeout`), ends the exporter's runs, and returns a report. It is idempotent: a second
-//! call returns the first report.
+//! With a spool ([`crate::spool`], `sending_queue.spool`), batches also go to disk: every batch of a
+//! run whose backend is failing (write-ahead, so a crash in an outage loses nothing), batches past
+//! `max_pending_points` (their memory is freed; they are read back when their turn comes), and at
+//! shutdown whatever is left. Order per run is kept: a batch keeps its place in the queue whether
+//! its points are in memory or on disk. A new worker adopts what an earlier process left and
+//! delivers it first.
+//!
+//! Shutdown closes every window, delivers within its timeout, spools what could not be delivered
+//! (or, without a spool, counts it `shutdown_timeout`), ends the exporter's runs, and returns a
+//! report. It is idempotent: a second call returns the first report.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +27,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 
 use crate::batch::{count_data_points, DecodeSettings, Decoder};
 use crate::cadence::{CadenceSettings, Close, OutBatch, Windows};
+use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::retry::RetrySettings;
 use crate::stats::{DropReason, ExporterReport, ExporterStats};
@@ -40,6 +48,8 @@ pub struct DeliverySettings {
     pub cadence: CadenceSettings,
     /// Step key, run identity keys, name prefix.
     pub decode: DecodeSettings,
+    /// The on-disk spool (`sending_queue.spool`); `None`: memory only.
+    pub spool: Option<SpoolSettings>,
 }
 
 impl Default for DeliverySettings {
@@ -51,6 +61,7 @@ impl Default for DeliverySettings {
             retry: RetrySettings::default(),
             cadence: CadenceSettings::default(),
             decode: DecodeSettings::default(),
+            spool: None,
         }
     }
 }
@@ -104,8 +115,12 @@ struct Shared {
     queued_requests: AtomicU64,
     /// Data points in requests sitting in the queue.
     queued: AtomicU64,
-    /// Data points the worker holds (windows + batches awaiting delivery).
+    /// Data points the worker holds (windows + batches awaiting delivery, spooled ones included).
     held: AtomicU64,
+    /// Of those, data points whose batch is in the spool.
+    spooled: AtomicU64,
+    /// Bytes of the spool on disk.
+    spool_bytes: AtomicU64,
 }
 
 impl Delivery {
@@ -118,7 +133,7 @@ impl Delivery {
         let stats = Arc::new(ExporterStats::default());
         exporter.attach_stats(stats.clone());
         let shared = Arc::new(Shared::default());
-        let worker = Worker {
+        let mut worker = Worker {
             name: name.to_string(),
             exporter,
             decoder: Decoder::new(settings.decode.clone()),
@@ -127,10 +142,13 @@ impl Delivery {
             out_points: 0,
             failing: HashMap::new(),
             control: VecDeque::new(),
+            spool: None,
+            spooling_logged: false,
             settings,
             stats: stats.clone(),
             shared: shared.clone(),
         };
+        worker.open_spool();
         let handle = std::thread::Builder::new()
             .name(format!("trainmetrics-{name}"))
             .spawn(move || worker.run(rx))?;
@@ -199,14 +217,20 @@ impl Delivery {
             }
         }
         let pending = self.shared.queued.load(Ordering::Relaxed) + self.shared.held.load(Ordering::Relaxed);
-        self.stats.report(&self.name, pending)
+        self.with_spool(self.stats.report(&self.name, pending))
+    }
+
+    fn with_spool(&self, mut r: ExporterReport) -> ExporterReport {
+        r.spooled = self.shared.spooled.load(Ordering::Relaxed);
+        r.spool_bytes = self.shared.spool_bytes.load(Ordering::Relaxed);
+        r
     }
 
     /// Shuts the exporter down within `timeout` (see the module docs) and returns its report.
     /// Idempotent: later calls return the first report at once.
     pub fn shutdown(&self, outcome: RunOutcome, timeout: Duration) -> ExporterReport {
         let Ok(mut cached) = self.report.lock() else {
-            return self.stats.report(&self.name, 0);
+            return self.with_spool(self.stats.report(&self.name, 0));
         };
         if let Some(r) = cached.as_ref() {
             return r.clone();
@@ -228,13 +252,16 @@ impl Delivery {
             // dropped yet is reported as not delivered, so the report still adds up. The thread
             // is left to finish on its own.
             let now = self.stats.report(&self.name, 0);
-            let left = now.received.saturating_sub(now.delivered + now.dropped_total());
+            let spooled = self.shared.spooled.load(Ordering::Relaxed);
+            let left = now.received.saturating_sub(now.delivered + now.dropped_total() + spooled);
             self.stats.add_dropped(DropReason::ShutdownTimeout, left);
             let why = if alive { format!("shutdown timed out after {timeout:?}") } else { "the exporter's worker thread has died".to_string() };
             tracing::warn!(exporter = %self.name, not_delivered = left, "{why}");
             self.stats.set_last_error(why);
         }
-        let report = self.stats.report(&self.name, 0);
+        // What the spool keeps for the next start is still pending (received = delivered +
+        // dropped + pending holds).
+        let report = self.with_spool(self.stats.report(&self.name, self.shared.spooled.load(Ordering::Relaxed)));
         *cached = Some(report.clone());
         report
     }
@@ -273,18 +300,37 @@ struct Failing {
     next_at: Instant,
 }
 
+/// A batch awaiting delivery: its points in memory, on disk, or both.
+struct Queued {
+    key: String,
+    inputs: u64,
+    /// `None` while only the spool has it (read back when its turn comes).
+    batch: Option<OutBatch>,
+    spooled: Option<RecordRef>,
+}
+
+impl Queued {
+    fn points_in_memory(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.points.len())
+    }
+}
+
 struct Worker<E: Exporter> {
     name: String,
     exporter: E,
     decoder: Decoder,
     windows: Windows,
-    out: VecDeque<OutBatch>,
+    out: VecDeque<Queued>,
+    /// Points of the batches in `out` that are in memory (what `max_pending_points` bounds).
     out_points: usize,
     /// Runs whose head batch failed with a retryable error, until when they wait. Other runs'
     /// batches go on: one run's broken directory or rejected run must not stall the rest.
     failing: HashMap<String, Failing>,
     /// Control messages found while draining batches, handled in arrival order.
     control: VecDeque<Msg>,
+    spool: Option<Spool>,
+    /// Whether "spooling to disk" was logged for the current stretch of spooling.
+    spooling_logged: bool,
     settings: DeliverySettings,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -317,7 +363,7 @@ impl<E: Exporter> Worker<E> {
                     self.drain_queue(&rx);
                     self.close_windows(Close::Due);
                     self.deliver(None);
-                    let _ = ack.send(self.out.iter().map(OutBatch::inputs).sum());
+                    let _ = ack.send(self.out.iter().map(|q| q.inputs).sum());
                 }
                 Some(Msg::Shutdown { outcome, deadline, ack }) => {
                     self.finish(&rx, outcome, deadline);
@@ -339,7 +385,7 @@ impl<E: Exporter> Worker<E> {
             wake = wake.min(due);
         }
         for b in &self.out {
-            match self.failing.get(&b.run.key) {
+            match self.failing.get(&b.key) {
                 Some(f) => wake = wake.min(f.next_at.max(now)),
                 // A batch that is not waiting for a retry is deliverable now.
                 None => return Duration::ZERO,
@@ -349,8 +395,94 @@ impl<E: Exporter> Worker<E> {
     }
 
     fn publish_held(&self) {
-        let held = self.windows.pending_inputs() + self.out.iter().map(OutBatch::inputs).sum::<u64>();
+        let held = self.windows.pending_inputs() + self.out.iter().map(|q| q.inputs).sum::<u64>();
         self.shared.held.store(held, Ordering::Relaxed);
+        let spooled = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
+        self.shared.spooled.store(spooled, Ordering::Relaxed);
+        self.shared.spool_bytes.store(self.spool.as_ref().map_or(0, Spool::bytes), Ordering::Relaxed);
+    }
+
+    /// Opens the spool and queues what earlier processes left (before anything new). A spool
+    /// that cannot be opened is reported and the exporter goes on in memory.
+    fn open_spool(&mut self) {
+        let Some(settings) = self.settings.spool.clone() else { return };
+        let dir = settings.directory.clone();
+        let (spool, opened) = match Spool::open(&self.name, settings) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(exporter = %self.name, "spool disabled: {e}");
+                self.stats.set_last_error(format!("spool disabled: {e}"));
+                return;
+            }
+        };
+        self.spool = Some(spool);
+        if opened.corrupt_bytes > 0 {
+            tracing::warn!(exporter = %self.name, bytes = opened.corrupt_bytes, "spool: torn or damaged records skipped");
+            self.stats.add_event("spool_corrupt_bytes", opened.corrupt_bytes);
+        }
+        let mut inputs = 0;
+        let mut seen = std::collections::HashSet::new();
+        for r in opened.replayed {
+            if seen.insert(r.batch.run.key.clone()) {
+                self.exporter.observe_run(&r.batch.run);
+            }
+            let n = r.batch.inputs();
+            inputs += n;
+            let points = r.batch.points.len();
+            // Keep in memory what fits; the rest is read back when its turn comes.
+            let keep = self.out_points + points <= self.settings.max_pending_points;
+            if keep {
+                self.out_points += points;
+            }
+            self.out.push_back(Queued { key: r.batch.run.key.clone(), inputs: n, batch: keep.then_some(r.batch), spooled: Some(r.at) });
+        }
+        if inputs > 0 {
+            self.stats.add_received(inputs);
+            self.stats.add_event("replayed_from_spool", inputs);
+            tracing::info!(exporter = %self.name, points = inputs, batches = self.out.len(), dir = %dir.display(), "replaying what an earlier process left in the spool");
+        }
+        self.publish_held();
+    }
+
+    /// Writes the batch at `i` to the spool if it is not there yet. False if it could not be.
+    fn persist(&mut self, i: usize) -> Result<(), SpoolError> {
+        let (Some(spool), Some(q)) = (self.spool.as_mut(), self.out.get_mut(i)) else {
+            return Err(SpoolError::Full { max_bytes: 0 });
+        };
+        if q.spooled.is_some() {
+            return Ok(());
+        }
+        let Some(batch) = q.batch.as_ref() else { return Ok(()) };
+        match spool.append(batch) {
+            Ok(at) => {
+                q.spooled = Some(at);
+                if !self.spooling_logged {
+                    self.spooling_logged = true;
+                    tracing::info!(exporter = %self.name, dir = %spool.directory().display(), "spooling batches to disk");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !matches!(e, SpoolError::Full { .. }) {
+                    tracing::warn!(exporter = %self.name, "could not spool a batch: {e}");
+                }
+                self.stats.set_last_error(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Spools every queued batch of `key` (its backend is failing).
+    fn persist_run(&mut self, key: &str) {
+        if self.spool.is_none() {
+            return;
+        }
+        let idx: Vec<usize> = (0..self.out.len()).filter(|&i| self.out[i].key == key && self.out[i].spooled.is_none()).collect();
+        for i in idx {
+            if let Err(SpoolError::Full { .. }) = self.persist(i) {
+                break;
+            }
+        }
     }
 
     fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64) {
@@ -388,26 +520,94 @@ impl<E: Exporter> Worker<E> {
     fn close_windows(&mut self, close: Close) {
         for b in self.windows.take_ready(Instant::now(), close) {
             self.out_points += b.points.len();
-            self.out.push_back(b);
+            let key = b.run.key.clone();
+            let failing = self.failing.contains_key(&key);
+            self.out.push_back(Queued { key, inputs: b.inputs(), batch: Some(b), spooled: None });
+            if failing && self.spool.is_some() {
+                // Write-ahead while the backend is down: a crash now loses nothing.
+                if let Err(SpoolError::Full { .. }) = self.persist(self.out.len() - 1) {
+                    self.spool_full_newest();
+                }
+            }
         }
-        while self.out_points > self.settings.max_pending_points {
-            let Some(old) = self.out.pop_front() else { break };
-            self.out_points -= old.points.len();
-            self.stats.add_dropped(DropReason::PendingFull, old.inputs());
-            tracing::warn!(exporter = %self.name, dropped = old.inputs(), "too many points wait for delivery; oldest dropped");
+        self.fit_memory();
+    }
+
+    /// Keeps the points in memory within `max_pending_points`: spooled batches give up their
+    /// memory first, then the oldest batches are spooled; without a spool (or with a full one)
+    /// a batch is dropped per policy.
+    fn fit_memory(&mut self) {
+        let max = self.settings.max_pending_points;
+        let mut i = 0;
+        while self.out_points > max && i < self.out.len() {
+            if self.out[i].spooled.is_none() && self.spool.is_some() && self.persist(i).is_err() {
+                break;
+            }
+            if self.out[i].spooled.is_some() {
+                self.out_points -= self.out[i].points_in_memory();
+                self.out[i].batch = None;
+            }
+            i += 1;
         }
+        while self.out_points > max {
+            if self.spool.is_none() {
+                let Some(old) = self.out.pop_front() else { break };
+                self.out_points -= old.points_in_memory();
+                self.stats.add_dropped(DropReason::PendingFull, old.inputs);
+                tracing::warn!(exporter = %self.name, dropped = old.inputs, "too many points wait for delivery; oldest dropped");
+            } else if !self.spool_full_newest() {
+                break;
+            }
+        }
+    }
+
+    /// The spool is full: applies `when_full` once (drops one batch, counted `spool_full`).
+    /// False if there was nothing to drop.
+    fn spool_full_newest(&mut self) -> bool {
+        let policy = self.settings.spool.as_ref().map_or(WhenFull::DropNewest, |s| s.when_full);
+        let i = match policy {
+            WhenFull::DropNewest => self.out.iter().rposition(|q| q.spooled.is_none() && q.batch.is_some()),
+            WhenFull::DropOldest => (!self.out.is_empty()).then_some(0),
+        };
+        let Some(i) = i else { return false };
+        let inputs = self.out[i].inputs;
+        let key = self.out[i].key.clone();
+        self.remove(i);
+        self.stats.add_dropped(DropReason::SpoolFull, inputs);
+        tracing::warn!(exporter = %self.name, run = %key, dropped = inputs, ?policy, "the spool is full; a batch was dropped");
+        true
     }
 
     /// Calls the exporter, turning a panic into a permanent error: a bug or hostile input in one
     /// batch must not kill the worker (and with it every later batch).
     fn export_guarded(&mut self, i: usize, timeout: Duration) -> Result<Exported, ExportError> {
-        let Some(batch) = self.out.get(i) else {
+        self.load(i)?;
+        let Some(batch) = self.out.get(i).and_then(|q| q.batch.as_ref()) else {
             return Err(ExportError::Permanent { message: "batch vanished".into() });
         };
         let exporter = &mut self.exporter;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exporter.export(batch, timeout))).unwrap_or_else(|_| {
             Err(ExportError::Permanent { message: "the exporter panicked on this batch".into() })
         })
+    }
+
+    /// Reads a spooled batch back into memory for its export.
+    fn load(&mut self, i: usize) -> Result<(), ExportError> {
+        let Some(q) = self.out.get_mut(i) else { return Ok(()) };
+        if q.batch.is_some() {
+            return Ok(());
+        }
+        let (Some(spool), Some(at)) = (self.spool.as_mut(), q.spooled) else {
+            return Err(ExportError::Permanent { message: "batch vanished".into() });
+        };
+        match spool.read(at) {
+            Ok(b) => {
+                self.out_points += b.points.len();
+                q.batch = Some(b);
+                Ok(())
+            }
+            Err(e) => Err(ExportError::Permanent { message: format!("cannot read the batch back from the spool: {e}") }),
+        }
     }
 
     /// One pass over the waiting batches in order, skipping runs that wait for a retry (a run's
@@ -419,7 +619,7 @@ impl<E: Exporter> Worker<E> {
         let mut i = 0;
         while i < self.out.len() && started.elapsed() < DELIVER_SLICE {
             let now = Instant::now();
-            let key = self.out[i].run.key.clone();
+            let key = self.out[i].key.clone();
             if self.failing.get(&key).is_some_and(|f| now < f.next_at) {
                 i += 1;
                 continue;
@@ -432,12 +632,12 @@ impl<E: Exporter> Worker<E> {
                 }
             }
             let result = self.export_guarded(i, timeout);
-            let inputs = self.out[i].inputs();
+            let inputs = self.out[i].inputs;
             match result {
                 Ok(exported) => {
                     let mut refused = 0;
                     for (j, reason) in exported.refused {
-                        if let Some(p) = self.out[i].points.get(j) {
+                        if let Some(p) = self.out[i].batch.as_ref().and_then(|b| b.points.get(j)) {
                             self.stats.add_dropped(reason, p.inputs);
                             refused += p.inputs;
                         }
@@ -458,11 +658,16 @@ impl<E: Exporter> Worker<E> {
                 Err(ExportError::Retryable { message, retry_after }) => {
                     self.stats.add_retry();
                     let now = Instant::now();
-                    let retry = &self.settings.retry;
-                    let f = self.failing.entry(key.clone()).or_insert_with(|| {
+                    if !self.failing.contains_key(&key) {
                         tracing::warn!(exporter = %self.name, run = %key, "export failing, will retry: {message}");
-                        Failing { since: now, attempts: 0, next_at: now }
-                    });
+                        self.failing.insert(key.clone(), Failing { since: now, attempts: 0, next_at: now });
+                        self.persist_run(&key);
+                    }
+                    let retry = &self.settings.retry;
+                    let Some(f) = self.failing.get_mut(&key) else {
+                        i += 1;
+                        continue;
+                    };
                     f.attempts += 1;
                     let exhausted = !retry.enabled
                         || (deadline.is_none() && now.saturating_duration_since(f.since) >= retry.max_elapsed_time);
@@ -482,9 +687,16 @@ impl<E: Exporter> Worker<E> {
         }
     }
 
+    /// Takes the batch at `i` out of the queue (delivered or dropped), freeing its spool record.
     fn remove(&mut self, i: usize) {
-        if let Some(b) = self.out.remove(i) {
-            self.out_points -= b.points.len();
+        if let Some(q) = self.out.remove(i) {
+            self.out_points -= q.points_in_memory();
+            if let (Some(spool), Some(at)) = (self.spool.as_mut(), q.spooled) {
+                spool.ack(at);
+            }
+        }
+        if self.out.iter().all(|q| q.spooled.is_none()) {
+            self.spooling_logged = false;
         }
     }
 
@@ -503,20 +715,35 @@ impl<E: Exporter> Worker<E> {
         let until = deadline - reserve;
         while !self.out.is_empty() && Instant::now() < until {
             self.deliver(Some(until));
-            let next = self.out.iter().filter_map(|b| self.failing.get(&b.run.key).map(|f| f.next_at)).min();
+            let next = self.out.iter().filter_map(|b| self.failing.get(&b.key).map(|f| f.next_at)).min();
             match next {
                 Some(t) if t < until => std::thread::sleep(t.saturating_duration_since(Instant::now())),
-                Some(_) if self.out.iter().all(|b| self.failing.contains_key(&b.run.key)) => break,
+                Some(_) if self.out.iter().all(|b| self.failing.contains_key(&b.key)) => break,
                 _ => {}
             }
         }
-        let left: u64 = self.out.iter().map(OutBatch::inputs).sum();
-        if left > 0 {
-            self.stats.add_dropped(DropReason::ShutdownTimeout, left);
-            tracing::warn!(exporter = %self.name, not_delivered = left, "shutdown deadline reached before delivery");
-            self.out.clear();
-            self.out_points = 0;
+        // What is left goes to the spool for the next start; what cannot is not delivered.
+        let mut lost = 0;
+        for i in 0..self.out.len() {
+            if self.out[i].spooled.is_none() && (self.spool.is_none() || self.persist(i).is_err()) {
+                lost += self.out[i].inputs;
+            }
         }
+        let spooled: u64 = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
+        if lost > 0 {
+            self.stats.add_dropped(DropReason::ShutdownTimeout, lost);
+            tracing::warn!(exporter = %self.name, not_delivered = lost, "shutdown deadline reached before delivery");
+        }
+        if spooled > 0 {
+            tracing::warn!(exporter = %self.name, points = spooled,
+                dir = %self.spool.as_ref().map(|s| s.directory().display().to_string()).unwrap_or_default(),
+                "not delivered before shutdown; kept in the spool for the next start");
+        }
+        self.shared.spooled.store(spooled, Ordering::Relaxed);
+        self.shared.spool_bytes.store(self.spool.as_ref().map_or(0, Spool::bytes), Ordering::Relaxed);
+        // Spooled records stay on disk (not acknowledged) for the next process.
+        self.out.clear();
+        self.out_points = 0;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let exporter = &mut self.exporter;
         let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -47,6 +47,7 @@ pub mod receiver;
 pub mod retry;
 pub mod sdk;
 pub mod serve;
+pub mod spool;
 pub mod stats;
 
 pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};

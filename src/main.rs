@@ -110,7 +110,10 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 fn serve(config: Option<&Path>, set: &[String]) -> anyhow::Result<()> {
     let settings = load(config, set)?.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let stop = rt.block_on(async { shutdown_signal() });
+    let stop = {
+        let _in_runtime = rt.enter();
+        shutdown_signal()
+    };
     let report = rt.block_on(trainmetrics::serve::run(
         settings,
         |l| {

@@ -159,6 +159,8 @@ impl ExporterStats {
             delivered: self.delivered.load(Ordering::Relaxed),
             dropped,
             pending,
+            spooled: 0,
+            spool_bytes: 0,
             retried: self.retried.load(Ordering::Relaxed),
             events: self.events.lock().map(|e| e.clone()).unwrap_or_default(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
@@ -179,6 +181,11 @@ pub struct ExporterReport {
     pub dropped: BTreeMap<String, u64>,
     /// Data points still held (queued, in an open window, or awaiting retry).
     pub pending: u64,
+    /// Of `pending`, data points whose batches are in the on-disk spool (after shutdown: what the
+    /// next start will deliver).
+    pub spooled: u64,
+    /// Bytes of the spool on disk.
+    pub spool_bytes: u64,
     /// Export attempts that were retried.
     pub retried: u64,
     /// Named events that are not point drops, e.g. `param_conflict`.
@@ -210,6 +217,9 @@ impl fmt::Display for ExporterReport {
         }
         if self.pending > 0 {
             write!(f, " pending {}", self.pending)?;
+        }
+        if self.spooled > 0 || self.spool_bytes > 0 {
+            write!(f, " (spooled {} in {} bytes)", self.spooled, self.spool_bytes)?;
         }
         if self.retried > 0 {
             write!(f, " retried {}", self.retried)?;

@@ -37,9 +37,62 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// A real MLflow tracking server (tests/support/mlflow_server.py: SQLite store in `dir`, bound to
+/// 127.0.0.1:`port`), stopped by PID when dropped or by [`MlflowServer::stop`]. A test may stop it
+/// and start another on the same port and directory: the same tracking URI, the same data.
+pub struct MlflowServer {
+    /// `http://127.0.0.1:<port>`.
+    pub uri: String,
+    child: Child,
+    stopped: bool,
+}
+
+impl MlflowServer {
+    /// Starts one and waits until it answers `/health`.
+    pub fn start(port: u16, dir: &Path) -> MlflowServer {
+        let mut child = Command::new(python())
+            .arg(root().join("tests/support/mlflow_server.py"))
+            .args(["--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("missing component: could not run tests/support/mlflow_server.py with the venv's python");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read mlflow_server.py output");
+        let uri = line
+            .trim()
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("missing component: MLflow server did not start: {line}"))
+            .to_string();
+        MlflowServer { uri, child, stopped: false }
+    }
+
+    /// Stops it (the watchdog ends the server's whole process group) and waits until it has.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
 struct Server {
-    uri: String,
-    _child: Child,
+    server: MlflowServer,
     _dir: tempfile::TempDir,
 }
 
@@ -50,27 +103,10 @@ pub fn mlflow_uri() -> String {
     MLFLOW
         .get_or_init(|| {
             let dir = tempfile::tempdir().expect("temp dir for mlflow");
-            let port = free_port();
-            let mut child = Command::new(python())
-                .arg(root().join("tests/support/mlflow_server.py"))
-                .args(["--port", &port.to_string()])
-                .arg("--dir")
-                .arg(dir.path())
-                .args(["--parent-pid", &std::process::id().to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("missing component: could not run tests/support/mlflow_server.py with the venv's python");
-            let stdout = child.stdout.take().expect("stdout");
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).expect("read mlflow_server.py output");
-            let uri = line
-                .trim()
-                .strip_prefix("READY ")
-                .unwrap_or_else(|| panic!("missing component: MLflow server did not start: {line}"))
-                .to_string();
-            Server { uri, _child: child, _dir: dir }
+            let server = MlflowServer::start(free_port(), dir.path());
+            Server { server, _dir: dir }
         })
+        .server
         .uri
         .clone()
 }
@@ -143,7 +179,15 @@ pub fn kv(run: &Value, what: &str) -> BTreeMap<String, String> {
 
 /// Runs of an experiment by name (empty if the experiment does not exist).
 pub fn runs_of_experiment(uri: &str, experiment: &str) -> Vec<Value> {
-    let e = get(uri, "experiments/get-by-name", &[("experiment_name", experiment)]);
+    // 404 (RESOURCE_DOES_NOT_EXIST) is an answer here, not a failure.
+    let mut resp = ureq::get(format!("{uri}/api/2.0/mlflow/experiments/get-by-name"))
+        .query("experiment_name", experiment)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap_or_else(|e| panic!("GET experiments/get-by-name: {e}"));
+    let e: Value = serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("json");
     let Some(id) = e.pointer("/experiment/experiment_id").and_then(Value::as_str) else {
         return Vec::new();
     };
@@ -422,6 +466,9 @@ pub struct Service {
     /// HTTP `host:port`.
     pub http: String,
     stdout: BufReader<std::process::ChildStdout>,
+    /// The default spool root of this service (`TRAINMETRICS_SPOOL_DIR`), so no test replays
+    /// another's leftovers; a test that restarts a service sets the directory itself.
+    _spool: tempfile::TempDir,
 }
 
 impl Service {
@@ -440,8 +487,9 @@ impl Service {
 
     /// As [`Service::start`], from a config file.
     pub fn start_with(config: Option<&Path>, logdir: &Path, extra: &[String]) -> Service {
+        let spool = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(trainmetrics_bin());
-        cmd.arg("serve");
+        cmd.arg("serve").env("TRAINMETRICS_SPOOL_DIR", spool.path());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -469,7 +517,7 @@ impl Service {
                 .to_string()
         };
         let (grpc, http) = (field("grpc="), field("http="));
-        Service { child, grpc, http, stdout }
+        Service { child, grpc, http, stdout, _spool: spool }
     }
 
     /// SIGTERM, then the rest of stdout (the shutdown report).
