@@ -39,8 +39,9 @@
 //! `reorder_window` (0s; how long windows wait for out-of-order points),
 //! `reader_interval` (in process: the SDK PeriodicReader's interval, default 1s), `timeout`
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
-//! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
-//! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
+//! `max_interval` 30s, `max_elapsed_time` 300s; with a spool, failing batches wait while it has
+//! room), `sending_queue` (`queue_size` 1000 requests, `max_pending_points` 100000, `spool`: see
+//! [`SpoolConfig`]), and mlflow `experiment` (default experiment) and `run_id`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

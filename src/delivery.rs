@@ -669,8 +669,12 @@ impl<E: Exporter> Worker<E> {
                         continue;
                     };
                     f.attempts += 1;
+                    // With a spool, a batch waits as long as the spool has room for it (its limit
+                    // and `when_full` bound the wait); `max_elapsed_time` bounds memory-only ones.
                     let exhausted = !retry.enabled
-                        || (deadline.is_none() && now.saturating_duration_since(f.since) >= retry.max_elapsed_time);
+                        || (deadline.is_none()
+                            && self.spool.is_none()
+                            && now.saturating_duration_since(f.since) >= retry.max_elapsed_time);
                     self.stats.set_last_error(message);
                     if exhausted {
                         self.stats.add_dropped(DropReason::RetryExhausted, inputs);
