@@ -11,4 +11,7 @@ command -v cargo >/dev/null || { echo "test.sh: cargo (Rust) is required" >&2; e
 scripts/setup.sh
 TRAINMETRICS_OTELCOL="$(scripts/build-collector.sh)"
 export TRAINMETRICS_OTELCOL
+# Spools of tests that end with MLflow unreachable stay inside the build folder, never in ~.
+export TRAINMETRICS_SPOOL_DIR="$PWD/target/test-spool"
+rm -rf "$TRAINMETRICS_SPOOL_DIR"
 cargo test --locked "$@"
