@@ -588,6 +588,23 @@ impl SpoolBatch {
     }
 }
 
+/// Every batch in a spool directory, in write order, whoever holds the segments and whatever
+/// their target (read-only, no locks taken; for tools and tests that inspect a spool). Torn or
+/// damaged records end their segment, as in replay.
+pub fn inspect(dir: &Path) -> Vec<OutBatch> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|it| it.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "spool")).collect())
+        .unwrap_or_default();
+    names.sort();
+    let mut out = Vec::new();
+    for path in names {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let frames = Frames { bytes: &bytes, at: 0 };
+        out.extend(frames.skip(1).map_while(|(_, p)| SpoolBatch::decode(p).ok()).map(SpoolBatch::into_batch));
+    }
+    out
+}
+
 /// Bytes of all segment files in a spool directory, whoever holds them (for tools and tests that
 /// inspect a directory; a running exporter reports its own as `spool_bytes`).
 pub fn directory_bytes(dir: &Path) -> u64 {

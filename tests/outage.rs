@@ -185,6 +185,22 @@ fn spooled_points_survive_a_restart_of_the_library_and_reach_mlflow() {
 /// spooled at SIGTERM and delivered by the next service on the same spool.
 #[test]
 fn a_restarted_service_delivers_what_the_previous_one_spooled() {
+    served_points_survive(End::Sigterm);
+}
+
+/// A service killed with SIGKILL during the outage: the batches it had written ahead to the
+/// spool (every batch of a failing run is) reach MLflow through the next service.
+#[test]
+fn a_service_killed_during_an_outage_loses_nothing_it_had_spooled() {
+    served_points_survive(End::Sigkill);
+}
+
+enum End {
+    Sigterm,
+    Sigkill,
+}
+
+fn served_points_survive(end: End) {
     let data = tempfile::tempdir().expect("tempdir");
     let spool = tempfile::tempdir().expect("tempdir");
     let logdir = tempfile::tempdir().expect("tempdir");
@@ -205,10 +221,23 @@ fn a_restarted_service_delivers_what_the_previous_one_spooled() {
     let body = prost::Message::encode_to_vec(&common::otlp::request(vec![common::otlp::resource(run, &points)]));
     let resp = ureq::post(format!("http://{}/v1/metrics", svc.http)).header("Content-Type", "application/x-protobuf").send(&body[..]);
     assert_eq!(resp.expect("POST /v1/metrics").status(), 200);
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = svc.stop();
-    let line = report.lines().find(|l| l.trim_start().starts_with("mlflow:")).unwrap_or_else(|| panic!("{report}"));
-    assert!(line.contains("received 20 delivered 0 dropped 0 pending 20 (spooled 20"), "{report}");
+    match end {
+        End::Sigterm => {
+            std::thread::sleep(Duration::from_millis(1500));
+            let report = svc.stop();
+            let line = report.lines().find(|l| l.trim_start().starts_with("mlflow:")).unwrap_or_else(|| panic!("{report}"));
+            assert!(line.contains("received 20 delivered 0 dropped 0 pending 20 (spooled 20"), "{report}");
+        }
+        End::Sigkill => {
+            // The last window closes after `linger` (2 s) of quiet; then every batch is on disk.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while spooled_points(spool.path()) < 20 {
+                assert!(Instant::now() < deadline, "the failing run's batches were never written ahead");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            svc.kill();
+        }
+    }
 
     let server = MlflowServer::start(port, data.path());
     let svc = Service::start(logdir.path(), &sets);
@@ -222,6 +251,11 @@ fn a_restarted_service_delivers_what_the_previous_one_spooled() {
     assert!(report.contains("replayed_from_spool 20"), "{report}");
     assert_exactly_once(&uri, &run_id, "loss", 1..=20);
     server.stop();
+}
+
+/// Data points in the batches of a spool directory, read with the crate's own reader.
+fn spooled_points(dir: &Path) -> u64 {
+    trainmetrics::spool::inspect(dir).iter().map(|b| b.inputs()).sum()
 }
 
 fn wait_for_run(uri: &str, experiment: &str) -> String {

@@ -520,6 +520,12 @@ impl Service {
         Service { child, grpc, http, stdout, _spool: spool }
     }
 
+    /// SIGKILL: no drain, no report (what a crash or the OOM killer does).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then the rest of stdout (the shutdown report).
     pub fn stop(mut self) -> String {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
