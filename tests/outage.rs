@@ -159,6 +159,9 @@ fn spooled_points_survive_a_restart_of_the_library_and_reach_mlflow() {
     let ml = &r.exporters[0];
     assert_eq!((ml.received, ml.delivered, ml.dropped_total(), ml.spooled), (30, 0, 0, 30), "{ml}");
     assert_eq!(ml.spool_bytes, trainmetrics::spool::directory_bytes(spool.path()), "{ml}");
+    // Kept to replay the same batches a second time below.
+    let copy = tempfile::tempdir().expect("tempdir");
+    copy_spool(spool.path(), copy.path());
 
     let server = MlflowServer::start(port, data.path());
     let second = Pipeline::builder()
@@ -178,7 +181,29 @@ fn spooled_points_survive_a_restart_of_the_library_and_reach_mlflow() {
     let id = first_run["info"]["run_id"].as_str().expect("id");
     assert_exactly_once(&uri, id, "loss", 1..=30);
     assert_eq!(trainmetrics::spool::directory_bytes(spool.path()), 0);
+
+    // A crash right after delivery leaves delivered batches in the spool: replaying them again
+    // keeps the original timestamps, and MLflow stores each row once.
+    copy_spool(copy.path(), spool.path());
+    let third = Pipeline::builder()
+        .experiment(&experiment)
+        .run_name("third")
+        .exporter("mlflow", mlflow_exporter(&uri, spool.path(), None))
+        .shutdown_timeout(Duration::from_secs(30))
+        .build()
+        .expect("pipeline");
+    let r = third.shutdown();
+    assert_eq!(r.exporters[0].events.get("replayed_from_spool"), Some(&30), "{}", r.exporters[0]);
+    assert_eq!(r.exporters[0].delivered, 30, "{}", r.exporters[0]);
+    assert_exactly_once(&uri, id, "loss", 1..=30);
     server.stop();
+}
+
+fn copy_spool(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).expect("spool dir") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, to.join(p.file_name().expect("name"))).expect("copy segment");
+    }
 }
 
 /// The same through `trainmetrics serve`: points received over OTLP while MLflow is down are
