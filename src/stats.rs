@@ -159,6 +159,8 @@ impl ExporterStats {
             delivered: self.delivered.load(Ordering::Relaxed),
             dropped,
             pending,
+            spooled: 0,
+            spool_bytes: 0,
             retried: self.retried.load(Ordering::Relaxed),
             events: self.events.lock().map(|e| e.clone()).unwrap_or_default(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
@@ -179,6 +181,10 @@ pub struct ExporterReport {
     pub dropped: BTreeMap<String, u64>,
     /// Data points still held (queued, in an open window, or awaiting retry).
     pub pending: u64,
+    /// Data points in the on-disk spool (0 without one).
+    pub spooled: u64,
+    /// Size of the on-disk spool, bytes (0 without one).
+    pub spool_bytes: u64,
     /// Export attempts that were retried.
     pub retried: u64,
     /// Named events that are not point drops, e.g. `param_conflict`.
