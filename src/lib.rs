@@ -48,6 +48,7 @@ pub mod retry;
 pub mod sdk;
 pub mod serve;
 pub mod stats;
+pub mod telemetry;
 
 pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};
 pub use stats::{DropReason, ExporterReport};

@@ -421,6 +421,8 @@ pub struct Service {
     pub grpc: String,
     /// HTTP `host:port`.
     pub http: String,
+    /// Self-telemetry `host:port` (`/metrics`, `/health`).
+    pub telemetry: String,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
@@ -448,6 +450,7 @@ impl Service {
         cmd
             .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
             .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
+            .args(["--set", "service.telemetry.endpoint=127.0.0.1:0"])
             .arg("--set")
             .arg(format!("exporters.tensorboard.logdir={}", logdir.display()))
             .args(["--set", "exporters.tensorboard.reorder_window=1s"])
@@ -468,8 +471,13 @@ impl Service {
                 .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
                 .to_string()
         };
-        let (grpc, http) = (field("grpc="), field("http="));
-        Service { child, grpc, http, stdout }
+        let (grpc, http, telemetry) = (field("grpc="), field("http="), field("telemetry="));
+        Service { child, grpc, http, telemetry, stdout }
+    }
+
+    /// The process id (e.g. to signal it while still reading from it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGTERM, then the rest of stdout (the shutdown report).
