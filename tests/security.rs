@@ -438,6 +438,7 @@ fn grpc_size_limits_refuse_large_messages_and_a_gzip_bomb_without_exhausting_mem
     assert_eq!(status, (tonic::Code::ResourceExhausted as i32).to_string(), "{message}");
     assert!(message.contains("decompress"), "{message}");
     let peak = peak_rss_kib(p.child.id());
+    eprintln!("peak RSS of serve after a 512 MiB gzip bomb: {peak} KiB");
     assert!(peak < 200 * 1024, "the bomb was not inflated: peak RSS {peak} KiB");
     // Over the limit as sent: refused before it is read.
     let big = vec![0x0a_u8; (1 << 20) + 10];
@@ -582,4 +583,78 @@ fn secrets_never_show_in_serve_or_validate_output() {
     assert!(log.contains("DEBUG"), "the log ran at debug level: {log}");
     check("serve stdout", &out);
     check("serve stderr", &log);
+}
+
+/// The real OpenTelemetry Collector in front: its OTLP/gRPC exporter verifies our certificate
+/// (`tls.ca_file`), sends the bearer token (`headers`), and retries batches our rate limit
+/// refused (`RESOURCE_EXHAUSTED` with `RetryInfo` is retryable per the OTLP spec), so every
+/// point lands.
+#[test]
+fn a_collector_delivers_over_tls_with_a_bearer_token_through_the_rate_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_pem, key_pem) = server_cert();
+    let (cert, key) = (write(dir.path(), "server.pem", &cert_pem), write(dir.path(), "server.key", &key_pem));
+    let token = write(dir.path(), "token", "collector-t0ken\n");
+    let mut sets = tls_sets(&cert, &key, None);
+    sets.extend([
+        "--set".to_string(),
+        format!("receivers.otlp.auth.bearer_token_file={}", token.display()),
+        "--set".to_string(),
+        "receivers.otlp.protocols.grpc.rate_limit={requests_per_second: 1, burst: 1}".to_string(),
+    ]);
+    let p = serve(dir.path(), &sets, &[]);
+    let config = write(
+        dir.path(),
+        "collector.yaml",
+        &format!(
+            r#"receivers:
+  otlp:
+    protocols:
+      grpc: {{endpoint: "${{env:OTELCOL_GRPC_ENDPOINT}}"}}
+processors:
+  batch: {{timeout: 100ms}}
+exporters:
+  otlp_grpc:
+    endpoint: {}
+    tls: {{ca_file: {}}}
+    headers: {{authorization: "Bearer collector-t0ken"}}
+    retry_on_failure: {{enabled: true, initial_interval: 100ms, max_interval: 1s, max_elapsed_time: 60s}}
+service:
+  pipelines:
+    metrics: {{receivers: [otlp], processors: [batch], exporters: [otlp_grpc]}}
+  telemetry:
+    metrics:
+      level: basic
+      readers:
+        - pull:
+            exporter:
+              prometheus: {{host: 127.0.0.1, port: "${{env:OTELCOL_METRICS_PORT}}"}}
+"#,
+            p.grpc,
+            cert.display()
+        ),
+    );
+    let collector = common::Collector::start_config(&config.display().to_string(), &[], Stdio::null());
+    // Six batches about 250 ms apart: more than a 1/s rate limit with a burst of 1 admits.
+    let rt = rt();
+    rt.block_on(async {
+        let ch = plain_channel(&collector.grpc).await;
+        for step in 1..=6 {
+            grpc_export(ch.clone(), req("via-collector", &[("loss", Some(step), step as f64)]), None).await.expect("to the collector");
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    });
+    collector.wait_sent(6);
+    let metrics = agent(None).get(format!("http://{}/metrics", p.telemetry)).call().expect("scrape").body_mut().read_to_string().expect("text");
+    let count = |outcome: &str| -> u64 {
+        let prefix = format!("trainmetrics_receiver_requests_total{{protocol=\"grpc\",outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("throttled") >= 1, "the rate limit must have refused some batch: {metrics}");
+    assert!(count("ok") >= 1 && count("unauthenticated") == 0, "{metrics}");
+    collector.stop();
+    let (report, _) = p.stop();
+    assert!(report.contains("tensorboard: received 6 delivered 6 dropped 0"), "{report}");
+    let tb = read_tb(&dir.path().join("tb"), Loader::Python);
+    assert_eq!(tb.scalars["via-collector"]["loss"], (1..=6).map(|s| (s, s as f64)).collect::<Vec<_>>());
 }
