@@ -45,7 +45,8 @@
 //! `reader_interval` (in process: the SDK PeriodicReader's interval, default 1s), `timeout`
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
-//! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
+//! `max_pending_points` 100000), and mlflow `experiment` (default experiment), `run_id`, and
+//! `token_file` / `password_file` (credentials from a file, see [`crate::exporter::mlflow::config`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
