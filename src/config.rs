@@ -9,6 +9,11 @@
 //!     protocols:             # the protocols listed are enabled; none listed: both
 //!       grpc: {endpoint: 127.0.0.1:14317, max_recv_msg_size_mib: 64}
 //!       http: {endpoint: 127.0.0.1:14318, max_request_body_size_mib: 64}
+//!       # each protocol also: tls: {cert_file, key_file, client_ca_file}  (default: plaintext)
+//!       #                     rate_limit: {requests_per_second, burst}    (default: off)
+//!     # auth: {bearer_token_file: PATH}  or {bearer_token_env: VAR}      (default: off)
+//! service:                   # service only
+//!   telemetry: {endpoint: 127.0.0.1:14319}   # GET /metrics, GET /health; null: off
 //! run:                       # in-process only: the identity of this process's run
 //!   experiment: iris         # default: MLFLOW_EXPERIMENT_NAME, else none (exporter default)
 //!   name: mlp-1              # default: run-<UTC date>-<time>
@@ -41,7 +46,8 @@
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s; with a spool, failing batches wait while it has
 //! room), `sending_queue` (`queue_size` 1000 requests, `max_pending_points` 100000, `spool`: see
-//! [`SpoolConfig`]), and mlflow `experiment` (default experiment) and `run_id`.
+//! [`SpoolConfig`]), and mlflow `experiment` (default experiment), `run_id`, and
+//! `token_file` / `password_file` (credentials from a file, see [`crate::exporter::mlflow::config`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -207,6 +213,13 @@ pub struct ExporterConfig {
     /// mlflow: an existing MLflow run id to continue; default `MLFLOW_RUN_ID`.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// mlflow: file holding a Bearer token (trimmed); beats `MLFLOW_TRACKING_TOKEN`. Default none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// mlflow: file holding the HTTP Basic password (trimmed) of `MLFLOW_TRACKING_USERNAME`;
+    /// beats `MLFLOW_TRACKING_PASSWORD`. Default none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Window length in steps (see [`crate::cadence`]).
     #[serde(default)]
     pub every_steps: Option<u64>,
@@ -249,13 +262,17 @@ pub struct GrpcConfig {
     /// `host:port` to listen on; default `127.0.0.1:14317` (the collector's own default is 4317,
     /// so both can run on one host).
     pub endpoint: String,
-    /// Largest accepted message, MiB; default 64.
+    /// Largest accepted message, MiB, before and after decompression; default 64.
     pub max_recv_msg_size_mib: usize,
+    /// TLS; default none (plaintext).
+    pub tls: Option<TlsConfig>,
+    /// Request rate limit; default none (off).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
-        Self { endpoint: "127.0.0.1:14317".into(), max_recv_msg_size_mib: 64 }
+        Self { endpoint: "127.0.0.1:14317".into(), max_recv_msg_size_mib: 64, tls: None, rate_limit: None }
     }
 }
 
@@ -267,12 +284,84 @@ pub struct HttpConfig {
     pub endpoint: String,
     /// Largest accepted body, MiB, before and after decompression; default 64.
     pub max_request_body_size_mib: usize,
+    /// TLS; default none (plaintext).
+    pub tls: Option<TlsConfig>,
+    /// Request rate limit; default none (off).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { endpoint: "127.0.0.1:14318".into(), max_request_body_size_mib: 64 }
+        Self { endpoint: "127.0.0.1:14318".into(), max_request_body_size_mib: 64, tls: None, rate_limit: None }
     }
+}
+
+/// `tls` of a receiver protocol: PEM files, the OpenTelemetry Collector's `configtls` keys
+/// (see [`crate::receiver::security`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates, PEM; when set, clients must present a certificate one of them signed
+    /// (mutual TLS). Default none.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `rate_limit` of a receiver protocol: a token bucket over requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second (at least 1).
+    pub requests_per_second: u32,
+    /// Requests allowed at once; default `requests_per_second`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// `receivers.otlp.auth`: clients must send `Authorization: Bearer <token>`. The token is read
+/// at startup from a file (trimmed) or an environment variable, never written in the YAML.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the token.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding the token.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+}
+
+/// `service.telemetry` (service only): the self-telemetry listener, see [`crate::telemetry`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `host:port` of `GET /metrics` and `GET /health`; default `127.0.0.1:14319`; `null`
+    /// turns the listener off.
+    #[serde(default = "default_telemetry_endpoint")]
+    pub endpoint: Option<String>,
+}
+
+fn default_telemetry_endpoint() -> Option<String> {
+    Some("127.0.0.1:14319".into())
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { endpoint: default_telemetry_endpoint() }
+    }
+}
+
+/// `service` (service only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Self-telemetry.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// `receivers.otlp.protocols`: the protocols listed are enabled; with none listed, both.
@@ -300,6 +389,9 @@ pub struct OtlpReceiverConfig {
     /// Protocols.
     #[serde(default)]
     pub protocols: ProtocolsConfig,
+    /// Bearer-token authentication of both protocols; default none (off).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
 }
 
 /// `receivers` (service only; the in-process library ignores it).
@@ -318,6 +410,9 @@ pub struct PipelineConfig {
     /// Service only: where OTLP is received.
     #[serde(default)]
     pub receivers: ReceiversConfig,
+    /// Service only: self-telemetry.
+    #[serde(default)]
+    pub service: ServiceConfig,
     /// The in-process run.
     #[serde(default)]
     pub run: RunConfig,
@@ -352,6 +447,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             receivers: ReceiversConfig::default(),
+            service: ServiceConfig::default(),
             run: RunConfig::default(),
             step_attribute: default_step_attribute(),
             identity: IdentityConfig::default(),
@@ -379,6 +475,14 @@ impl Problems {
     /// Records a problem at `path`.
     pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem { path: path.into(), message: message.into() });
+    }
+    /// How many problems were recorded.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether none was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
     /// Records `path.key` as a problem when `present` (a key that belongs to another type).
     pub fn reject_key(&mut self, path: &str, key: &str, present: bool, what: &str) {
@@ -449,6 +553,26 @@ pub struct RunSettings {
     pub tags: BTreeMap<String, String>,
 }
 
+/// TLS and rate limit of one receiver protocol, validated.
+#[derive(Debug, Clone, Default)]
+pub struct ProtocolSecurity {
+    /// TLS identity; `None`: plaintext.
+    pub tls: Option<crate::receiver::security::TlsSettings>,
+    /// Rate limit; `None`: off.
+    pub rate_limit: Option<crate::receiver::security::RateLimitSettings>,
+}
+
+/// What protects the receivers, validated (see [`crate::receiver::security`]).
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverSecurity {
+    /// OTLP/gRPC.
+    pub grpc: ProtocolSecurity,
+    /// OTLP/HTTP.
+    pub http: ProtocolSecurity,
+    /// The bearer token both protocols require; `None`: no authentication.
+    pub auth: Option<crate::receiver::security::BearerToken>,
+}
+
 /// A validated pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
@@ -456,6 +580,10 @@ pub struct PipelineSettings {
     pub grpc: Option<(String, usize)>,
     /// Service only: OTLP/HTTP listen address and body limit (bytes), if enabled.
     pub http: Option<(String, usize)>,
+    /// Service only: TLS, rate limits and authentication of the receivers.
+    pub security: ReceiverSecurity,
+    /// Service only: the self-telemetry listen address, if enabled.
+    pub telemetry: Option<String>,
     /// The in-process run.
     pub run: RunSettings,
     /// Step key and identity keys (prefix set per exporter).
@@ -579,13 +707,15 @@ impl PipelineConfig {
         ];
         for (path, l) in listeners {
             let Some((endpoint, mib)) = l else { continue };
-            if endpoint.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
-                p.add(format!("{path}.endpoint"), format!("{endpoint:?} is not host:port"));
-            }
+            check_endpoint(&mut p, &format!("{path}.endpoint"), endpoint);
             if mib == 0 || mib > 1024 {
                 p.add(path.to_string(), "the size limit must be 1..=1024 MiB");
             }
         }
+        if let Some(endpoint) = &self.service.telemetry.endpoint {
+            check_endpoint(&mut p, "service.telemetry.endpoint", endpoint);
+        }
+        let security = self.receiver_security(&mut p);
         let id = &self.identity;
         for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix)] {
             if v.is_empty() {
@@ -624,12 +754,41 @@ impl PipelineConfig {
         Ok(PipelineSettings {
             grpc: p.grpc.as_ref().map(|g| (g.endpoint.clone(), g.max_recv_msg_size_mib.saturating_mul(1 << 20))),
             http: p.http.as_ref().map(|h| (h.endpoint.clone(), h.max_request_body_size_mib.saturating_mul(1 << 20))),
+            security,
+            telemetry: self.service.telemetry.endpoint.clone(),
             run,
             decode,
             cardinality_limit: self.cardinality_limit,
             shutdown_timeout: self.shutdown_timeout,
             exporters,
         })
+    }
+}
+
+impl PipelineConfig {
+    /// Reads the TLS files and the bearer token the receivers need, adding problems to `p`.
+    fn receiver_security(&self, p: &mut Problems) -> ReceiverSecurity {
+        use crate::receiver::security::{load_rate_limit, load_tls, load_token};
+        let otlp = &self.receivers.otlp;
+        let mut s = ReceiverSecurity::default();
+        let protocols = [
+            ("grpc", otlp.protocols.grpc.as_ref().map(|g| (&g.tls, &g.rate_limit)), &mut s.grpc),
+            ("http", otlp.protocols.http.as_ref().map(|h| (&h.tls, &h.rate_limit)), &mut s.http),
+        ];
+        for (name, c, out) in protocols {
+            let Some((tls, rate)) = c else { continue };
+            let path = format!("receivers.otlp.protocols.{name}");
+            out.tls = tls.as_ref().and_then(|t| load_tls(t, &format!("{path}.tls"), p));
+            out.rate_limit = rate.as_ref().and_then(|r| load_rate_limit(r, &format!("{path}.rate_limit"), p));
+        }
+        s.auth = otlp.auth.as_ref().and_then(|a| load_token(a, "receivers.otlp.auth", p));
+        s
+    }
+}
+
+fn check_endpoint(p: &mut Problems, at: &str, endpoint: &str) {
+    if endpoint.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        p.add(at, format!("{endpoint:?} is not host:port"));
     }
 }
 
@@ -684,7 +843,11 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         p.add(&path, "the name after '/' must not be empty");
     }
     let (backend, default_every) = match kind {
-        "tensorboard" => (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1),
+        "tensorboard" => {
+            p.reject_key(&path, "token_file", c.token_file.is_some(), "an mlflow key");
+            p.reject_key(&path, "password_file", c.password_file.is_some(), "an mlflow key");
+            (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1)
+        }
         "mlflow" => (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100),
         other => {
             p.add(&path, format!("unknown exporter type {other:?} (known: tensorboard, mlflow)"));

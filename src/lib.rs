@@ -49,6 +49,7 @@ pub mod sdk;
 pub mod serve;
 pub mod spool;
 pub mod stats;
+pub mod telemetry;
 
 pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};
 pub use stats::{DropReason, ExporterReport};

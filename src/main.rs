@@ -4,8 +4,11 @@
 //! - `validate --config FILE [--set …]`: check a config, list every problem at once.
 //!
 //! Without `--config`, `serve` runs a default config: OTLP on 127.0.0.1:14317 (gRPC) and
-//! 127.0.0.1:14318 (HTTP), TensorBoard into `./runs`, and MLflow at `MLFLOW_TRACKING_URI` when
-//! that is set.
+//! 127.0.0.1:14318 (HTTP), self-telemetry on 127.0.0.1:14319, TensorBoard into `./runs`, and
+//! MLflow at `MLFLOW_TRACKING_URI` when that is set.
+//!
+//! Neither command prints a secret: tokens and passwords are shown only by where they come
+//! from, MLflow URIs without their credentials.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -71,6 +74,19 @@ fn validate(path: &Path, set: &[String]) -> anyhow::Result<()> {
         let interval = c.interval.map_or("-".to_string(), |d| humantime::format_duration(d).to_string());
         println!("  {}: every_steps {every}, interval {interval}, aggregation {:?}", e.name, c.aggregation);
     }
+    let auth = settings.security.auth.as_ref().map_or("off".to_string(), |t| format!("bearer token from {}", t.source));
+    for (name, l, sec) in [("grpc", &settings.grpc, &settings.security.grpc), ("http", &settings.http, &settings.security.http)] {
+        let tls = match &sec.tls {
+            None => "off",
+            Some(t) if t.client_ca_pem.is_some() => "on (mutual)",
+            Some(_) => "on",
+        };
+        match l {
+            Some((endpoint, _)) => println!("  receiver {name}: {endpoint} tls {tls} auth {auth}"),
+            None => println!("  receiver {name}: off"),
+        }
+    }
+    println!("  telemetry: {}", settings.telemetry.as_deref().unwrap_or("off"));
     Ok(())
 }
 
@@ -110,15 +126,16 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 fn serve(config: Option<&Path>, set: &[String]) -> anyhow::Result<()> {
     let settings = load(config, set)?.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The handlers register with the runtime's signal driver, so they need its context.
     let stop = {
-        let _in_runtime = rt.enter();
+        let _context = rt.enter();
         shutdown_signal()
     };
     let report = rt.block_on(trainmetrics::serve::run(
         settings,
         |l| {
             let show = |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
-            println!("listening grpc={} http={}", show(l.grpc), show(l.http));
+            println!("listening grpc={} http={} telemetry={}", show(l.grpc), show(l.http), show(l.telemetry));
         },
         stop,
     ))?;

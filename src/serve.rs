@@ -6,6 +6,12 @@
 //! Runs are not ended on shutdown by default (`RunOutcome`-less): a service restart must continue
 //! the same MLflow runs, which it finds again by their run key tag. Ending runs is the trainer's
 //! (or issue 4's idle policy's) business.
+//!
+//! At startup it logs the effective configuration (exporters and where they write, each
+//! receiver's endpoint with TLS, rate limit and authentication on or off, the telemetry
+//! endpoint); never a secret (MLflow URIs are logged without credentials, tokens only by where
+//! they come from). The self-telemetry listener ([`crate::telemetry`]) stays up until the
+//! exporters have shut down, answering `/health` 503 meanwhile.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,11 +20,13 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::PipelineSettings;
+use crate::config::{Backend, PipelineSettings, ProtocolSecurity};
 use crate::delivery::Delivery;
 use crate::exporter::RunOutcome;
-use crate::receiver::{grpc, http, Fanout};
+use crate::receiver::security::{Limiter, RejectionLog};
+use crate::receiver::{grpc, http, Fanout, Guard, Protocol, ReceiverStats};
 use crate::stats::ExporterReport;
+use crate::telemetry::Telemetry;
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,8 @@ pub struct Listening {
     pub grpc: Option<std::net::SocketAddr>,
     /// OTLP/HTTP address, if enabled.
     pub http: Option<std::net::SocketAddr>,
+    /// Self-telemetry (`/metrics`, `/health`) address, if enabled.
+    pub telemetry: Option<std::net::SocketAddr>,
 }
 
 /// What a finished service run reports.
@@ -63,6 +73,52 @@ pub struct ServeReport {
     pub exporters: Vec<ExporterReport>,
     /// Time from the shutdown signal to the end.
     pub shutdown_took: Duration,
+}
+
+/// One line on what a receiver protocol runs with (no secrets).
+fn describe(endpoint: &str, sec: &ProtocolSecurity, auth: &str) -> String {
+    let tls = match &sec.tls {
+        None => "tls off".to_string(),
+        Some(t) if t.client_ca_pem.is_some() => format!("tls on (mutual, cert {})", t.cert_file.display()),
+        Some(t) => format!("tls on (cert {})", t.cert_file.display()),
+    };
+    let rate = sec
+        .rate_limit
+        .map_or("rate limit off".to_string(), |r| format!("rate limit {}/s burst {}", r.requests_per_second, r.burst));
+    format!("{endpoint}, {tls}, auth {auth}, {rate}")
+}
+
+/// Logs the effective configuration (see the module docs).
+fn log_summary(settings: &PipelineSettings) {
+    let auth = settings.security.auth.as_ref().map_or("off".to_string(), |t| format!("bearer token from {}", t.source));
+    for (name, l, sec) in [("OTLP/gRPC", &settings.grpc, &settings.security.grpc), ("OTLP/HTTP", &settings.http, &settings.security.http)] {
+        match l {
+            Some((endpoint, max)) => {
+                tracing::info!("receiver {name}: {}, max request {} MiB", describe(endpoint, sec, &auth), max >> 20)
+            }
+            None => tracing::info!("receiver {name}: off"),
+        }
+    }
+    tracing::info!("telemetry: {}", settings.telemetry.as_deref().map_or("off".to_string(), |e| format!("{e} (/metrics, /health)")));
+    for e in &settings.exporters {
+        let c = &e.delivery.cadence;
+        let target = match &e.backend {
+            Backend::TensorBoard(t) => format!("logdir {}", t.logdir.display()),
+            Backend::Mlflow(m) => format!(
+                "tracking URI {} ({}), experiment {}",
+                m.tracking_uri,
+                if m.authorization.is_some() { "credentials set" } else { "no credentials" },
+                m.experiment
+            ),
+        };
+        tracing::info!(
+            "exporter {}: {target}; every_steps {:?}, interval {:?}, aggregation {:?}",
+            e.name,
+            c.every_steps,
+            c.interval,
+            c.aggregation
+        );
+    }
 }
 
 async fn bind(endpoint: &str) -> Result<TcpListener, ServeError> {
@@ -87,20 +143,31 @@ pub async fn run(
         let (d, _) = crate::exporter::start(e).map_err(|source| ServeError::Spawn { name: e.name.clone(), source })?;
         deliveries.push(d);
     }
+    log_summary(&settings);
     let fanout = Fanout::new(deliveries.clone(), settings.decode.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut listening = Listening { grpc: None, http: None };
+    let receiver_stats = Arc::new(ReceiverStats::default());
+    let log = Arc::new(RejectionLog::default());
+    let auth = settings.security.auth.clone().map(Arc::new);
+    let guard = |protocol, sec: &ProtocolSecurity| Guard {
+        protocol,
+        auth: auth.clone(),
+        limiter: sec.rate_limit.map(|r| Arc::new(Limiter::new(r))),
+        stats: receiver_stats.clone(),
+        log: log.clone(),
+    };
+    let mut listening = Listening { grpc: None, http: None, telemetry: None };
     let mut tasks = Vec::new();
     if let Some((endpoint, max)) = &settings.grpc {
         let l = bind(endpoint).await?;
         listening.grpc = l.local_addr().ok();
         let (f, s) = (fanout.clone(), stopped(stop_rx.clone()));
-        let max = *max;
+        let (max, g, tls) = (*max, guard(Protocol::Grpc, &settings.security.grpc), settings.security.grpc.tls.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = grpc::serve(l, f, max, s).await {
+            if let Err(e) = grpc::serve(l, f, max, tls.as_ref(), g, s).await {
                 tracing::error!("OTLP/gRPC receiver stopped: {e}");
             }
         }));
@@ -109,18 +176,33 @@ pub async fn run(
         let l = bind(endpoint).await?;
         listening.http = l.local_addr().ok();
         let (f, s) = (fanout.clone(), stopped(stop_rx.clone()));
-        let max = *max;
+        let (max, g) = (*max, guard(Protocol::Http, &settings.security.http));
+        let tls = settings.security.http.tls.as_ref().map(|t| t.server_config.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = http::serve(l, f, max, s).await {
+            if let Err(e) = http::serve(l, f, max, tls, g, s).await {
                 tracing::error!("OTLP/HTTP receiver stopped: {e}");
             }
         }));
     }
-    tracing::info!(grpc = ?listening.grpc, http = ?listening.http, exporters = deliveries.len(), "trainmetrics serve: listening");
+    let telemetry = Arc::new(Telemetry::new(deliveries.clone(), receiver_stats.clone()));
+    let (telemetry_stop, telemetry_rx) = watch::channel(false);
+    let mut telemetry_task = None;
+    if let Some(endpoint) = &settings.telemetry {
+        let l = bind(endpoint).await?;
+        listening.telemetry = l.local_addr().ok();
+        let (t, s) = (telemetry.clone(), stopped(telemetry_rx));
+        telemetry_task = Some(tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(l, t, s).await {
+                tracing::error!("telemetry listener stopped: {e}");
+            }
+        }));
+    }
+    tracing::info!(grpc = ?listening.grpc, http = ?listening.http, telemetry = ?listening.telemetry, exporters = deliveries.len(), "trainmetrics serve: listening");
     on_listening(&listening);
     shutdown.await;
     let started = Instant::now();
     tracing::info!("shutting down: no longer accepting; delivering what was acknowledged");
+    telemetry.begin_shutdown();
     let _ = stop_tx.send(true);
     // In-flight requests finish (their data is already queued); bounded so a stuck client
     // cannot hold shutdown.
@@ -136,5 +218,9 @@ pub async fn run(
     })
     .await
     .unwrap_or_default();
+    let _ = telemetry_stop.send(true);
+    if let Some(t) = telemetry_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
     Ok(ServeReport { exporters, shutdown_took: started.elapsed() })
 }

@@ -5,6 +5,12 @@
 //! The method is served by our own service with a codec that hands over the raw message, so a
 //! body that is not an `ExportMetricsServiceRequest` is answered `INVALID_ARGUMENT` with the
 //! decode error (the OTLP spec's code for bad data; tonic's prost codec would say `INTERNAL`).
+//!
+//! Before tonic reads the message, the [`Guard`] checks the bearer token (`UNAUTHENTICATED`)
+//! and the rate limit (`RESOURCE_EXHAUSTED` with `RetryInfo`). tonic bounds the message both
+//! as sent and after decompression (`max_recv_msg_size_mib`): a larger one is answered
+//! `OUT_OF_RANGE` / `RESOURCE_EXHAUSTED` before more than the limit is buffered, so a gzip bomb
+//! costs at most the limit in memory. With `tls`, tonic serves TLS (rustls, `ring`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +25,8 @@ use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::{Fanout, RETRY_AFTER};
+use super::security::TlsSettings;
+use super::{Fanout, Guard, Outcome, Refused, RETRY_AFTER};
 
 /// gRPC path of the one method.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
@@ -69,18 +76,23 @@ impl Codec for RawRequestCodec {
 #[derive(Debug, Clone)]
 struct Export {
     fanout: Fanout,
+    guard: Guard,
 }
 
 impl tonic::server::UnaryService<Vec<u8>> for Export {
     type Response = ExportMetricsServiceResponse;
     type Future = BoxFuture<Response<Self::Response>, Status>;
     fn call(&mut self, request: Request<Vec<u8>>) -> Self::Future {
-        let fanout = self.fanout.clone();
+        let (fanout, guard) = (self.fanout.clone(), self.guard.clone());
         Box::pin(async move {
+            // Refusals are counted from the answer's status in `MetricsServer::call`.
             let req = ExportMetricsServiceRequest::decode(request.get_ref().as_slice())
                 .map_err(|e| Status::invalid_argument(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
             match fanout.accept(req) {
-                Ok(partial_success) => Ok(Response::new(ExportMetricsServiceResponse { partial_success })),
+                Ok(partial_success) => {
+                    guard.count(if partial_success.is_some() { Outcome::Partial } else { Outcome::Ok });
+                    Ok(Response::new(ExportMetricsServiceResponse { partial_success }))
+                }
                 Err(busy) => Err(Status::with_error_details(
                     Code::Unavailable,
                     busy.to_string(),
@@ -119,6 +131,21 @@ where
         if req.uri().path() != EXPORT_PATH {
             return Box::pin(async { Ok(Status::unimplemented("only MetricsService/Export is served").into_http()) });
         }
+        let auth = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        match self.export.guard.admit(auth) {
+            Ok(()) => {}
+            Err(e @ Refused::Unauthenticated(_)) => {
+                return Box::pin(async move { Ok(Status::unauthenticated(e.to_string()).into_http()) })
+            }
+            Err(e @ Refused::Throttled(wait)) => {
+                let status = Status::with_error_details(
+                    Code::ResourceExhausted,
+                    e.to_string(),
+                    ErrorDetails::with_retry_info(Some(wait)),
+                );
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        }
         let (export, max) = (self.export.clone(), self.max_message);
         Box::pin(async move {
             let mut accept = EnabledCompressionEncodings::default();
@@ -127,23 +154,69 @@ where
             let mut grpc = tonic::server::Grpc::new(RawRequestCodec)
                 .apply_compression_config(accept, EnabledCompressionEncodings::default())
                 .apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(export, req).await)
+            let guard = export.guard.clone();
+            let resp = grpc.unary(export, req).await;
+            // Errors are answered trailers-only, so their status is in the headers; success
+            // was counted by the handler (it knows ok from partial).
+            let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok());
+            if let Some(code) = code.filter(|c| *c != 0) {
+                let code = Code::from_i32(code);
+                let outcome = if code == Code::Unavailable { Outcome::Unavailable } else { Outcome::Invalid };
+                let message = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
+                guard.reject(outcome, &format_args!("{code:?} {}", percent_decoded(message)));
+            }
+            Ok(resp)
         })
     }
 }
 
-/// Serves OTLP/gRPC on `listener` until `shutdown` resolves. `max_message` bounds a decoded
-/// message, bytes.
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec); decoded for the log.
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How long a client may take for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves OTLP/gRPC on `listener` until `shutdown` resolves. `max_message` bounds a message
+/// before and after decompression, bytes; `tls`, if set, is required of every connection;
+/// `guard` checks every request first.
 ///
-/// Errors: the transport failed (tonic's error).
+/// Errors: the TLS identity was refused or the transport failed (tonic's error).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     fanout: Fanout,
     max_message: usize,
+    tls: Option<&TlsSettings>,
+    guard: Guard,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(MetricsServer { export: Export { fanout }, max_message })
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        let mut config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &t.client_ca_pem {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    builder
+        .add_service(MetricsServer { export: Export { fanout, guard }, max_message })
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
         .await
 }

@@ -7,10 +7,21 @@
 //!   (invalid step, value, histogram; unsupported type) and the first reason;
 //! - an exporter's queue is full → `UNAVAILABLE` with `RetryInfo` / 503 with `Retry-After`, so the
 //!   collector retries from its own queue instead of losing data;
-//! - an undecodable payload → `INVALID_ARGUMENT` / 400 with a message (the collector drops it).
+//! - an undecodable payload → `INVALID_ARGUMENT` / 400 with a message (the collector drops it);
+//! - a missing or wrong bearer token (when `auth` is configured) → `UNAUTHENTICATED` / 401 with
+//!   `WWW-Authenticate: Bearer`; nothing reaches the exporters;
+//! - over the `rate_limit` → `RESOURCE_EXHAUSTED` with `RetryInfo` / 429 with `Retry-After`
+//!   (OTLP spec: `RESOURCE_EXHAUSTED` is retryable only with `RetryInfo`).
+//!
+//! Every answer is counted per protocol and [`Outcome`] ([`ReceiverStats`], shown by
+//! [`crate::telemetry`]); rejections are logged once per cause and then at most every
+//! [`security::LOG_EVERY`] ([`security::RejectionLog`]).
 
 pub mod grpc;
 pub mod http;
+pub mod security;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,4 +84,155 @@ impl Fanout {
                 .join("; "),
         }))
     }
+}
+
+/// An OTLP receiver protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC.
+    Grpc,
+    /// OTLP/HTTP.
+    Http,
+}
+
+impl Protocol {
+    /// Both, in report order.
+    pub const ALL: [Protocol; 2] = [Protocol::Grpc, Protocol::Http];
+
+    /// `grpc` / `http` (the config key and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// How a request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted, every data point usable.
+    Ok,
+    /// Accepted with a `partial_success` (some data points unusable).
+    Partial,
+    /// Refused: missing or wrong bearer token.
+    Unauthenticated,
+    /// Refused: over the rate limit.
+    Throttled,
+    /// Refused: undecodable, too large, or an unsupported encoding or content type.
+    Invalid,
+    /// Refused: an exporter's queue was full (the sender retries).
+    Unavailable,
+}
+
+impl Outcome {
+    /// Every outcome, in report order.
+    pub const ALL: [Outcome; 6] =
+        [Outcome::Ok, Outcome::Partial, Outcome::Unauthenticated, Outcome::Throttled, Outcome::Invalid, Outcome::Unavailable];
+
+    /// The snake_case name (metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Throttled => "throttled",
+            Outcome::Invalid => "invalid",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Requests answered, by protocol and outcome.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    counts: [[AtomicU64; Outcome::ALL.len()]; Protocol::ALL.len()],
+}
+
+impl ReceiverStats {
+    /// Counts one request.
+    pub fn count(&self, protocol: Protocol, outcome: Outcome) {
+        self.counts[protocol as usize][outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests so far with `outcome` over `protocol`.
+    pub fn get(&self, protocol: Protocol, outcome: Outcome) -> u64 {
+        self.counts[protocol as usize][outcome as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What every request of one protocol passes before its payload is read: the bearer token,
+/// then the rate limit (a client without the token does not use up the others' quota).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// The protocol guarded.
+    pub protocol: Protocol,
+    /// Required token, if authentication is on.
+    pub auth: Option<Arc<security::BearerToken>>,
+    /// Rate limiter, if on.
+    pub limiter: Option<Arc<security::Limiter>>,
+    /// Counts of answers.
+    pub stats: Arc<ReceiverStats>,
+    /// The rate-limited warning log.
+    pub log: Arc<security::RejectionLog>,
+}
+
+/// Why the [`Guard`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Missing or wrong token.
+    #[error("{0}")]
+    Unauthenticated(security::AuthError),
+    /// Over the rate limit; retry after the delay.
+    #[error("rate limit exceeded; retry after {0:?}")]
+    Throttled(Duration),
+}
+
+impl Guard {
+    /// Checks a request's `Authorization` header value and takes one request from the rate
+    /// limit; a refusal is counted and logged (rate-limited).
+    pub fn admit(&self, authorization: Option<&[u8]>) -> Result<(), Refused> {
+        if let Some(token) = &self.auth {
+            if let Err(e) = token.check(authorization) {
+                self.reject(Outcome::Unauthenticated, &e);
+                return Err(Refused::Unauthenticated(e));
+            }
+        }
+        if let Some(l) = &self.limiter {
+            if let Err(wait) = l.check() {
+                let r = Refused::Throttled(wait);
+                self.reject(Outcome::Throttled, &r);
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts an answer.
+    pub fn count(&self, outcome: Outcome) {
+        self.stats.count(self.protocol, outcome);
+    }
+
+    /// Counts a refusal and logs it (rate-limited). `detail` must not hold client secrets.
+    pub fn reject(&self, outcome: Outcome, detail: &dyn std::fmt::Display) {
+        self.count(outcome);
+        let cause = match (self.protocol, outcome) {
+            (Protocol::Grpc, Outcome::Unauthenticated) => "OTLP/gRPC unauthenticated",
+            (Protocol::Grpc, Outcome::Throttled) => "OTLP/gRPC over the rate limit",
+            (Protocol::Grpc, Outcome::Unavailable) => "OTLP/gRPC exporter queue full",
+            (Protocol::Grpc, _) => "OTLP/gRPC invalid request",
+            (Protocol::Http, Outcome::Unauthenticated) => "OTLP/HTTP unauthenticated",
+            (Protocol::Http, Outcome::Throttled) => "OTLP/HTTP over the rate limit",
+            (Protocol::Http, Outcome::Unavailable) => "OTLP/HTTP exporter queue full",
+            (Protocol::Http, _) => "OTLP/HTTP invalid request",
+        };
+        self.log.reject(cause, detail);
+    }
+}
+
+/// Seconds for a `Retry-After` header: `wait` rounded up, at least 1 (RFC 9110 §10.2.3 takes
+/// whole seconds).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    s.max(1)
 }

@@ -465,6 +465,8 @@ pub struct Service {
     pub grpc: String,
     /// HTTP `host:port`.
     pub http: String,
+    /// Self-telemetry `host:port` (`/metrics`, `/health`).
+    pub telemetry: String,
     stdout: BufReader<std::process::ChildStdout>,
     /// The default spool root of this service (`TRAINMETRICS_SPOOL_DIR`), so no test replays
     /// another's leftovers; a test that restarts a service sets the directory itself.
@@ -496,6 +498,7 @@ impl Service {
         cmd
             .args(["--set", "receivers.otlp.protocols.grpc.endpoint=127.0.0.1:0"])
             .args(["--set", "receivers.otlp.protocols.http.endpoint=127.0.0.1:0"])
+            .args(["--set", "service.telemetry.endpoint=127.0.0.1:0"])
             .arg("--set")
             .arg(format!("exporters.tensorboard.logdir={}", logdir.display()))
             .args(["--set", "exporters.tensorboard.reorder_window=1s"])
@@ -516,8 +519,13 @@ impl Service {
                 .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
                 .to_string()
         };
-        let (grpc, http) = (field("grpc="), field("http="));
-        Service { child, grpc, http, stdout, _spool: spool }
+        let (grpc, http, telemetry) = (field("grpc="), field("http="), field("telemetry="));
+        Service { child, grpc, http, telemetry, stdout, _spool: spool }
+    }
+
+    /// The process id (e.g. to signal it while still reading from it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no drain, no report (what a crash or the OOM killer does).

@@ -4,6 +4,10 @@
 //! - `tracking_uri`, else `MLFLOW_TRACKING_URI`; only `http://` and `https://` servers;
 //! - `MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD` → HTTP Basic; else
 //!   `MLFLOW_TRACKING_TOKEN` → Bearer (MLflow's client gives Basic precedence, and so do we).
+//!   `token_file` / `password_file` keys name files holding the token / password (trimmed of
+//!   surrounding whitespace), so no secret needs to sit in the YAML or the environment; a file
+//!   beats the matching variable, `password_file` needs `MLFLOW_TRACKING_USERNAME`, and at most
+//!   one of the two may be set. Problems name the file, never its content.
 //!   Credentials written into the URI (`http://user:pass@host[/prefix]`) are moved into Basic
 //!   auth and removed from the URI every request and message uses ([`parse_tracking_uri`]):
 //!   when the part after `scheme://` has an `@` before its first `?`/`#`, everything up to the
@@ -147,6 +151,43 @@ pub fn strip_userinfo(uri: &str) -> String {
     }
 }
 
+/// Reads a credential file: trimmed, not empty. Problems name the file, not its content.
+fn read_secret(file: &std::path::Path, at: String, p: &mut Problems) -> Option<String> {
+    match std::fs::read_to_string(file) {
+        Ok(t) if t.trim().is_empty() => {
+            p.add(at, format!("{} is empty", file.display()));
+            None
+        }
+        Ok(t) => Some(t.trim().to_string()),
+        Err(e) => {
+            p.add(at, format!("cannot read {}: {e}", file.display()));
+            None
+        }
+    }
+}
+
+/// The `Authorization` value from `token_file` / `password_file`, if one is set.
+fn credential_files(c: &ExporterConfig, path: &str, p: &mut Problems) -> Option<String> {
+    match (&c.token_file, &c.password_file) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            p.add(path, "set one of token_file and password_file, not both");
+            None
+        }
+        (Some(f), None) => read_secret(f, format!("{path}.token_file"), p).map(|t| format!("Bearer {t}")),
+        (None, Some(f)) => {
+            let password = read_secret(f, format!("{path}.password_file"), p)?;
+            match env("MLFLOW_TRACKING_USERNAME") {
+                Some(user) => Some(basic(&user, &password)),
+                None => {
+                    p.add(format!("{path}.password_file"), "needs MLFLOW_TRACKING_USERNAME (the user name)");
+                    None
+                }
+            }
+        }
+    }
+}
+
 impl MlflowSettings {
     /// Validates the MLflow keys of `c` (at config path `path`), adding problems to `p`.
     pub fn from_config(c: &ExporterConfig, path: &str, p: &mut Problems) -> Self {
@@ -157,6 +198,9 @@ impl MlflowSettings {
             (Some(u), Some(pw)) => Some(basic(&u, &pw)),
             _ => env("MLFLOW_TRACKING_TOKEN").map(|t| format!("Bearer {t}")),
         };
+        if let Some(a) = credential_files(c, path, p) {
+            authorization = Some(a);
+        }
         match parse_tracking_uri(&uri) {
             Ok(parsed) => {
                 tracking_uri = parsed.base;
@@ -270,6 +314,28 @@ mod tests {
         let c = ExporterConfig { tracking_uri: Some("http://h".into()), experiment: Some(String::new()), ..Default::default() };
         let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut Problems::default());
         assert!(!s.experiment.is_empty());
+    }
+
+    #[test]
+    fn token_file_gives_bearer_and_problems_name_the_file_only() {
+        let dir = std::env::temp_dir().join(format!("trainmetrics-mlflow-cred-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let token = dir.join("token");
+        let _ = std::fs::write(&token, "  t0k-s3cret\n");
+        let c = ExporterConfig { tracking_uri: Some("http://h".into()), token_file: Some(token.clone()), ..Default::default() };
+        let mut p = Problems::default();
+        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(s.authorization.as_deref(), Some("Bearer t0k-s3cret"));
+        let both = ExporterConfig { password_file: Some(token.clone()), ..c.clone() };
+        let missing = ExporterConfig { token_file: Some(dir.join("absent")), ..c };
+        let mut p = Problems::default();
+        MlflowSettings::from_config(&both, "exporters.mlflow", &mut p);
+        MlflowSettings::from_config(&missing, "exporters.mlflow", &mut p);
+        let shown = format!("{p:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(shown.contains("not both") && shown.contains("exporters.mlflow.token_file") && shown.contains("absent"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]
