@@ -143,6 +143,7 @@ impl Delivery {
             failing: HashMap::new(),
             control: VecDeque::new(),
             spool: None,
+            rejections: Default::default(),
             spooling_logged: false,
             settings,
             stats: stats.clone(),
@@ -329,6 +330,8 @@ struct Worker<E: Exporter> {
     /// Control messages found while draining batches, handled in arrival order.
     control: VecDeque<Msg>,
     spool: Option<Spool>,
+    /// Unusable data points are logged once per reason, then at most every 10 s with a count.
+    rejections: crate::receiver::security::RejectionLog,
     /// Whether "spooling to disk" was logged for the current stretch of spooling.
     spooling_logged: bool,
     settings: DeliverySettings,
@@ -491,7 +494,7 @@ impl<E: Exporter> Worker<E> {
             self.stats.add_dropped(*reason, *count);
         }
         for (reason, message) in &decoded.messages {
-            tracing::warn!(exporter = %self.name, %reason, "{message}");
+            self.rejections.reject(reason.as_str(), &format_args!("exporter {}: {message}", self.name));
         }
         let now = Instant::now();
         for rp in decoded.runs {

@@ -309,7 +309,8 @@ impl Limiter {
 /// How often a rejection cause is logged at most (after its first occurrence).
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Logs rejections once per cause, then at most once per [`LOG_EVERY`] with a count.
+/// Logs rejections (refused requests, dropped data points) once per cause, then at most once per
+/// [`LOG_EVERY`] with a count, so a flood of bad input never floods the log.
 #[derive(Debug, Default)]
 pub struct RejectionLog {
     causes: Mutex<std::collections::HashMap<&'static str, (Option<Instant>, u64)>>,
@@ -329,7 +330,7 @@ impl RejectionLog {
             let n = entry.1;
             *entry = (Some(now), 0);
             drop(causes);
-            tracing::warn!("{cause}: {n} request(s) rejected since the last report on this cause; latest: {detail}");
+            tracing::warn!("{cause}: {n} time(s) since the last report on this cause; latest: {detail}");
         }
     }
 }
