@@ -23,6 +23,31 @@
 //!
 //! A data point at or below the step last written for its series is `late`: counted, not
 //! written, because TensorBoard discards points newer than a step that goes back.
+//!
+//! # Resume
+//! A trainer restarted from a checkpoint records steps again that its run already passed. It is
+//! told apart from late data by the record time ([`crate::batch::Point::time_unix_nano`]): a
+//! point whose step is below the largest step its series has seen **and** whose time is newer
+//! than every point seen for that series starts a new session of the run at that step `S` (a
+//! collector's retried or reordered batch is old in time; a restarted trainer is new in time).
+//! A point at the same step as the series' largest is not a resume (a metric recorded twice at
+//! one step), so a trainer resumed at exactly its last step has that one step counted `late`.
+//! On a resume at `S`:
+//! - every open window of the run holding a point at step `S` or above is dropped and its points
+//!   counted `superseded` (a window holding points on both sides of `S`, possible only when `S`
+//!   is inside a window of `every_steps > 1` that never closed, is dropped whole: an aggregate
+//!   cannot be split);
+//! - the run's series accept steps from `S` on again;
+//! - later points of the run at step `S` or above that are older than the resuming point (the
+//!   old session's, retried by a collector) are counted `superseded`;
+//! - the run's next [`OutBatch`] carries `resumed_at: Some(S)`, so exporters start a new
+//!   session (TensorBoard: a new event file beginning with `SessionLog START` at `S`).
+//!
+//! # Idle runs
+//! With `idle_after: T`, a run that received no data point for `T` has every open window
+//! written (stamped as on shutdown) in one batch flagged `idle` (also when it is empty), once
+//! per quiet period: the exporter may end the run (see `end_idle_runs` of the MLflow exporter).
+//! A point arriving afterwards makes the run active again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -66,6 +91,9 @@ pub struct CadenceSettings {
     pub aggregation: Aggregation,
     /// Aggregation per metric name or series name (series name wins).
     pub per_metric: HashMap<String, Aggregation>,
+    /// A run without data points for this long gets an `idle` batch (see the module docs);
+    /// `None` (default) never.
+    pub idle_after: Option<Duration>,
 }
 
 impl Default for CadenceSettings {
@@ -77,6 +105,7 @@ impl Default for CadenceSettings {
             reorder_window: Duration::ZERO,
             aggregation: Aggregation::Last,
             per_metric: HashMap::new(),
+            idle_after: None,
         }
     }
 }
@@ -125,12 +154,18 @@ pub struct OutPoint {
 }
 
 /// The points of one run ready for an exporter, sorted by (step, series).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OutBatch {
     /// The run.
     pub run: Arc<RunInfo>,
     /// Its points.
     pub points: Vec<OutPoint>,
+    /// The run resumed from this step since its previous batch: its points at this step or
+    /// above from an earlier session are superseded (see the module docs' "Resume").
+    pub resumed_at: Option<i64>,
+    /// The run has been quiet for the cadence's `idle_after`: these are its last open windows
+    /// (see the module docs' "Idle runs").
+    pub idle: bool,
 }
 
 impl OutBatch {
@@ -244,6 +279,8 @@ struct SeriesState {
     windows: BTreeMap<i64, Acc>,
     written_upto: Option<i64>,
     max_step: i64,
+    /// Newest data point time seen (ns): what tells a resumed trainer from late data.
+    max_time: u64,
     last_arrival: Instant,
 }
 
@@ -252,6 +289,38 @@ struct RunState {
     run: Arc<RunInfo>,
     max_step: i64,
     series: HashMap<String, SeriesState>,
+    /// The latest resume: (step S, time of the resuming point). Older points at S or above
+    /// belong to the session it replaced.
+    resumed: Option<(i64, u64)>,
+    /// A resume not yet announced in an [`OutBatch`].
+    announce_resume: Option<i64>,
+    last_arrival: Instant,
+    /// An idle batch was emitted and no point arrived since.
+    idle_reported: bool,
+}
+
+impl RunState {
+    /// Starts a new session at `step` (see the module docs' "Resume"); returns the data points
+    /// of open windows it superseded.
+    fn resume(&mut self, step: i64, time: u64) -> u64 {
+        let mut superseded = 0;
+        let below = step.saturating_sub(1);
+        for s in self.series.values_mut() {
+            s.windows.retain(|_, acc| {
+                let keep = acc.max_step < step;
+                if !keep {
+                    superseded += acc.inputs;
+                }
+                keep
+            });
+            s.written_upto = s.written_upto.map(|w| w.min(below));
+            s.max_step = s.windows.values().map(|a| a.max_step).max().unwrap_or(i64::MIN).max(s.max_step.min(below));
+        }
+        self.max_step = self.series.values().map(|s| s.max_step).max().unwrap_or(i64::MIN);
+        self.resumed = Some((step, time));
+        self.announce_resume = Some(self.announce_resume.map_or(step, |a| a.min(step)));
+        superseded
+    }
 }
 
 /// The open windows of one exporter, over all runs.
@@ -261,6 +330,7 @@ pub struct Windows {
     runs: HashMap<String, RunState>,
     interval_started: Instant,
     pending: u64,
+    superseded: u64,
 }
 
 /// Why windows are being closed.
@@ -275,26 +345,48 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0 }
+        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0, superseded: 0 }
     }
 
-    /// Adds points. Returns the number of points that were late (see the module docs).
+    /// Adds points. Returns the number of points that were late (see the module docs); points
+    /// superseded by a resume are counted in [`Windows::take_superseded`].
     pub fn push(&mut self, rp: RunPoints, now: Instant) -> u64 {
         let settings = &self.settings;
         let state = self.runs.entry(rp.run.key.clone()).or_insert_with(|| RunState {
             run: rp.run.clone(),
             max_step: i64::MIN,
             series: HashMap::new(),
+            resumed: None,
+            announce_resume: None,
+            last_arrival: now,
+            idle_reported: false,
         });
         state.run = rp.run.clone();
+        state.last_arrival = now;
+        state.idle_reported = false;
         let mut late = 0;
         for p in rp.points {
+            if state.resumed.is_some_and(|(step, time)| p.step >= step && p.time_unix_nano < time) {
+                self.superseded += 1;
+                continue;
+            }
+            let resumes = state
+                .series
+                .get(&p.series)
+                .is_some_and(|s| p.step < s.max_step && p.time_unix_nano > s.max_time);
+            if resumes {
+                let dropped = state.resume(p.step, p.time_unix_nano);
+                self.pending -= dropped;
+                self.superseded += dropped;
+            }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
                 windows: BTreeMap::new(),
                 written_upto: None,
                 max_step: i64::MIN,
+                max_time: 0,
                 last_arrival: now,
             });
+            s.max_time = s.max_time.max(p.time_unix_nano);
             if s.written_upto.is_some_and(|w| p.step <= w) {
                 late += 1;
                 continue;
@@ -310,6 +402,12 @@ impl Windows {
                 .add(p.step, p.time_unix_nano, &p.value);
         }
         late
+    }
+
+    /// Data points dropped as `superseded` by resumes since the last call (see the module
+    /// docs' "Resume"), resetting the count.
+    pub fn take_superseded(&mut self) -> u64 {
+        std::mem::take(&mut self.superseded)
     }
 
     /// Data points held in open windows.
@@ -352,6 +450,9 @@ impl Windows {
         let mut out = Vec::new();
         for state in self.runs.values_mut() {
             let run_max = state.max_step;
+            let idle = !state.idle_reported
+                && self.settings.idle_after.is_some_and(|t| now.saturating_duration_since(state.last_arrival) >= t);
+            let all = all || idle;
             let mut points = Vec::new();
             for (series, s) in state.series.iter_mut() {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
@@ -375,9 +476,13 @@ impl Windows {
                     });
                 }
             }
-            if !points.is_empty() {
+            if idle {
+                state.idle_reported = true;
+            }
+            if !points.is_empty() || idle {
                 points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
-                out.push(OutBatch { run: state.run.clone(), points });
+                let resumed_at = state.announce_resume.take();
+                out.push(OutBatch { run: state.run.clone(), points, resumed_at, idle });
             }
         }
         out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
@@ -549,6 +654,69 @@ mod tests {
         let later = t + Duration::from_secs(3);
         let got: Vec<_> = flat(w.take_ready(later, Close::Due)).into_iter().filter(|p| p.0 == "eval").collect();
         assert_eq!(got, vec![("eval".into(), 300, 0.5, 1)]);
+    }
+
+    fn timed(metric: &str, pts: impl IntoIterator<Item = (i64, u64, f64)>) -> RunPoints {
+        let mut rp = pts_empty();
+        for (step, time, v) in pts {
+            rp.points.push(Point {
+                metric: metric.into(),
+                series: metric.into(),
+                step,
+                time_unix_nano: time,
+                value: PointValue::Scalar(v),
+            });
+        }
+        rp
+    }
+
+    fn pts_empty() -> RunPoints {
+        RunPoints { run: run(), points: Vec::new() }
+    }
+
+    #[test]
+    fn a_step_back_newer_in_time_is_a_resume_and_older_in_time_is_late() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        // Session 1: steps 0..=150 every 10, times 1000 + step.
+        for step in (0..=150).step_by(10) {
+            w.push(timed("loss", [(step, 1000 + step as u64, step as f64)]), t);
+        }
+        let first: Vec<_> = w.take_ready(t, Close::Due);
+        assert_eq!(first.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![None]);
+        assert_eq!(flat(first).last().map(|p| p.1), Some(140), "150 waits for linger");
+        // A collector's retry of step 120: old in time → late, no resume.
+        assert_eq!(w.push(timed("loss", [(120, 1120, 120.0)]), t), 1);
+        assert_eq!(w.take_superseded(), 0);
+        // The restarted trainer: step 100 again, newer than anything seen.
+        assert_eq!(w.push(timed("loss", [(100, 5000, -100.0)]), t), 0);
+        assert_eq!(w.take_superseded(), 1, "the open window of step 150");
+        // An old-session point of step 130 retried after the resume: superseded.
+        assert_eq!(w.push(timed("loss", [(130, 1130, 130.0), (110, 5010, -110.0)]), t), 0);
+        assert_eq!(w.take_superseded(), 1);
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![Some(100)]);
+        assert_eq!(flat(out), vec![("loss".into(), 100, -100.0, 1), ("loss".into(), 110, -110.0, 1)]);
+        assert_eq!(w.pending_inputs(), 0);
+        // The same step again at a newer time is not a resume (recorded twice at one step).
+        assert_eq!(w.push(timed("loss", [(110, 6000, 1.0)]), t), 1);
+        assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
+    }
+
+    #[test]
+    fn a_run_quiet_for_idle_after_gets_one_idle_batch_with_its_open_windows() {
+        let t = Instant::now();
+        let s = CadenceSettings { every_steps: Some(100), idle_after: Some(Duration::from_secs(10)), ..Default::default() };
+        let mut w = Windows::new(s, t);
+        w.push(pts("loss", [(101, 1.0), (150, 3.0)]), t);
+        assert!(w.take_ready(t + Duration::from_secs(9), Close::Due).is_empty());
+        let idle = w.take_ready(t + Duration::from_secs(10), Close::Due);
+        assert_eq!(idle.iter().map(|b| b.idle).collect::<Vec<_>>(), vec![true]);
+        assert_eq!(flat(idle), vec![("loss".into(), 150, 3.0, 2)]);
+        assert!(w.take_ready(t + Duration::from_secs(30), Close::Due).is_empty(), "once per quiet period");
+        w.push(pts("loss", [(160, 4.0)]), t + Duration::from_secs(31));
+        let again = w.take_ready(t + Duration::from_secs(41), Close::Due);
+        assert_eq!(again.iter().map(|b| (b.idle, b.points.len())).collect::<Vec<_>>(), vec![(true, 1)]);
     }
 
     #[test]

@@ -41,6 +41,8 @@
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
 //! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
+//! MLflow also takes `resume` (`log_again` | `skip_logged`, default `log_again`) and
+//! `end_idle_runs` (`enabled` true, `after` 1h, `status` `KILLED` | `FAILED`, default `KILLED`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -202,6 +204,14 @@ pub struct ExporterConfig {
     /// Queue sizes.
     #[serde(default)]
     pub sending_queue: QueueConfig,
+    /// mlflow: steps of a resumed run that MLflow already holds: `log_again` (default) or
+    /// `skip_logged` (see README "Resume").
+    #[serde(default)]
+    pub resume: Option<crate::exporter::mlflow::config::ResumePolicy>,
+    /// mlflow: end runs without data for a while (`enabled` true, `after` 1h, `status` KILLED;
+    /// see README "Run liveness").
+    #[serde(default)]
+    pub end_idle_runs: crate::exporter::mlflow::config::EndIdleRunsConfig,
 }
 
 /// `receivers.otlp.protocols.grpc` (service only).
@@ -394,6 +404,8 @@ pub struct ExporterSettings {
     pub delivery: DeliverySettings,
     /// In process: the PeriodicReader interval.
     pub reader_interval: Duration,
+    /// mlflow: resume policy and idle status (defaults for tensorboard, which ignores them).
+    pub run_policy: crate::exporter::mlflow::config::MlflowRunPolicy,
 }
 
 /// The in-process run, with every default filled in.
@@ -645,9 +657,18 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     if name.contains('/') && instance.is_empty() {
         p.add(&path, "the name after '/' must not be empty");
     }
+    let mut run_policy = Default::default();
+    let mut idle_after = None;
     let (backend, default_every) = match kind {
-        "tensorboard" => (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1),
-        "mlflow" => (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100),
+        "tensorboard" => {
+            p.reject_key(&path, "resume", c.resume.is_some(), "an mlflow key");
+            p.reject_key(&path, "end_idle_runs", c.end_idle_runs != Default::default(), "an mlflow key");
+            (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1)
+        }
+        "mlflow" => {
+            (run_policy, idle_after) = crate::exporter::mlflow::config::MlflowRunPolicy::from_config(c, &path, p);
+            (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100)
+        }
         other => {
             p.add(&path, format!("unknown exporter type {other:?} (known: tensorboard, mlflow)"));
             return None;
@@ -687,6 +708,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         reorder_window: c.reorder_window.unwrap_or_default(),
         aggregation: c.aggregation.unwrap_or_default(),
         per_metric: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect::<HashMap<_, _>>(),
+        idle_after,
     };
     let delivery = DeliverySettings {
         queue_size: c.sending_queue.queue_size.unwrap_or(defaults.queue_size),
@@ -706,6 +728,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         backend,
         delivery,
         reader_interval: c.reader_interval.unwrap_or(Duration::from_secs(1)),
+        run_policy,
     })
 }
 

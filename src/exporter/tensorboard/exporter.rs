@@ -54,7 +54,7 @@ use super::config::TensorBoardSettings;
 use super::encoder::{self, HParamValue};
 use super::record::append_record;
 use crate::batch::RunInfo;
-use crate::cadence::OutBatch;
+use crate::cadence::{OutBatch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
@@ -87,6 +87,9 @@ struct RunFile {
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
+    /// The resume step last handled (see [`OutBatch::resumed_at`]), so a retried batch does not
+    /// start yet another session.
+    resumed_at: Option<i64>,
 }
 
 /// The open event files by run key, closed least recently used first beyond [`MAX_OPEN_FILES`].
@@ -391,8 +394,10 @@ impl TensorBoardExporter {
     }
 }
 
-/// Encodes the points of `batch` not yet written for run state `rf`, refusing late ones.
-fn encode(batch: &OutBatch, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
+/// Encodes `points` (of `run`, at indices from `base` of their batch) not yet written for run
+/// state `rf`, refusing late ones. A session that starts here starts at `start_at` if given
+/// (a resume), else at the first step written.
+fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
     let new_file = rf.path.is_none();
     let mut p = Pending {
         buf: Vec::new(),
@@ -406,23 +411,31 @@ fn encode(batch: &OutBatch, rf: &RunFile, params: &BTreeMap<String, String>) -> 
         append_record(&mut p.buf, &encoder::file_version_event(now_secs()).encode_to_vec());
     }
     let mut i = 0;
-    while i < batch.points.len() {
-        i = encode_step(batch, i, params, &mut p);
+    while i < points.len() {
+        i = encode_step(run, points, base, i, start_at, params, &mut p);
     }
     p
 }
 
 /// Encodes the points of the step starting at index `i` as one event; returns the next step's
 /// index.
-fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p: &mut Pending) -> usize {
-    let step = batch.points[i].step;
+fn encode_step(
+    run: &RunInfo,
+    points: &[OutPoint],
+    base: usize,
+    i: usize,
+    start_at: Option<i64>,
+    params: &BTreeMap<String, String>,
+    p: &mut Pending,
+) -> usize {
+    let step = points[i].step;
     let mut j = i;
     let mut values = Vec::new();
     let mut time = 0u64;
-    while j < batch.points.len() && batch.points[j].step == step {
-        let pt = &batch.points[j];
+    while j < points.len() && points[j].step == step {
+        let pt = &points[j];
         if p.written.get(&pt.series).is_some_and(|w| step <= *w) {
-            p.refused.push((j, DropReason::Late));
+            p.refused.push((base + j, DropReason::Late));
         } else {
             p.written.insert(pt.series.clone(), step);
             let first = p.tags_in_file.insert(pt.series.clone());
@@ -441,10 +454,10 @@ fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p:
     let wall = if time == 0 { now_secs() } else { time as f64 / 1e9 };
     if !p.session_started {
         p.session_started = true;
-        append_record(&mut p.buf, &encoder::session_start_event(wall, step).encode_to_vec());
+        append_record(&mut p.buf, &encoder::session_start_event(wall, start_at.unwrap_or(step).min(step)).encode_to_vec());
         if !params.is_empty() {
             let hp: Vec<(String, HParamValue)> = params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
-            let v = encoder::hparams_value(&hp, batch.run.display_name(), wall);
+            let v = encoder::hparams_value(&hp, run.display_name(), wall);
             append_record(&mut p.buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
         }
     }
@@ -452,21 +465,77 @@ fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p:
     j
 }
 
-impl Exporter for TensorBoardExporter {
-    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
-        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+impl TensorBoardExporter {
+    /// Writes `points` (indices from `base` in their batch) of `run`; the refused ones.
+    fn export_points(&mut self, run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>) -> Result<Vec<(usize, DropReason)>, ExportError> {
+        let rf = self.runs.entry(run.key.clone()).or_default();
         let new_file = rf.path.is_none();
-        let params = self.params.get(&batch.run.key).unwrap_or(&batch.run.params);
-        let p = encode(batch, rf, params);
-        if p.buf.is_empty() || (new_file && p.refused.len() == batch.points.len()) {
-            return Ok(Exported { refused: p.refused });
+        let params = self.params.get(&run.key).unwrap_or(&run.params);
+        let p = encode(run, points, base, start_at, rf, params);
+        if p.buf.is_empty() || (new_file && p.refused.len() == points.len()) {
+            return Ok(p.refused);
         }
-        self.write(&batch.run, &p.buf)?;
-        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+        self.write(run, &p.buf)?;
+        let rf = self.runs.entry(run.key.clone()).or_default();
         rf.tags_in_file = p.tags_in_file;
         rf.written = p.written;
         rf.session_started = p.session_started;
-        Ok(Exported { refused: p.refused })
+        Ok(p.refused)
+    }
+
+    /// Starts a new session of run `key` at `step` (a resume; see the module docs): the current
+    /// file is synced and closed, the next write starts a new file with `SessionLog START` at
+    /// `step`, and each tag accepts steps from `step` on again.
+    fn break_session(&mut self, key: &str, step: i64) {
+        let Some(rf) = self.runs.get_mut(key) else { return };
+        if rf.resumed_at == Some(step) {
+            return;
+        }
+        if let Some(f) = self.open.close(key) {
+            if let Err(e) = f.sync_all() {
+                tracing::warn!(run = %key, error = %e, "could not sync the event file of the previous session");
+            }
+        }
+        rf.path = None;
+        rf.session_started = false;
+        rf.unsynced = false;
+        let below = step.saturating_sub(1);
+        for w in rf.written.values_mut() {
+            *w = (*w).min(below);
+        }
+        rf.resumed_at = Some(step);
+        tracing::info!(run = %key, step, "run resumed from an earlier step: new event file");
+    }
+}
+
+impl Exporter for TensorBoardExporter {
+    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+        let Some(resumed) = batch.resumed_at else {
+            return Ok(Exported { refused: self.export_points(&batch.run, &batch.points, 0, None)? });
+        };
+        // Points below the resume step (windows of the old session closing now) end the old
+        // file; the rest starts the new session (batches are sorted by step).
+        let split = batch.points.partition_point(|p| p.step < resumed);
+        let (old, new) = batch.points.split_at(split);
+        let mut refused = if old.is_empty() || self.runs.get(&batch.run.key).is_some_and(|rf| rf.resumed_at == Some(resumed)) {
+            Vec::new()
+        } else {
+            self.export_points(&batch.run, old, 0, None)?
+        };
+        if self.runs.get(&batch.run.key).is_some_and(|rf| rf.path.is_some()) {
+            self.break_session(&batch.run.key, resumed);
+        } else {
+            // Nothing written yet by this exporter (or a file just failed): the next file is
+            // new anyway; its session starts at the resume step.
+            let rf = self.runs.entry(batch.run.key.clone()).or_default();
+            if rf.resumed_at != Some(resumed) {
+                rf.session_started = false;
+                rf.written.values_mut().for_each(|w| *w = (*w).min(resumed.saturating_sub(1)));
+                rf.resumed_at = Some(resumed);
+            }
+        }
+        refused.extend(self.export_points(&batch.run, new, split, Some(resumed))?);
+        Ok(Exported { refused })
     }
 
     fn observe_run(&mut self, run: &RunInfo) {
@@ -486,7 +555,6 @@ impl Exporter for TensorBoardExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cadence::OutPoint;
     use std::sync::Arc;
 
     fn batch(run: &str, pts: &[(i64, &str, f64)]) -> OutBatch {
@@ -503,6 +571,7 @@ mod tests {
                     inputs: 1,
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
