@@ -53,6 +53,7 @@ fn batch(run: &Arc<RunInfo>, steps: &[(i64, f64)]) -> OutBatch {
             .collect(),
         ..Default::default()
     }
+}
 
 fn steps(range: std::ops::RangeInclusive<i64>, value: impl Fn(i64) -> f64) -> Vec<(i64, f64)> {
     range.map(|s| (s, value(s))).collect()
