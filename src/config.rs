@@ -852,4 +852,35 @@ exporters:
         assert_eq!(default_run_name(0), "run-19700101-000000");
         assert_eq!(default_run_name(1_795_965_104), "run-20261129-151144");
     }
+
+    #[test]
+    fn resume_and_end_idle_runs_keys_validate_with_their_defaults() {
+        let parse = |yaml: &str| PipelineConfig::from_yaml_str(yaml, Path::new("c.yaml")).and_then(|c| c.validate());
+        let s = match parse("exporters: {mlflow: {tracking_uri: 'http://h:1', resume: skip_logged, end_idle_runs: {after: 2s, status: FAILED}}}") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        use crate::exporter::mlflow::config::{IdleStatus, MlflowRunPolicy, ResumePolicy};
+        assert_eq!(s.exporters[0].run_policy, MlflowRunPolicy { resume: ResumePolicy::SkipLogged, idle_status: IdleStatus::Failed });
+        assert_eq!(s.exporters[0].delivery.cadence.idle_after, Some(Duration::from_secs(2)));
+        let s = match parse("exporters: {mlflow: {tracking_uri: 'http://h:1'}, tensorboard: {}}") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(s.exporters[0].run_policy, MlflowRunPolicy::default());
+        assert_eq!(s.exporters[0].delivery.cadence.idle_after, Some(Duration::from_secs(3600)), "on by default, 1h");
+        assert_eq!(s.exporters[1].delivery.cadence.idle_after, None, "tensorboard never ends runs");
+        let off = parse("exporters: {mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {enabled: false}}}");
+        assert!(matches!(off, Ok(ref s) if s.exporters[0].delivery.cadence.idle_after.is_none()));
+        let bad = "exporters: {tensorboard: {resume: log_again, end_idle_runs: {after: 1m}}, mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {after: 0s, status: DONE}}}";
+        let msg = match parse(bad) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("must fail"),
+        };
+        for needle in ["exporters.tensorboard.resume", "exporters.tensorboard.end_idle_runs", "exporters.mlflow", "DONE"] {
+            assert!(msg.contains(needle), "{needle} missing in {msg}");
+        }
+        let zero = parse("exporters: {mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {after: 0s}}}").map(|_| ());
+        assert!(matches!(zero, Err(ref e) if e.to_string().contains("exporters.mlflow.end_idle_runs.after")), "{zero:?}");
+    }
 }
