@@ -266,7 +266,7 @@ fn has_event_files(dir: &Path) -> Result<bool, ExportError> {
 /// new file is created exclusively (`O_EXCL` never follows a symlink); an existing one, or its
 /// directory, that has become a symlink is refused.
 fn open_event_file(path: &Path, create: bool) -> io::Result<File> {
-    let dir_is_link = path.parent().is_some_and(|d| is_symlink(d));
+    let dir_is_link = path.parent().is_some_and(is_symlink);
     if dir_is_link || (!create && is_symlink(path)) {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, "refusing to write through a symlink"));
     }
