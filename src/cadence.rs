@@ -32,6 +32,11 @@
 //! collector's retried or reordered batch is old in time; a restarted trainer is new in time).
 //! A point at the same step as the series' largest is not a resume (a metric recorded twice at
 //! one step), so a trainer resumed at exactly its last step has that one step counted `late`.
+//! Nor is a point whose request also holds a point of the same series at or above the series'
+//! largest step: a producer with cumulative temporality re-sends every step it ever recorded,
+//! newer in time, at each collection, always up to its latest step. So a restarted trainer whose
+//! first request already reaches past the old session's last step is not seen as resumed: its
+//! points up to that step are `late`, the rest continue the run (the old values stay below).
 //! On a resume at `S`:
 //! - every open window of the run holding a point at step `S` or above is dropped and its points
 //!   counted `superseded` (a window holding points on both sides of `S`, possible only when `S`
@@ -364,16 +369,24 @@ impl Windows {
         state.run = rp.run.clone();
         state.last_arrival = now;
         state.idle_reported = false;
+        // Each series' largest step in this request: a request that also reaches the series'
+        // largest step is no resume (see the module docs).
+        let mut request_max: HashMap<&str, i64> = HashMap::new();
+        for p in &rp.points {
+            let m = request_max.entry(p.series.as_str()).or_insert(i64::MIN);
+            *m = (*m).max(p.step);
+        }
         let mut late = 0;
-        for p in rp.points {
+        for p in &rp.points {
             if state.resumed.is_some_and(|(step, time)| p.step >= step && p.time_unix_nano < time) {
                 self.superseded += 1;
                 continue;
             }
+            let reaches = |max: i64| request_max.get(p.series.as_str()).is_some_and(|m| *m >= max);
             let resumes = state
                 .series
                 .get(&p.series)
-                .is_some_and(|s| p.step < s.max_step && p.time_unix_nano > s.max_time);
+                .is_some_and(|s| p.step < s.max_step && p.time_unix_nano > s.max_time && !reaches(s.max_step));
             if resumes {
                 let dropped = state.resume(p.step, p.time_unix_nano);
                 self.pending -= dropped;
@@ -700,6 +713,22 @@ mod tests {
         assert_eq!(w.pending_inputs(), 0);
         // The same step again at a newer time is not a resume (recorded twice at one step).
         assert_eq!(w.push(timed("loss", [(110, 6000, 1.0)]), t), 1);
+        assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
+    }
+
+    #[test]
+    fn a_cumulative_re_send_of_every_step_is_not_a_resume() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        w.push(timed("g", (1..=5).map(|s| (s, 100, s as f64))), t);
+        // The next collection re-sends steps 1..=5 and adds 6..=8, all at the new collection time.
+        assert_eq!(w.push(timed("g", (1..=8).map(|s| (s, 200, s as f64))), t), 0);
+        assert_eq!(w.take_superseded(), 0);
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![None]);
+        assert_eq!(flat(out).iter().map(|p| p.1).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        // Once written, a third re-send is late, never a new session.
+        assert_eq!(w.push(timed("g", (1..=8).map(|s| (s, 300, s as f64))), t), 8);
         assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
     }
 
