@@ -30,13 +30,15 @@
 //! point whose step is below the largest step its series has seen **and** whose time is newer
 //! than every point seen for that series starts a new session of the run at that step `S` (a
 //! collector's retried or reordered batch is old in time; a restarted trainer is new in time).
-//! A point at the same step as the series' largest is not a resume (a metric recorded twice at
-//! one step), so a trainer resumed at exactly its last step has that one step counted `late`.
-//! Nor is a point whose request also holds a point of the same series at or above the series'
-//! largest step: a producer with cumulative temporality re-sends every step it ever recorded,
-//! newer in time, at each collection, always up to its latest step. So a restarted trainer whose
-//! first request already reaches past the old session's last step is not seen as resumed: its
-//! points up to that step are `late`, the rest continue the run (the old values stay below).
+//! The check is made per request and series before its points are taken: the resume step is the
+//! smallest step of the series' points newer than all it has seen (they may come in any order
+//! within a request). A point at the same step as the series' largest is not a resume (a metric
+//! recorded twice at one step), so a trainer resumed at exactly its last step has that one step
+//! counted `late`. Nor is a request that repeats the series' point at its largest step with the
+//! same value: a producer with cumulative temporality re-sends every step it ever recorded, newer
+//! in time, at each collection. (A restarted trainer whose new value at that step equals the old
+//! one, a deterministic metric, is then not seen as resumed by that series; its other series
+//! decide.)
 //! On a resume at `S`:
 //! - every open window of the run holding a point at step `S` or above is dropped and its points
 //!   counted `superseded` (a window holding points on both sides of `S`, possible only when `S`
@@ -60,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Histogram, PointValue, RunInfo, RunPoints};
+use crate::batch::{Histogram, Point, PointValue, RunInfo, RunPoints};
 
 /// How a window's data points become one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -286,6 +288,8 @@ struct SeriesState {
     max_step: i64,
     /// Newest data point time seen (ns): what tells a resumed trainer from late data.
     max_time: u64,
+    /// [`fingerprint`] of the value last accepted at `max_step`.
+    max_fingerprint: u64,
     last_arrival: Instant,
 }
 
@@ -326,6 +330,37 @@ impl RunState {
         self.announce_resume = Some(self.announce_resume.map_or(step, |a| a.min(step)));
         superseded
     }
+}
+
+/// The bits of a value, to recognise a point sent again (a cumulative re-send).
+fn fingerprint(v: &PointValue) -> u64 {
+    match v {
+        PointValue::Scalar(x) => x.to_bits(),
+        PointValue::Histogram(h) => h.sum.to_bits() ^ h.count.rotate_left(32),
+    }
+}
+
+/// The step a request resumes its run from, if it does (see the module docs' "Resume"): the
+/// smallest step, over the series whose points in the request are newer than every point seen
+/// for them, of those newer points, when it is below the series' largest step and the request
+/// does not repeat the series' point at its largest step unchanged.
+fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
+    // Per series: (smallest step of the newer points, whether the largest-step point repeats).
+    let mut per: HashMap<&str, (i64, bool)> = HashMap::new();
+    for p in points {
+        let Some(s) = state.series.get(&p.series) else { continue };
+        let e = per.entry(p.series.as_str()).or_insert((i64::MAX, false));
+        if p.time_unix_nano > s.max_time {
+            e.0 = e.0.min(p.step);
+        }
+        if p.step == s.max_step && fingerprint(&p.value) == s.max_fingerprint {
+            e.1 = true;
+        }
+    }
+    per.into_iter()
+        .filter(|(series, (min, repeats))| !repeats && state.series.get(*series).is_some_and(|s| *min < s.max_step))
+        .map(|(_, (min, _))| min)
+        .min()
 }
 
 /// The open windows of one exporter, over all runs.
@@ -369,12 +404,12 @@ impl Windows {
         state.run = rp.run.clone();
         state.last_arrival = now;
         state.idle_reported = false;
-        // Each series' largest step in this request: a request that also reaches the series'
-        // largest step is no resume (see the module docs).
-        let mut request_max: HashMap<&str, i64> = HashMap::new();
-        for p in &rp.points {
-            let m = request_max.entry(p.series.as_str()).or_insert(i64::MIN);
-            *m = (*m).max(p.step);
+        if let Some(step) = resume_step(state, &rp.points) {
+            // Every point of the old session is at or before the newest time seen in the run.
+            let boundary = state.series.values().map(|s| s.max_time).max().unwrap_or(0).saturating_add(1);
+            let dropped = state.resume(step, boundary);
+            self.pending -= dropped;
+            self.superseded += dropped;
         }
         let mut late = 0;
         for p in &rp.points {
@@ -382,21 +417,12 @@ impl Windows {
                 self.superseded += 1;
                 continue;
             }
-            let reaches = |max: i64| request_max.get(p.series.as_str()).is_some_and(|m| *m >= max);
-            let resumes = state
-                .series
-                .get(&p.series)
-                .is_some_and(|s| p.step < s.max_step && p.time_unix_nano > s.max_time && !reaches(s.max_step));
-            if resumes {
-                let dropped = state.resume(p.step, p.time_unix_nano);
-                self.pending -= dropped;
-                self.superseded += dropped;
-            }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
                 windows: BTreeMap::new(),
                 written_upto: None,
                 max_step: i64::MIN,
                 max_time: 0,
+                max_fingerprint: 0,
                 last_arrival: now,
             });
             s.max_time = s.max_time.max(p.time_unix_nano);
@@ -405,6 +431,9 @@ impl Windows {
                 continue;
             }
             state.max_step = state.max_step.max(p.step);
+            if p.step >= s.max_step {
+                s.max_fingerprint = fingerprint(&p.value);
+            }
             s.max_step = s.max_step.max(p.step);
             s.last_arrival = now;
             self.pending += 1;
@@ -506,7 +535,6 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::Point;
 
     fn run() -> Arc<RunInfo> {
         Arc::new(RunInfo { key: "r".into(), ..Default::default() })
@@ -698,7 +726,7 @@ mod tests {
         let first: Vec<_> = w.take_ready(t, Close::Due);
         assert_eq!(first.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![None]);
         assert_eq!(flat(first).last().map(|p| p.1), Some(140), "150 waits for linger");
-        // A collector's retry of step 120: old in time → late, no resume.
+        // A collector's retry of step 120: old in time, so late, no resume.
         assert_eq!(w.push(timed("loss", [(120, 1120, 120.0)]), t), 1);
         assert_eq!(w.take_superseded(), 0);
         // The restarted trainer: step 100 again, newer than anything seen.
@@ -714,6 +742,24 @@ mod tests {
         // The same step again at a newer time is not a resume (recorded twice at one step).
         assert_eq!(w.push(timed("loss", [(110, 6000, 1.0)]), t), 1);
         assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
+    }
+
+    #[test]
+    fn a_fast_restarted_trainer_resumes_even_when_its_first_request_passes_the_old_steps() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        w.push(timed("loss", (0..=150).step_by(10).map(|s| (s, 1000 + s as u64, s as f64))), t);
+        assert_eq!(flat(w.take_ready(t, Close::Due)).len(), 15, "0..=140; 150 waits for linger");
+        // One request from 100 to 400, in no particular order (an SDK's attribute sets).
+        let mut steps: Vec<i64> = (100..=400).step_by(10).collect();
+        steps.reverse();
+        steps.swap(3, 20);
+        assert_eq!(w.push(timed("loss", steps.iter().map(|s| (*s, 5000 + *s as u64, -(*s as f64)))), t), 0);
+        assert_eq!(w.take_superseded(), 1, "the old session's open step 150");
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![Some(100)]);
+        let got: Vec<(i64, f64)> = flat(out).into_iter().map(|p| (p.1, p.2)).collect();
+        assert_eq!(got, (100..=400).step_by(10).map(|s| (s, -(s as f64))).collect::<Vec<_>>());
     }
 
     #[test]
