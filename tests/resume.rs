@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{history, kv, mlflow_uri, otlp, read_tb_both, run, runs_of_experiment, unique, Service};
+use common::{history, kv, mlflow_uri, otlp, read_csv, read_tb_both, run, runs_of_experiment, trainer, unique, Service};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
@@ -134,4 +134,67 @@ fn case_008_service_route_a_restarted_trainer_replaces_steps_from_its_checkpoint
     let expect: Vec<(i64, f64)> =
         (0..=150).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
     assert_eq!(got, expect, "log_again: both sessions' values, the resumed one's later");
+}
+
+#[test]
+fn a_real_trainer_restarted_with_the_same_run_id_replaces_its_run_in_the_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logdir = dir.path().join("runs");
+    let exp = unique("resume-trainer");
+    let uri = mlflow_uri();
+    let svc = Service::start(&logdir, &[format!("exporters.mlflow.tracking_uri={uri}")]);
+    // Two sessions of one run id: 150 steps, then a restart from scratch (step 1) with another
+    // seed, so every value differs, for 300 steps: the restarted trainer's exports hold many
+    // steps in the SDK's own order, and its first already passes the old session's last step.
+    let session = |steps: &str, seed: &str, csv: &Path| {
+        let out = std::process::Command::new(trainer())
+            .args(["--otlp-endpoint", &format!("http://{}", svc.grpc), "--experiment", &exp])
+            .args(["--run-name", "restarted", "--run-id", "restarted-1", "--steps", steps, "--seed", seed])
+            .arg("--record-csv")
+            .arg(csv)
+            .output()
+            .expect("run the example trainer");
+        assert!(out.status.success(), "trainer: {}", String::from_utf8_lossy(&out.stderr));
+        read_csv(csv)
+    };
+    let first = session("150", "1", &dir.path().join("first.csv"));
+    wait_for("TensorBoard to write step 150", || max_step_written(&logdir) == Some(150));
+    wait_for("MLflow to log step 100", || {
+        runs_of_experiment(&uri, &exp)
+            .first()
+            .and_then(|r| r["info"]["run_id"].as_str().map(str::to_string))
+            .is_some_and(|id| history(&uri, &id, "train.loss").iter().any(|m| m.0 == 100))
+    });
+    let second = session("300", "2", &dir.path().join("second.csv"));
+    let report = svc.stop();
+    let total: usize = first.values().chain(second.values()).map(Vec::len).sum();
+    // MLflow's window 200 still held the old session's steps 101..=150 when it restarted.
+    let open: usize = first.values().flatten().filter(|r| r.0 > 100).count();
+    for (name, superseded) in [("tensorboard", 0), ("mlflow", open)] {
+        let mut want = format!("{name}: received {total} delivered {} dropped {superseded}", total - superseded);
+        if superseded > 0 {
+            want += &format!(" (superseded={superseded})");
+        }
+        assert!(report.contains(&want), "{want:?} not in:\n{report}");
+    }
+    // TensorBoard, both loaders: only the second session, exactly as recorded.
+    let tb = read_tb_both(&logdir);
+    assert_eq!(tb.scalars.keys().collect::<Vec<_>>(), vec!["restarted"]);
+    common::assert_tb_matches(&tb.scalars["restarted"], &second, &["train.logits"]);
+    assert_eq!(tb.session_starts["restarted"], vec![1, 1]);
+    // MLflow: the same run, tagged with the resume step; log_again keeps both sessions' windows.
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1);
+    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
+    assert_eq!(kv(&run(&uri, id), "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("1"));
+    let mut h = history(&uri, id, "train.loss");
+    h.sort_by_key(|m| (m.2, m.0));
+    assert_eq!(h.iter().map(|m| m.0).collect::<Vec<_>>(), vec![100, 100, 200, 300]);
+    let last_of = |rec: &common::Recorded, step: i64| rec["train.loss"].iter().find(|r| r.0 == step).map(|r| r.1);
+    assert_eq!(h.iter().map(|m| Some(m.1)).collect::<Vec<_>>(), vec![
+        last_of(&first, 100),
+        last_of(&second, 100),
+        last_of(&second, 200),
+        last_of(&second, 300)
+    ]);
 }
