@@ -34,6 +34,8 @@
 //!     interval: 30s          # also write every 30 s; default none
 //!     aggregation: last      # last | mean | min | max | sum; default last
 //!     metrics: {train.loss: mean}   # per metric or series name
+//!     resume: log_again      # mlflow only: log_again | skip_logged; default log_again
+//!     end_idle_runs: {enabled: true, after: 1h, status: KILLED}   # mlflow only; defaults
 //! ```
 //! Every exporter also takes: `prefix` (series name prefix, default none), `linger` (2s),
 //! `reorder_window` (0s; how long windows wait for out-of-order points),
@@ -41,8 +43,6 @@
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
 //! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
-//! MLflow also takes `resume` (`log_again` | `skip_logged`, default `log_again`) and
-//! `end_idle_runs` (`enabled` true, `after` 1h, `status` `KILLED` | `FAILED`, default `KILLED`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
