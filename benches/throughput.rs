@@ -86,7 +86,7 @@ fn main() {
                     inputs: 1,
                 })
                 .collect();
-            let _ = exporter.export(&OutBatch { run: run.clone(), points }, Duration::from_secs(5));
+            let _ = exporter.export(&OutBatch { run: run.clone(), points, ..Default::default() }, Duration::from_secs(5));
         }
         rates.push(100_000.0 / t.elapsed().as_secs_f64());
     }

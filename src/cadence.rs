@@ -23,6 +23,38 @@
 //!
 //! A data point at or below the step last written for its series is `late`: counted, not
 //! written, because TensorBoard discards points newer than a step that goes back.
+//!
+//! # Resume
+//! A trainer restarted from a checkpoint records steps again that its run already passed. It is
+//! told apart from late data by the record time ([`crate::batch::Point::time_unix_nano`]): a
+//! point whose step is below the largest step its series has seen **and** whose time is newer
+//! than every point seen for that series starts a new session of the run at that step `S` (a
+//! collector's retried or reordered batch is old in time; a restarted trainer is new in time).
+//! The check is made per request and series before its points are taken: the resume step is the
+//! smallest step of the series' points newer than all it has seen (they may come in any order
+//! within a request). A point at the same step as the series' largest is not a resume (a metric
+//! recorded twice at one step), so a trainer resumed at exactly its last step has that one step
+//! counted `late`. Nor is a request that repeats the series' point at its largest step with the
+//! same value: a producer with cumulative temporality re-sends every step it ever recorded, newer
+//! in time, at each collection. (A restarted trainer whose new value at that step equals the old
+//! one, a deterministic metric, is then not seen as resumed by that series; its other series
+//! decide.)
+//! On a resume at `S`:
+//! - every open window of the run holding a point at step `S` or above is dropped and its points
+//!   counted `superseded` (a window holding points on both sides of `S`, possible only when `S`
+//!   is inside a window of `every_steps > 1` that never closed, is dropped whole: an aggregate
+//!   cannot be split);
+//! - the run's series accept steps from `S` on again;
+//! - later points of the run at step `S` or above that are older than the resuming point (the
+//!   old session's, retried by a collector) are counted `superseded`;
+//! - the run's next [`OutBatch`] carries `resumed_at: Some(S)`, so exporters start a new
+//!   session (TensorBoard: a new event file beginning with `SessionLog START` at `S`).
+//!
+//! # Idle runs
+//! With `idle_after: T`, a run that received no data point for `T` has every open window
+//! written (stamped as on shutdown) in one batch flagged `idle` (also when it is empty), once
+//! per quiet period: the exporter may end the run (see `end_idle_runs` of the MLflow exporter).
+//! A point arriving afterwards makes the run active again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -30,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Histogram, PointValue, RunInfo, RunPoints};
+use crate::batch::{Histogram, Point, PointValue, RunInfo, RunPoints};
 
 /// How a window's data points become one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,6 +98,9 @@ pub struct CadenceSettings {
     pub aggregation: Aggregation,
     /// Aggregation per metric name or series name (series name wins).
     pub per_metric: HashMap<String, Aggregation>,
+    /// A run without data points for this long gets an `idle` batch (see the module docs);
+    /// `None` (default) never.
+    pub idle_after: Option<Duration>,
 }
 
 impl Default for CadenceSettings {
@@ -77,6 +112,7 @@ impl Default for CadenceSettings {
             reorder_window: Duration::ZERO,
             aggregation: Aggregation::Last,
             per_metric: HashMap::new(),
+            idle_after: None,
         }
     }
 }
@@ -125,12 +161,18 @@ pub struct OutPoint {
 }
 
 /// The points of one run ready for an exporter, sorted by (step, series).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OutBatch {
     /// The run.
     pub run: Arc<RunInfo>,
     /// Its points.
     pub points: Vec<OutPoint>,
+    /// The run resumed from this step since its previous batch: its points at this step or
+    /// above from an earlier session are superseded (see the module docs' "Resume").
+    pub resumed_at: Option<i64>,
+    /// The run has been quiet for the cadence's `idle_after`: these are its last open windows
+    /// (see the module docs' "Idle runs").
+    pub idle: bool,
 }
 
 impl OutBatch {
@@ -244,6 +286,10 @@ struct SeriesState {
     windows: BTreeMap<i64, Acc>,
     written_upto: Option<i64>,
     max_step: i64,
+    /// Newest data point time seen (ns): what tells a resumed trainer from late data.
+    max_time: u64,
+    /// [`fingerprint`] of the value last accepted at `max_step`.
+    max_fingerprint: u64,
     last_arrival: Instant,
 }
 
@@ -252,6 +298,69 @@ struct RunState {
     run: Arc<RunInfo>,
     max_step: i64,
     series: HashMap<String, SeriesState>,
+    /// The latest resume: (step S, time of the resuming point). Older points at S or above
+    /// belong to the session it replaced.
+    resumed: Option<(i64, u64)>,
+    /// A resume not yet announced in an [`OutBatch`].
+    announce_resume: Option<i64>,
+    last_arrival: Instant,
+    /// An idle batch was emitted and no point arrived since.
+    idle_reported: bool,
+}
+
+impl RunState {
+    /// Starts a new session at `step` (see the module docs' "Resume"); returns the data points
+    /// of open windows it superseded.
+    fn resume(&mut self, step: i64, time: u64) -> u64 {
+        let mut superseded = 0;
+        let below = step.saturating_sub(1);
+        for s in self.series.values_mut() {
+            s.windows.retain(|_, acc| {
+                let keep = acc.max_step < step;
+                if !keep {
+                    superseded += acc.inputs;
+                }
+                keep
+            });
+            s.written_upto = s.written_upto.map(|w| w.min(below));
+            s.max_step = s.windows.values().map(|a| a.max_step).max().unwrap_or(i64::MIN).max(s.max_step.min(below));
+        }
+        self.max_step = self.series.values().map(|s| s.max_step).max().unwrap_or(i64::MIN);
+        self.resumed = Some((step, time));
+        self.announce_resume = Some(self.announce_resume.map_or(step, |a| a.min(step)));
+        superseded
+    }
+}
+
+/// The bits of a value, to recognise a point sent again (a cumulative re-send).
+fn fingerprint(v: &PointValue) -> u64 {
+    match v {
+        PointValue::Scalar(x) => x.to_bits(),
+        PointValue::Histogram(h) => h.sum.to_bits() ^ h.count.rotate_left(32),
+    }
+}
+
+/// The step a request resumes its run from, if it does (see the module docs' "Resume"): the
+/// smallest step, over the series whose points in the request are newer than every point seen
+/// for them, of those newer points, when it is below the series' largest step and the request
+/// does not repeat the series' point at its largest step unchanged.
+fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
+    // Per series: (smallest step of the newer points, whether the largest-step point repeats).
+    let mut per: HashMap<&str, (i64, bool)> = HashMap::new();
+    for p in points {
+        let Some(s) = state.series.get(&p.series) else { continue };
+        let e = per.entry(p.series.as_str()).or_insert((i64::MAX, false));
+        if p.time_unix_nano > s.max_time {
+            e.0 = e.0.min(p.step);
+        }
+        if p.step == s.max_step && fingerprint(&p.value) == s.max_fingerprint {
+            e.1 = true;
+        }
+    }
+    per.into_iter()
+        .filter(|(series, (min, repeats))| !repeats && state.series.get(*series).is_some_and(|s| *min < s.max_step))
+        .map(|(_, (min, _))| min)
+        .min()
 }
 
 /// The open windows of one exporter, over all runs.
@@ -261,6 +370,7 @@ pub struct Windows {
     runs: HashMap<String, RunState>,
     interval_started: Instant,
     pending: u64,
+    superseded: u64,
 }
 
 /// Why windows are being closed.
@@ -275,31 +385,55 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0 }
+        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0, superseded: 0 }
     }
 
-    /// Adds points. Returns the number of points that were late (see the module docs).
+    /// Adds points. Returns the number of points that were late (see the module docs); points
+    /// superseded by a resume are counted in [`Windows::take_superseded`].
     pub fn push(&mut self, rp: RunPoints, now: Instant) -> u64 {
         let settings = &self.settings;
         let state = self.runs.entry(rp.run.key.clone()).or_insert_with(|| RunState {
             run: rp.run.clone(),
             max_step: i64::MIN,
             series: HashMap::new(),
+            resumed: None,
+            announce_resume: None,
+            last_arrival: now,
+            idle_reported: false,
         });
         state.run = rp.run.clone();
+        state.last_arrival = now;
+        state.idle_reported = false;
+        if let Some(step) = resume_step(state, &rp.points) {
+            // Every point of the old session is at or before the newest time seen in the run.
+            let boundary = state.series.values().map(|s| s.max_time).max().unwrap_or(0).saturating_add(1);
+            let dropped = state.resume(step, boundary);
+            self.pending -= dropped;
+            self.superseded += dropped;
+        }
         let mut late = 0;
-        for p in rp.points {
+        for p in &rp.points {
+            if state.resumed.is_some_and(|(step, time)| p.step >= step && p.time_unix_nano < time) {
+                self.superseded += 1;
+                continue;
+            }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
                 windows: BTreeMap::new(),
                 written_upto: None,
                 max_step: i64::MIN,
+                max_time: 0,
+                max_fingerprint: 0,
                 last_arrival: now,
             });
+            s.max_time = s.max_time.max(p.time_unix_nano);
             if s.written_upto.is_some_and(|w| p.step <= w) {
                 late += 1;
                 continue;
             }
             state.max_step = state.max_step.max(p.step);
+            if p.step >= s.max_step {
+                s.max_fingerprint = fingerprint(&p.value);
+            }
             s.max_step = s.max_step.max(p.step);
             s.last_arrival = now;
             self.pending += 1;
@@ -310,6 +444,12 @@ impl Windows {
                 .add(p.step, p.time_unix_nano, &p.value);
         }
         late
+    }
+
+    /// Data points dropped as `superseded` by resumes since the last call (see the module
+    /// docs' "Resume"), resetting the count.
+    pub fn take_superseded(&mut self) -> u64 {
+        std::mem::take(&mut self.superseded)
     }
 
     /// Data points held in open windows.
@@ -352,6 +492,9 @@ impl Windows {
         let mut out = Vec::new();
         for state in self.runs.values_mut() {
             let run_max = state.max_step;
+            let idle = !state.idle_reported
+                && self.settings.idle_after.is_some_and(|t| now.saturating_duration_since(state.last_arrival) >= t);
+            let all = all || idle;
             let mut points = Vec::new();
             for (series, s) in state.series.iter_mut() {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
@@ -375,9 +518,13 @@ impl Windows {
                     });
                 }
             }
-            if !points.is_empty() {
+            if idle {
+                state.idle_reported = true;
+            }
+            if !points.is_empty() || idle {
                 points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
-                out.push(OutBatch { run: state.run.clone(), points });
+                let resumed_at = state.announce_resume.take();
+                out.push(OutBatch { run: state.run.clone(), points, resumed_at, idle });
             }
         }
         out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
@@ -388,7 +535,6 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::Point;
 
     fn run() -> Arc<RunInfo> {
         Arc::new(RunInfo { key: "r".into(), ..Default::default() })
@@ -549,6 +695,103 @@ mod tests {
         let later = t + Duration::from_secs(3);
         let got: Vec<_> = flat(w.take_ready(later, Close::Due)).into_iter().filter(|p| p.0 == "eval").collect();
         assert_eq!(got, vec![("eval".into(), 300, 0.5, 1)]);
+    }
+
+    fn timed(metric: &str, pts: impl IntoIterator<Item = (i64, u64, f64)>) -> RunPoints {
+        let mut rp = pts_empty();
+        for (step, time, v) in pts {
+            rp.points.push(Point {
+                metric: metric.into(),
+                series: metric.into(),
+                step,
+                time_unix_nano: time,
+                value: PointValue::Scalar(v),
+            });
+        }
+        rp
+    }
+
+    fn pts_empty() -> RunPoints {
+        RunPoints { run: run(), points: Vec::new() }
+    }
+
+    #[test]
+    fn a_step_back_newer_in_time_is_a_resume_and_older_in_time_is_late() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        // Session 1: steps 0..=150 every 10, times 1000 + step.
+        for step in (0..=150).step_by(10) {
+            w.push(timed("loss", [(step, 1000 + step as u64, step as f64)]), t);
+        }
+        let first: Vec<_> = w.take_ready(t, Close::Due);
+        assert_eq!(first.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![None]);
+        assert_eq!(flat(first).last().map(|p| p.1), Some(140), "150 waits for linger");
+        // A collector's retry of step 120: old in time, so late, no resume.
+        assert_eq!(w.push(timed("loss", [(120, 1120, 120.0)]), t), 1);
+        assert_eq!(w.take_superseded(), 0);
+        // The restarted trainer: step 100 again, newer than anything seen.
+        assert_eq!(w.push(timed("loss", [(100, 5000, -100.0)]), t), 0);
+        assert_eq!(w.take_superseded(), 1, "the open window of step 150");
+        // An old-session point of step 130 retried after the resume: superseded.
+        assert_eq!(w.push(timed("loss", [(130, 1130, 130.0), (110, 5010, -110.0)]), t), 0);
+        assert_eq!(w.take_superseded(), 1);
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![Some(100)]);
+        assert_eq!(flat(out), vec![("loss".into(), 100, -100.0, 1), ("loss".into(), 110, -110.0, 1)]);
+        assert_eq!(w.pending_inputs(), 0);
+        // The same step again at a newer time is not a resume (recorded twice at one step).
+        assert_eq!(w.push(timed("loss", [(110, 6000, 1.0)]), t), 1);
+        assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
+    }
+
+    #[test]
+    fn a_fast_restarted_trainer_resumes_even_when_its_first_request_passes_the_old_steps() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        w.push(timed("loss", (0..=150).step_by(10).map(|s| (s, 1000 + s as u64, s as f64))), t);
+        assert_eq!(flat(w.take_ready(t, Close::Due)).len(), 15, "0..=140; 150 waits for linger");
+        // One request from 100 to 400, in no particular order (an SDK's attribute sets).
+        let mut steps: Vec<i64> = (100..=400).step_by(10).collect();
+        steps.reverse();
+        steps.swap(3, 20);
+        assert_eq!(w.push(timed("loss", steps.iter().map(|s| (*s, 5000 + *s as u64, -(*s as f64)))), t), 0);
+        assert_eq!(w.take_superseded(), 1, "the old session's open step 150");
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![Some(100)]);
+        let got: Vec<(i64, f64)> = flat(out).into_iter().map(|p| (p.1, p.2)).collect();
+        assert_eq!(got, (100..=400).step_by(10).map(|s| (s, -(s as f64))).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_cumulative_re_send_of_every_step_is_not_a_resume() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        w.push(timed("g", (1..=5).map(|s| (s, 100, s as f64))), t);
+        // The next collection re-sends steps 1..=5 and adds 6..=8, all at the new collection time.
+        assert_eq!(w.push(timed("g", (1..=8).map(|s| (s, 200, s as f64))), t), 0);
+        assert_eq!(w.take_superseded(), 0);
+        let out = w.take_ready(t + Duration::from_secs(3), Close::Due);
+        assert_eq!(out.iter().map(|b| b.resumed_at).collect::<Vec<_>>(), vec![None]);
+        assert_eq!(flat(out).iter().map(|p| p.1).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        // Once written, a third re-send is late, never a new session.
+        assert_eq!(w.push(timed("g", (1..=8).map(|s| (s, 300, s as f64))), t), 8);
+        assert!(w.take_ready(t + Duration::from_secs(6), Close::Due).is_empty());
+    }
+
+    #[test]
+    fn a_run_quiet_for_idle_after_gets_one_idle_batch_with_its_open_windows() {
+        let t = Instant::now();
+        let s = CadenceSettings { every_steps: Some(100), idle_after: Some(Duration::from_secs(10)), ..Default::default() };
+        let mut w = Windows::new(s, t);
+        w.push(pts("loss", [(101, 1.0), (150, 3.0)]), t);
+        assert!(w.take_ready(t + Duration::from_secs(9), Close::Due).is_empty());
+        let idle = w.take_ready(t + Duration::from_secs(10), Close::Due);
+        assert_eq!(idle.iter().map(|b| b.idle).collect::<Vec<_>>(), vec![true]);
+        assert_eq!(flat(idle), vec![("loss".into(), 150, 3.0, 2)]);
+        assert!(w.take_ready(t + Duration::from_secs(30), Close::Due).is_empty(), "once per quiet period");
+        w.push(pts("loss", [(160, 4.0)]), t + Duration::from_secs(31));
+        let again = w.take_ready(t + Duration::from_secs(41), Close::Due);
+        assert_eq!(again.iter().map(|b| (b.idle, b.points.len())).collect::<Vec<_>>(), vec![(true, 1)]);
     }
 
     #[test]

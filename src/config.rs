@@ -39,6 +39,8 @@
 //!     interval: 30s          # also write every 30 s; default none
 //!     aggregation: last      # last | mean | min | max | sum; default last
 //!     metrics: {train.loss: mean}   # per metric or series name
+//!     resume: log_again      # mlflow only: log_again | skip_logged; default log_again
+//!     end_idle_runs: {enabled: true, after: 1h, status: KILLED}   # mlflow only; defaults
 //! ```
 //! Every exporter also takes: `prefix` (series name prefix, default none), `linger` (2s),
 //! `reorder_window` (0s; how long windows wait for out-of-order points),
@@ -253,6 +255,14 @@ pub struct ExporterConfig {
     /// Queue sizes.
     #[serde(default)]
     pub sending_queue: QueueConfig,
+    /// mlflow: steps of a resumed run that MLflow already holds: `log_again` (default) or
+    /// `skip_logged` (see README "Resume").
+    #[serde(default)]
+    pub resume: Option<crate::exporter::mlflow::config::ResumePolicy>,
+    /// mlflow: end runs without data for a while (`enabled` true, `after` 1h, `status` KILLED;
+    /// see README "Run liveness").
+    #[serde(default)]
+    pub end_idle_runs: crate::exporter::mlflow::config::EndIdleRunsConfig,
 }
 
 /// `receivers.otlp.protocols.grpc` (service only).
@@ -536,6 +546,8 @@ pub struct ExporterSettings {
     pub delivery: DeliverySettings,
     /// In process: the PeriodicReader interval.
     pub reader_interval: Duration,
+    /// mlflow: resume policy and idle status (defaults for tensorboard, which ignores them).
+    pub run_policy: crate::exporter::mlflow::config::MlflowRunPolicy,
 }
 
 /// The in-process run, with every default filled in.
@@ -842,13 +854,20 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     if name.contains('/') && instance.is_empty() {
         p.add(&path, "the name after '/' must not be empty");
     }
+    let mut run_policy = Default::default();
+    let mut idle_after = None;
     let (backend, default_every) = match kind {
         "tensorboard" => {
             p.reject_key(&path, "token_file", c.token_file.is_some(), "an mlflow key");
             p.reject_key(&path, "password_file", c.password_file.is_some(), "an mlflow key");
+            p.reject_key(&path, "resume", c.resume.is_some(), "an mlflow key");
+            p.reject_key(&path, "end_idle_runs", c.end_idle_runs != Default::default(), "an mlflow key");
             (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1)
         }
-        "mlflow" => (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100),
+        "mlflow" => {
+            (run_policy, idle_after) = crate::exporter::mlflow::config::MlflowRunPolicy::from_config(c, &path, p);
+            (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100)
+        }
         other => {
             p.add(&path, format!("unknown exporter type {other:?} (known: tensorboard, mlflow)"));
             return None;
@@ -902,6 +921,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         reorder_window: c.reorder_window.unwrap_or_default(),
         aggregation: c.aggregation.unwrap_or_default(),
         per_metric: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect::<HashMap<_, _>>(),
+        idle_after,
     };
     let delivery = DeliverySettings {
         queue_size: c.sending_queue.queue_size.unwrap_or(defaults.queue_size),
@@ -922,6 +942,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         backend,
         delivery,
         reader_interval: c.reader_interval.unwrap_or(Duration::from_secs(1)),
+        run_policy,
     })
 }
 
@@ -1044,5 +1065,36 @@ exporters:
     fn default_run_names_are_utc_dates() {
         assert_eq!(default_run_name(0), "run-19700101-000000");
         assert_eq!(default_run_name(1_795_965_104), "run-20261129-151144");
+    }
+
+    #[test]
+    fn resume_and_end_idle_runs_keys_validate_with_their_defaults() {
+        let parse = |yaml: &str| PipelineConfig::from_yaml_str(yaml, Path::new("c.yaml")).and_then(|c| c.validate());
+        let s = match parse("exporters: {mlflow: {tracking_uri: 'http://h:1', resume: skip_logged, end_idle_runs: {after: 2s, status: FAILED}}}") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        use crate::exporter::mlflow::config::{IdleStatus, MlflowRunPolicy, ResumePolicy};
+        assert_eq!(s.exporters[0].run_policy, MlflowRunPolicy { resume: ResumePolicy::SkipLogged, idle_status: IdleStatus::Failed });
+        assert_eq!(s.exporters[0].delivery.cadence.idle_after, Some(Duration::from_secs(2)));
+        let s = match parse("exporters: {mlflow: {tracking_uri: 'http://h:1'}, tensorboard: {}}") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(s.exporters[0].run_policy, MlflowRunPolicy::default());
+        assert_eq!(s.exporters[0].delivery.cadence.idle_after, Some(Duration::from_secs(3600)), "on by default, 1h");
+        assert_eq!(s.exporters[1].delivery.cadence.idle_after, None, "tensorboard never ends runs");
+        let off = parse("exporters: {mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {enabled: false}}}");
+        assert!(matches!(off, Ok(ref s) if s.exporters[0].delivery.cadence.idle_after.is_none()));
+        let bad = "exporters: {tensorboard: {resume: log_again, end_idle_runs: {after: 1m}}, mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {after: 0s, status: DONE}}}";
+        let msg = match parse(bad) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("must fail"),
+        };
+        for needle in ["exporters.tensorboard.resume", "exporters.tensorboard.end_idle_runs", "exporters.mlflow", "DONE"] {
+            assert!(msg.contains(needle), "{needle} missing in {msg}");
+        }
+        let zero = parse("exporters: {mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {after: 0s}}}").map(|_| ());
+        assert!(matches!(zero, Err(ref e) if e.to_string().contains("exporters.mlflow.end_idle_runs.after")), "{zero:?}");
     }
 }

@@ -505,6 +505,11 @@ impl<E: Exporter> Worker<E> {
                 tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
             }
         }
+        let superseded = self.windows.take_superseded();
+        if superseded > 0 {
+            self.stats.add_dropped(DropReason::Superseded, superseded);
+            tracing::info!(exporter = %self.name, superseded, "a run resumed from an earlier step; the old session's points from there on are superseded");
+        }
         // Publish before the queue count drops, so the points are always counted somewhere.
         self.publish_held();
         self.shared.queued.fetch_sub(n, Ordering::Relaxed);

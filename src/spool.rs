@@ -449,6 +449,12 @@ pub struct SpoolBatch {
     /// Its points.
     #[prost(message, repeated, tag = "2")]
     pub points: Vec<SpoolPoint>,
+    /// [`OutBatch::resumed_at`].
+    #[prost(int64, optional, tag = "3")]
+    pub resumed_at: Option<i64>,
+    /// [`OutBatch::idle`].
+    #[prost(bool, tag = "4")]
+    pub idle: bool,
 }
 
 /// [`RunInfo`] on disk.
@@ -551,6 +557,8 @@ impl SpoolBatch {
                     inputs: p.inputs,
                 })
                 .collect(),
+            resumed_at: b.resumed_at,
+            idle: b.idle,
         }
     }
 
@@ -584,6 +592,8 @@ impl SpoolBatch {
                     inputs: p.inputs,
                 })
                 .collect(),
+            resumed_at: self.resumed_at,
+            idle: self.idle,
         }
     }
 }
@@ -631,6 +641,8 @@ mod tests {
         OutBatch {
             run: Arc::new(run),
             points: vec![OutPoint { series: "loss".into(), step, time_unix_nano: 7, scalar: v, histogram: None, inputs: 3 }],
+            resumed_at: (step == 2).then_some(2),
+            idle: step == 2,
         }
     }
 
@@ -641,7 +653,8 @@ mod tests {
         assert!(opened.replayed.is_empty());
         let a = s.append(&batch(1, f64::NAN)).expect("append");
         let b = s.append(&batch(2, 2.5)).expect("append");
-        assert_eq!(s.read(b).expect("read").points[0].scalar, 2.5);
+        let back = s.read(b).expect("read");
+        assert_eq!((back.points[0].scalar, back.resumed_at, back.idle), (2.5, Some(2), true));
         assert!(s.read(a).expect("read").points[0].scalar.is_nan());
         s.ack(a);
         drop(s);

@@ -381,3 +381,85 @@ fn case_012_shutdown_with_mlflow_unreachable_is_bounded_and_reports() {
     // Idempotent: a second call returns the same report at once.
     assert_eq!(p.shutdown(), report);
 }
+
+/// Case 008, in process: steps 0..=150 every 10, then a new `Pipeline` (a restarted trainer, same
+/// run id) records 100..=300 every 10 with other values. `policy` is the MLflow exporter's
+/// `resume`.
+fn case_008_run(policy: Option<trainmetrics::exporter::mlflow::config::ResumePolicy>) -> (tempfile::TempDir, String, Vec<trainmetrics::ShutdownReport>) {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let exp = unique("case008");
+    let mut reports = Vec::new();
+    for (steps, offset) in [((0..=150).step_by(10), 0.0), ((100..=300).step_by(10), 1000.0)] {
+        let p = Pipeline::builder()
+            .experiment(&exp)
+            .run_name("case-008")
+            .run_id("case-008-run")
+            .exporter("tensorboard", tb(logdir.path()))
+            .exporter("mlflow", ExporterConfig { resume: policy, ..mlflow(10, &[]) })
+            .build()
+            .expect("pipeline");
+        let rec = p.recorder();
+        for step in steps {
+            rec.record(step, "loss", offset + step as f64);
+        }
+        reports.push(p.shutdown());
+    }
+    (logdir, exp, reports)
+}
+
+/// TensorBoard after case 008: old values below 100, the resumed session's from 100 on, both
+/// loaders agreeing, and a `SessionLog START` at each session's first step.
+fn case_008_tensorboard(logdir: &Path) {
+    let tbv = read_tb_both(logdir);
+    let expect: Vec<(i64, f64)> =
+        (0..100).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
+    assert_eq!(only_run(&tbv.scalars)["loss"], expect);
+    assert_eq!(only_run(&tbv.session_starts), vec![0, 100]);
+}
+
+#[test]
+fn case_008_resume_from_a_checkpoint_logs_again_by_default() {
+    let (logdir, exp, reports) = case_008_run(None);
+    for r in &reports {
+        for e in &r.exporters {
+            assert_eq!((e.delivered, e.dropped_total()), (e.received, 0), "{e}");
+        }
+    }
+    case_008_tensorboard(logdir.path());
+    let uri = mlflow_uri();
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1, "the same MLflow run continues");
+    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
+    let r = run(&uri, id);
+    assert_eq!(r["info"]["status"], "FINISHED");
+    assert_eq!(kv(&r, "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("100"));
+    // log_again: every value sent is in the history; the resumed session's come later in time.
+    let mut h = history(&uri, id, "loss");
+    h.sort_by_key(|m| (m.2, m.0));
+    let got: Vec<(i64, f64)> = h.iter().map(|m| (m.0, m.1)).collect();
+    let expect: Vec<(i64, f64)> =
+        (0..=150).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
+    assert_eq!(got, expect);
+    let latest: Vec<f64> = r["data"]["metrics"].as_array().into_iter().flatten().map(|m| common::json_f64(&m["value"])).collect();
+    assert_eq!(latest, vec![1300.0], "the run's latest value is the resumed session's");
+}
+
+#[test]
+fn case_008_resume_from_a_checkpoint_skip_logged_keeps_one_value_per_step() {
+    let (logdir, exp, reports) = case_008_run(Some(trainmetrics::exporter::mlflow::config::ResumePolicy::SkipLogged));
+    let mlflow_second = reports[1].exporters.iter().find(|e| e.name == "mlflow").expect("mlflow report");
+    assert_eq!((mlflow_second.received, mlflow_second.delivered), (21, 15), "{mlflow_second}");
+    assert_eq!(mlflow_second.dropped.get("superseded"), Some(&6), "steps 100..=150: {mlflow_second}");
+    case_008_tensorboard(logdir.path());
+    let uri = mlflow_uri();
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1);
+    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
+    assert_eq!(kv(&run(&uri, id), "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("100"));
+    let mut h = history(&uri, id, "loss");
+    h.sort_by_key(|m| m.0);
+    let got: Vec<(i64, f64)> = h.iter().map(|m| (m.0, m.1)).collect();
+    let expect: Vec<(i64, f64)> =
+        (0..=150).step_by(10).map(|s| (s, s as f64)).chain((160..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
+    assert_eq!(got, expect);
+}

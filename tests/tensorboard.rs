@@ -51,6 +51,7 @@ fn batch(run: &Arc<RunInfo>, steps: &[(i64, f64)]) -> OutBatch {
                 inputs: 1,
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -115,7 +115,7 @@ pub fn start(e: &ExporterSettings) -> std::io::Result<(Arc<Delivery>, Target)> {
             (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)
         }
         Backend::Mlflow(m) => {
-            let exporter = mlflow::MlflowExporter::new(m.clone());
+            let exporter = mlflow::MlflowExporter::new(m.clone()).with_run_policy(e.run_policy);
             let run_ids = exporter.run_ids();
             let target = Target::Mlflow { tracking_uri: m.tracking_uri.clone(), run_ids };
             (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)

@@ -346,3 +346,89 @@ mod tests {
         assert_eq!(strip_userinfo("http://host/x"), "http://host/x");
     }
 }
+
+// ---- Resume and run liveness (`resume`, `end_idle_runs`) ----
+
+/// What the MLflow exporter does with the steps of a resumed run that MLflow already holds
+/// (`resume`; see `README.md` "Resume"). MLflow cannot delete a metric's history, so a trainer
+/// restarted from a checkpoint at step S either logs S.. again (MLflow then holds both values
+/// at those steps) or is kept from overlapping what is already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumePolicy {
+    /// Log every point of the resumed session (default): nothing the trainer recorded is lost,
+    /// as with MLflow's own client continuing a run; `metrics/get-history` then holds the old
+    /// and the new value at each overlapping step, and the run's latest value is the new one.
+    #[default]
+    LogAgain,
+    /// Skip a point whose step is at or below the largest step MLflow already holds for its key
+    /// (read from `runs/get` `data.metrics` when the run resumes); skipped points are counted
+    /// `superseded`. The history stays one value per step, the old session's.
+    SkipLogged,
+}
+
+/// The MLflow status a run is ended with when it goes idle (`end_idle_runs.status`; MLflow's
+/// `RunStatus`: `KILLED` or `FAILED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum IdleStatus {
+    /// `KILLED` (default): the trainer vanished without reporting an outcome.
+    #[default]
+    #[serde(rename = "KILLED")]
+    Killed,
+    /// `FAILED`.
+    #[serde(rename = "FAILED")]
+    Failed,
+}
+
+impl IdleStatus {
+    /// The status string of MLflow's REST API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleStatus::Killed => "KILLED",
+            IdleStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// Default of `end_idle_runs.after`: 1 h, longer than any pause between metrics of a healthy
+/// trainer (an epoch's evaluation, a checkpoint upload).
+pub const DEFAULT_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `end_idle_runs` (mlflow): end a run that received no data point for `after` (see `README.md`
+/// "Run liveness").
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndIdleRunsConfig {
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Quiet time after which the run is ended; default 1h (at most 24h).
+    #[serde(default, with = "humantime_serde")]
+    pub after: Option<std::time::Duration>,
+    /// `KILLED` (default) or `FAILED`.
+    #[serde(default)]
+    pub status: Option<IdleStatus>,
+}
+
+/// Validated resume and liveness settings of an MLflow exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MlflowRunPolicy {
+    /// Policy for overlapping steps of a resumed run.
+    pub resume: ResumePolicy,
+    /// Status of runs ended for being idle.
+    pub idle_status: IdleStatus,
+}
+
+impl MlflowRunPolicy {
+    /// Validates `resume` and `end_idle_runs` of `c` (at config path `path`): the policy, and
+    /// the idle time for the cadence (`None` when disabled). Problems go to `p`.
+    pub fn from_config(c: &ExporterConfig, path: &str, p: &mut Problems) -> (Self, Option<std::time::Duration>) {
+        let e = &c.end_idle_runs;
+        let after = e.after.unwrap_or(DEFAULT_IDLE_AFTER);
+        if after.is_zero() || after > crate::config::MAX_DURATION {
+            p.add(format!("{path}.end_idle_runs.after"), "must be positive and at most 24h");
+        }
+        let policy = Self { resume: c.resume.unwrap_or_default(), idle_status: e.status.unwrap_or_default() };
+        (policy, e.enabled.unwrap_or(true).then_some(after))
+    }
+}

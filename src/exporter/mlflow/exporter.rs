@@ -27,6 +27,19 @@
 //! - [`Exporter::end_runs`] sets every run this exporter used to FINISHED or FAILED, with an end
 //!   time.
 //!
+//! Resume (see `README.md` "Resume"): a run resumes when the cadence says so
+//! ([`OutBatch::resumed_at`], the service route), or when an exporter continues an existing
+//! MLflow run whose largest logged step (`runs/get` `data.metrics`) is at or above the first
+//! step of its first batch (a new process of the same run, the in-process route). Then the tag
+//! [`RESUMED_AT_TAG`] is set to the step S it resumed from, and the policy
+//! ([`ResumePolicy`]) decides about points at steps MLflow already holds: `log_again` logs them
+//! (MLflow keeps every value it was sent), `skip_logged` refuses each point at or below the
+//! largest step its key had when the run resumed, counted `superseded`.
+//!
+//! Liveness (see `README.md` "Run liveness"): a batch flagged [`OutBatch::idle`] (no data point
+//! for `end_idle_runs.after`) is logged, then its run is ended with the configured status
+//! (`KILLED` by default) and an end time. A later batch of that run sets it RUNNING again first.
+//!
 //! Metrics: the key is the series name mapped by [`MlflowKeys`] (rules in [`crate::names`]). When
 //! a key differs from its name, the tag `trainmetrics.name/<key>` (itself mapped to a valid key)
 //! records the original name. The exporter remembers per run which of these tags the server has
@@ -42,7 +55,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::client::{Client, ClientError};
-use super::config::MlflowSettings;
+use super::config::{MlflowRunPolicy, MlflowSettings, ResumePolicy};
 use super::request_builder::{
     key_value, metric, split_log_batch, truncate_chars, MAX_PARAM_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
 };
@@ -50,10 +63,14 @@ use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{mlflow_key, mlflow_run_name, MlflowKeys};
-use crate::stats::ExporterStats;
+use crate::stats::{DropReason, ExporterStats};
 
 /// Run tag holding the trainer's run key, used to find the run again after a restart.
 pub const RUN_KEY_TAG: &str = "trainmetrics.run_key";
+
+/// Run tag holding the step the run last resumed from (a trainer restarted from a checkpoint);
+/// see the module docs.
+pub const RESUMED_AT_TAG: &str = "trainmetrics.resumed_at_step";
 
 /// Prefix of the tag keys this exporter owns; resource attributes never write under it.
 pub const RESERVED_TAG_PREFIX: &str = "trainmetrics.";
@@ -116,6 +133,15 @@ struct RunState {
     logged_name_tags: HashSet<String>,
     /// Resource attributes skipped as reserved (counted once each).
     reserved_skipped: HashSet<String>,
+    /// An existing MLflow run was continued (found by its run key tag, or `run_id`) and no
+    /// batch was logged to it yet by this exporter.
+    continued_unchecked: bool,
+    /// The resume step last handled (tag set, skip steps read).
+    resumed_at: Option<i64>,
+    /// `skip_logged`: metric key → largest step MLflow held when the run resumed.
+    skip_upto: HashMap<String, i64>,
+    /// Ended for being idle; set RUNNING again on its next points.
+    ended_idle: bool,
 }
 
 /// Params of a run as they arrived: the first value of each name wins, as on the server.
@@ -138,6 +164,7 @@ pub struct MlflowExporter {
     stats: Option<Arc<ExporterStats>>,
     run_ids: RunIds,
     observed: HashMap<String, ObservedParams>,
+    policy: MlflowRunPolicy,
 }
 
 /// Where a run went in MLflow.
@@ -183,7 +210,14 @@ impl MlflowExporter {
             stats: None,
             run_ids: RunIds::default(),
             observed: HashMap::new(),
+            policy: MlflowRunPolicy::default(),
         }
+    }
+
+    /// Sets the resume policy and the status of idle runs (default: `log_again`, `KILLED`).
+    pub fn with_run_policy(mut self, policy: MlflowRunPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// A shared view of the MLflow run ids this exporter starts (see [`RunIds`]).
@@ -270,6 +304,7 @@ impl MlflowExporter {
             return Ok(());
         }
         let mut exp_id = String::new();
+        let mut continued = true;
         let mlflow_run_id = match self.settings.run_id.clone() {
             Some(id) => {
                 self.client.post("runs/update", &json!({"run_id": id, "status": "RUNNING"}), budget.left()?)?;
@@ -306,6 +341,7 @@ impl MlflowExporter {
                             ExportError::Permanent { message: "runs/create: no run_id in the answer".into() }
                         })?;
                         tracing::info!(run = %run.key, mlflow_run_id = %id, "created MLflow run");
+                        continued = false;
                         id.to_string()
                     }
                 }
@@ -324,8 +360,90 @@ impl MlflowExporter {
                 tags: BTreeMap::new(),
                 logged_name_tags: HashSet::new(),
                 reserved_skipped: HashSet::new(),
+                continued_unchecked: continued,
+                resumed_at: None,
+                skip_upto: HashMap::new(),
+                ended_idle: false,
             },
         );
+        Ok(())
+    }
+
+    /// Largest step per metric key that the server holds for `run_id` (`runs/get`
+    /// `data.metrics` is each key's latest value, ordered by step first).
+    fn latest_steps(&self, run_id: &str, budget: &Budget) -> Result<HashMap<String, i64>, ExportError> {
+        let v = self.client.get("runs/get", &[("run_id", run_id)], budget.left()?)?;
+        let metrics = v.pointer("/run/data/metrics").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(metrics
+            .iter()
+            .filter_map(|m| {
+                let key = m.get("key")?.as_str()?.to_string();
+                // int64 fields may come as JSON strings (proto3 JSON mapping).
+                let step = m.get("step").and_then(|s| s.as_i64().or_else(|| s.as_str()?.parse().ok())).unwrap_or(0);
+                Some((key, step))
+            })
+            .collect())
+    }
+
+    /// Applies the resume rules of the module docs before `batch` is logged: sets the run
+    /// RUNNING again after an idle end, detects a resume of a continued run, records
+    /// [`RESUMED_AT_TAG`] and the steps `skip_logged` skips.
+    fn begin_batch(&mut self, batch: &OutBatch, budget: &Budget) -> Result<(), ExportError> {
+        let Some(state) = self.runs.get(&batch.run.key) else { return Ok(()) };
+        let (run_id, ended_idle, continued_unchecked) = (state.mlflow_run_id.clone(), state.ended_idle, state.continued_unchecked);
+        if ended_idle && !batch.points.is_empty() {
+            self.client.post("runs/update", &json!({"run_id": run_id, "status": "RUNNING"}), budget.left()?)?;
+            tracing::info!(run = %batch.run.key, mlflow_run_id = %run_id, "data came back: MLflow run RUNNING again");
+            if let Some(s) = self.runs.get_mut(&batch.run.key) {
+                s.ended_idle = false;
+            }
+        }
+        let first_step = batch.points.iter().map(|p| p.step).min();
+        let mut resumed_at = batch.resumed_at;
+        let mut latest = None;
+        if continued_unchecked && resumed_at.is_none() {
+            if let Some(first) = first_step {
+                let l = self.latest_steps(&run_id, budget)?;
+                if l.values().any(|s| *s >= first) {
+                    resumed_at = Some(first);
+                }
+                latest = Some(l);
+            }
+        }
+        let Some(state) = self.runs.get(&batch.run.key) else { return Ok(()) };
+        let handled = state.resumed_at;
+        if let Some(step) = resumed_at.filter(|s| handled != Some(*s)) {
+            let skip = match (self.policy.resume, latest) {
+                (ResumePolicy::LogAgain, _) => HashMap::new(),
+                (ResumePolicy::SkipLogged, Some(l)) => l,
+                (ResumePolicy::SkipLogged, None) => self.latest_steps(&run_id, budget)?,
+            };
+            let body = json!({"run_id": run_id, "key": RESUMED_AT_TAG, "value": step.to_string()});
+            self.client.post("runs/set-tag", &body, budget.left()?)?;
+            tracing::info!(run = %batch.run.key, mlflow_run_id = %run_id, step, policy = ?self.policy.resume, "run resumed from an earlier step");
+            if let Some(s) = self.runs.get_mut(&batch.run.key) {
+                s.resumed_at = Some(step);
+                s.skip_upto = skip;
+            }
+        }
+        if first_step.is_some() {
+            if let Some(s) = self.runs.get_mut(&batch.run.key) {
+                s.continued_unchecked = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends `key`'s run with the idle status (see the module docs).
+    fn end_idle(&mut self, key: &str, budget: &Budget) -> Result<(), ExportError> {
+        let Some(state) = self.runs.get(key) else { return Ok(()) };
+        let status = self.policy.idle_status.as_str();
+        let body = json!({"run_id": state.mlflow_run_id, "status": status, "end_time": now_ms()});
+        self.client.post("runs/update", &body, budget.left()?)?;
+        tracing::info!(run = %key, mlflow_run_id = %state.mlflow_run_id, status, "no data for end_idle_runs.after: ended the MLflow run");
+        if let Some(s) = self.runs.get_mut(key) {
+            s.ended_idle = true;
+        }
         Ok(())
     }
 
@@ -413,9 +531,17 @@ impl MlflowExporter {
 impl Exporter for MlflowExporter {
     fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError> {
         let budget = Budget(Instant::now() + timeout);
+        if batch.points.is_empty() {
+            // An idle batch with nothing left to log: end the run if this exporter has one.
+            if batch.idle && self.runs.get(&batch.run.key).is_some_and(|s| !s.ended_idle) {
+                self.end_idle(&batch.run.key, &budget)?;
+            }
+            return Ok(Exported::default());
+        }
         let first_ms = batch.points.iter().map(|p| p.time_unix_nano / 1_000_000).min().and_then(|t| i64::try_from(t).ok());
         self.start_run(&batch.run, first_ms.map_or(now_ms(), |t| t.min(now_ms())), &budget)?;
         self.sync_params_and_tags(&batch.run, &budget)?;
+        self.begin_batch(batch, &budget)?;
         let Some(state) = self.runs.get_mut(&batch.run.key) else {
             return Err(ExportError::Permanent { message: "run state missing".into() });
         };
@@ -423,8 +549,13 @@ impl Exporter for MlflowExporter {
         // Name tags not yet accepted by the server, whether or not this is the key's first use:
         // the request that first carried one may have failed.
         let mut name_tags: BTreeMap<String, &str> = BTreeMap::new();
-        for p in &batch.points {
+        let mut refused = Vec::new();
+        for (i, p) in batch.points.iter().enumerate() {
             let mapped = state.keys.key_for(&p.series);
+            if state.skip_upto.get(&mapped.key).is_some_and(|s| p.step <= *s) {
+                refused.push((i, DropReason::Superseded));
+                continue;
+            }
             if mapped.renamed {
                 let tag = name_tag_key(&mapped.key);
                 if !state.logged_name_tags.contains(&tag) {
@@ -443,7 +574,10 @@ impl Exporter for MlflowExporter {
             let sent = body["tags"].as_array().into_iter().flatten().filter_map(|t| t["key"].as_str());
             state.logged_name_tags.extend(sent.map(str::to_string));
         }
-        Ok(Exported::default())
+        if batch.idle {
+            self.end_idle(&batch.run.key, &budget)?;
+        }
+        Ok(Exported { refused })
     }
 
     fn end_runs(&mut self, outcome: RunOutcome, timeout: Duration) -> Result<(), ExportError> {

@@ -33,11 +33,22 @@
 //!   loses nothing that was exported; every file written to is fsynced when the runs end.
 //! - A step at or below one already written for a tag is refused (`late`): RustBoard would
 //!   discard every newer point of that tag.
-//! - An I/O error is returned as retryable, with the path. A file whose write failed is abandoned
-//!   and never reopened (it may end in a partial record, after which no reader can read further);
-//!   if this export created it, it held nothing else and is removed. The retry starts a new file;
-//!   after an error opening a file, the retry also claims the run's directory again (it may have
-//!   been removed).
+//! - An I/O error (read-only logdir, full disk, removed directory) is returned as retryable,
+//!   with the path; [`crate::delivery`] retries on its backoff, logs a warning when a run starts
+//!   failing and an info when it recovers, and the report shows the last error. A write that
+//!   failed part-way (a full disk) is cut back to the file's previous length, so the file never
+//!   ends in a partial record and goes on; if the cut fails, the file is abandoned and never
+//!   reopened, and the retry starts a new one. A file this export created held nothing else and
+//!   is removed. After an error opening a file, the retry also claims the run's directory again
+//!   (it may have been removed).
+//! - Nothing is written through a symlink: a run directory candidate that is a symlink, or whose
+//!   marker is a symlink, counts as taken (the run gets the next name, with a warning); event files are created exclusively, and an existing one (or its directory) that
+//!   has become a symlink is refused with an error.
+//! - A resumed run ([`OutBatch::resumed_at`]: a trainer restarted from a checkpoint at step S
+//!   while this exporter ran on) starts a new event file whose session begins with a
+//!   `SessionLog START` at S: TensorBoard's Python loader purges the run's points at S and above
+//!   on it, and RustBoard drops a tag's points from a step that goes back. Each tag accepts
+//!   steps from S on again.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -54,7 +65,7 @@ use super::config::TensorBoardSettings;
 use super::encoder::{self, HParamValue};
 use super::record::append_record;
 use crate::batch::RunInfo;
-use crate::cadence::OutBatch;
+use crate::cadence::{OutBatch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
@@ -87,6 +98,9 @@ struct RunFile {
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
+    /// The resume step last handled (see [`OutBatch::resumed_at`]), so a retried batch does not
+    /// start yet another session.
+    resumed_at: Option<i64>,
 }
 
 /// The open event files by run key, closed least recently used first beyond [`MAX_OPEN_FILES`].
@@ -182,10 +196,25 @@ fn claim_run_dir(logdir: &Path, name: &str, key: &str) -> Result<PathBuf, Export
     })
 }
 
-/// Whether `dir` is run `key`'s, claiming it (creating it and its marker) when it is free.
+/// Whether `path` is a symlink (it could point outside the logdir: never written through).
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Whether `dir` is run `key`'s, claiming it (creating it and its marker) when it is free. A
+/// candidate that is a symlink, or whose marker is a symlink, is never written through: it
+/// counts as taken (logged), so the run uses the next name.
 fn claim(dir: &Path, key: &str) -> Result<bool, ExportError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
     let marker = dir.join(RUN_MARKER);
+    if is_symlink(dir) || is_symlink(&marker) {
+        tracing::warn!(dir = %dir.display(), "run directory candidate (or its marker) is a symlink: not writing through it");
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+    // Checked again: something may have been planted between the look and the creation.
+    if is_symlink(dir) {
+        return Ok(false);
+    }
     if let Some(owner) = read_marker(&marker)? {
         return Ok(owner == key.as_bytes());
     }
@@ -233,8 +262,14 @@ fn has_event_files(dir: &Path) -> Result<bool, ExportError> {
 }
 
 /// Opens an event file for appending: a new one (`create`), else the run's current file, which
-/// must still exist (recreating it would give a file without `file_version` and metadata).
+/// must still exist (recreating it would give a file without `file_version` and metadata). A
+/// new file is created exclusively (`O_EXCL` never follows a symlink); an existing one, or its
+/// directory, that has become a symlink is refused.
 fn open_event_file(path: &Path, create: bool) -> io::Result<File> {
+    let dir_is_link = path.parent().is_some_and(is_symlink);
+    if dir_is_link || (!create && is_symlink(path)) {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "refusing to write through a symlink"));
+    }
     OpenOptions::new().append(true).create_new(create).open(path)
 }
 
@@ -356,8 +391,15 @@ impl TensorBoardExporter {
                 return Err(io_error("opening", &path, e));
             }
         };
+        let len_before = if created { 0 } else { file.metadata().map(|m| m.len()).unwrap_or(u64::MAX) };
         if let Err(e) = write_flushed(file, buf) {
+            // A partial record would end the file for every reader: cut it off, and the file
+            // goes on (a full disk still lets a file shrink). If that fails, it is abandoned.
+            let cut = !created && len_before != u64::MAX && file.set_len(len_before).is_ok();
             drop(self.open.close(&run.key));
+            if cut {
+                rf.path = Some(path.clone());
+            }
             if created {
                 if let Err(re) = std::fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %re, "could not remove a failed event file");
@@ -391,8 +433,10 @@ impl TensorBoardExporter {
     }
 }
 
-/// Encodes the points of `batch` not yet written for run state `rf`, refusing late ones.
-fn encode(batch: &OutBatch, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
+/// Encodes `points` (of `run`, at indices from `base` of their batch) not yet written for run
+/// state `rf`, refusing late ones. A session that starts here starts at `start_at` if given
+/// (a resume), else at the first step written.
+fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
     let new_file = rf.path.is_none();
     let mut p = Pending {
         buf: Vec::new(),
@@ -406,23 +450,31 @@ fn encode(batch: &OutBatch, rf: &RunFile, params: &BTreeMap<String, String>) -> 
         append_record(&mut p.buf, &encoder::file_version_event(now_secs()).encode_to_vec());
     }
     let mut i = 0;
-    while i < batch.points.len() {
-        i = encode_step(batch, i, params, &mut p);
+    while i < points.len() {
+        i = encode_step(run, points, base, i, start_at, params, &mut p);
     }
     p
 }
 
 /// Encodes the points of the step starting at index `i` as one event; returns the next step's
 /// index.
-fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p: &mut Pending) -> usize {
-    let step = batch.points[i].step;
+fn encode_step(
+    run: &RunInfo,
+    points: &[OutPoint],
+    base: usize,
+    i: usize,
+    start_at: Option<i64>,
+    params: &BTreeMap<String, String>,
+    p: &mut Pending,
+) -> usize {
+    let step = points[i].step;
     let mut j = i;
     let mut values = Vec::new();
     let mut time = 0u64;
-    while j < batch.points.len() && batch.points[j].step == step {
-        let pt = &batch.points[j];
+    while j < points.len() && points[j].step == step {
+        let pt = &points[j];
         if p.written.get(&pt.series).is_some_and(|w| step <= *w) {
-            p.refused.push((j, DropReason::Late));
+            p.refused.push((base + j, DropReason::Late));
         } else {
             p.written.insert(pt.series.clone(), step);
             let first = p.tags_in_file.insert(pt.series.clone());
@@ -441,10 +493,10 @@ fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p:
     let wall = if time == 0 { now_secs() } else { time as f64 / 1e9 };
     if !p.session_started {
         p.session_started = true;
-        append_record(&mut p.buf, &encoder::session_start_event(wall, step).encode_to_vec());
+        append_record(&mut p.buf, &encoder::session_start_event(wall, start_at.unwrap_or(step).min(step)).encode_to_vec());
         if !params.is_empty() {
             let hp: Vec<(String, HParamValue)> = params.iter().map(|(k, v)| (k.clone(), hparam_value(v))).collect();
-            let v = encoder::hparams_value(&hp, batch.run.display_name(), wall);
+            let v = encoder::hparams_value(&hp, run.display_name(), wall);
             append_record(&mut p.buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
         }
     }
@@ -452,21 +504,77 @@ fn encode_step(batch: &OutBatch, i: usize, params: &BTreeMap<String, String>, p:
     j
 }
 
-impl Exporter for TensorBoardExporter {
-    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
-        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+impl TensorBoardExporter {
+    /// Writes `points` (indices from `base` in their batch) of `run`; the refused ones.
+    fn export_points(&mut self, run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>) -> Result<Vec<(usize, DropReason)>, ExportError> {
+        let rf = self.runs.entry(run.key.clone()).or_default();
         let new_file = rf.path.is_none();
-        let params = self.params.get(&batch.run.key).unwrap_or(&batch.run.params);
-        let p = encode(batch, rf, params);
-        if p.buf.is_empty() || (new_file && p.refused.len() == batch.points.len()) {
-            return Ok(Exported { refused: p.refused });
+        let params = self.params.get(&run.key).unwrap_or(&run.params);
+        let p = encode(run, points, base, start_at, rf, params);
+        if p.buf.is_empty() || (new_file && p.refused.len() == points.len()) {
+            return Ok(p.refused);
         }
-        self.write(&batch.run, &p.buf)?;
-        let rf = self.runs.entry(batch.run.key.clone()).or_default();
+        self.write(run, &p.buf)?;
+        let rf = self.runs.entry(run.key.clone()).or_default();
         rf.tags_in_file = p.tags_in_file;
         rf.written = p.written;
         rf.session_started = p.session_started;
-        Ok(Exported { refused: p.refused })
+        Ok(p.refused)
+    }
+
+    /// Starts a new session of run `key` at `step` (a resume; see the module docs): the current
+    /// file is synced and closed, the next write starts a new file with `SessionLog START` at
+    /// `step`, and each tag accepts steps from `step` on again.
+    fn break_session(&mut self, key: &str, step: i64) {
+        let Some(rf) = self.runs.get_mut(key) else { return };
+        if rf.resumed_at == Some(step) {
+            return;
+        }
+        if let Some(f) = self.open.close(key) {
+            if let Err(e) = f.sync_all() {
+                tracing::warn!(run = %key, error = %e, "could not sync the event file of the previous session");
+            }
+        }
+        rf.path = None;
+        rf.session_started = false;
+        rf.unsynced = false;
+        let below = step.saturating_sub(1);
+        for w in rf.written.values_mut() {
+            *w = (*w).min(below);
+        }
+        rf.resumed_at = Some(step);
+        tracing::info!(run = %key, step, "run resumed from an earlier step: new event file");
+    }
+}
+
+impl Exporter for TensorBoardExporter {
+    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+        let Some(resumed) = batch.resumed_at else {
+            return Ok(Exported { refused: self.export_points(&batch.run, &batch.points, 0, None)? });
+        };
+        // Points below the resume step (windows of the old session closing now) end the old
+        // file; the rest starts the new session (batches are sorted by step).
+        let split = batch.points.partition_point(|p| p.step < resumed);
+        let (old, new) = batch.points.split_at(split);
+        let mut refused = if old.is_empty() || self.runs.get(&batch.run.key).is_some_and(|rf| rf.resumed_at == Some(resumed)) {
+            Vec::new()
+        } else {
+            self.export_points(&batch.run, old, 0, None)?
+        };
+        if self.runs.get(&batch.run.key).is_some_and(|rf| rf.path.is_some()) {
+            self.break_session(&batch.run.key, resumed);
+        } else {
+            // Nothing written yet by this exporter (or a file just failed): the next file is
+            // new anyway; its session starts at the resume step.
+            let rf = self.runs.entry(batch.run.key.clone()).or_default();
+            if rf.resumed_at != Some(resumed) {
+                rf.session_started = false;
+                rf.written.values_mut().for_each(|w| *w = (*w).min(resumed.saturating_sub(1)));
+                rf.resumed_at = Some(resumed);
+            }
+        }
+        refused.extend(self.export_points(&batch.run, new, split, Some(resumed))?);
+        Ok(Exported { refused })
     }
 
     fn observe_run(&mut self, run: &RunInfo) {
@@ -486,7 +594,6 @@ impl Exporter for TensorBoardExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cadence::OutPoint;
     use std::sync::Arc;
 
     fn batch(run: &str, pts: &[(i64, &str, f64)]) -> OutBatch {
@@ -503,6 +610,7 @@ mod tests {
                     inputs: 1,
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -540,7 +648,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_removes_the_file_it_created_and_abandons_an_older_one() {
+    fn a_failed_write_removes_the_file_it_created_and_cuts_an_older_one_back() {
         let dir = tempfile::tempdir().map_err(|e| e.to_string());
         let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
         let mut e = TensorBoardExporter::new(TensorBoardSettings { logdir: dir.path().to_path_buf() });
@@ -554,12 +662,17 @@ mod tests {
         DISK_LEFT.set(None);
         assert!(e.export(&batch("r", &[(1, "a", 1.0)]), Duration::from_secs(1)).is_ok());
         assert_eq!(event_files_in(&run_dir), 1);
-        // A file that already holds exported points stays (abandoned); the retry starts a new one.
+        // A file that already holds exported points is cut back to its length before the failed
+        // write and goes on: no partial record, no second file.
+        let file = run_dir.join(files_in(&run_dir).into_iter().find(|n| n.contains("tfevents")).unwrap_or_default());
+        let len = std::fs::metadata(&file).map(|m| m.len()).ok();
         DISK_LEFT.set(Some(3));
         assert!(e.export(&batch("r", &[(2, "a", 2.0)]), Duration::from_secs(1)).is_err());
+        assert_eq!(std::fs::metadata(&file).map(|m| m.len()).ok(), len);
         DISK_LEFT.set(None);
         assert!(e.export(&batch("r", &[(2, "a", 2.0)]), Duration::from_secs(1)).is_ok());
-        assert_eq!(event_files_in(&run_dir), 2);
+        assert_eq!(event_files_in(&run_dir), 1);
+        assert!(std::fs::metadata(&file).map(|m| m.len()).ok() > len);
     }
 
     #[test]
@@ -609,6 +722,28 @@ mod tests {
         let dirs = e.run_dirs();
         let dirs = dirs.lock().map(|d| d.len()).unwrap_or(0);
         assert_eq!(dirs, runs.len());
+    }
+
+    #[test]
+    fn symlinks_in_the_logdir_are_never_written_through() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
+        let (logdir, outside) = (dir.path().join("logdir"), dir.path().join("outside"));
+        assert!(std::fs::create_dir(&logdir).is_ok() && std::fs::create_dir(&outside).is_ok());
+        // A run directory that is a symlink, and a directory whose marker is a symlink.
+        assert!(std::os::unix::fs::symlink(&outside, logdir.join("linked")).is_ok());
+        assert!(std::fs::create_dir(logdir.join("marked")).is_ok());
+        assert!(std::os::unix::fs::symlink(outside.join("m"), logdir.join("marked").join(RUN_MARKER)).is_ok());
+        for name in ["linked", "marked"] {
+            let got = claim_run_dir(&logdir, name, "k");
+            assert!(matches!(got, Ok(ref d) if d == &logdir.join(candidate_dir_name(name, "k", 1))), "{got:?}");
+        }
+        assert!(files_in(&outside).is_empty());
+        // An event file replaced by a symlink is not reopened.
+        assert!(std::fs::write(outside.join("target"), b"").is_ok());
+        let link = logdir.join("events.out.tfevents.1.h.1.000001");
+        assert!(std::os::unix::fs::symlink(outside.join("target"), &link).is_ok());
+        assert!(open_event_file(&link, false).is_err());
     }
 
     #[test]
