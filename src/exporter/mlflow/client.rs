@@ -179,7 +179,7 @@ impl Client {
             req = req.header("Authorization", a);
         }
         let result = req.config().timeout_global(Some(timeout)).build().call();
-        Self::answer(endpoint, result)
+        self.answer(endpoint, result)
     }
 
     /// `POST <endpoint>` with a JSON body → the JSON body.
@@ -192,10 +192,40 @@ impl Client {
             req = req.header("Authorization", a);
         }
         let result = req.config().timeout_global(Some(timeout)).build().send(body.to_string());
-        Self::answer(endpoint, result)
+        self.answer(endpoint, result)
+    }
+
+    /// Every form in which the credentials could come back in a server's (or a proxy's) error
+    /// text: the header value, its credential part, and for Basic the decoded pair and password.
+    fn secrets(&self) -> Vec<String> {
+        let Some(auth) = self.authorization.as_deref() else { return Vec::new() };
+        let mut out = vec![auth.to_string()];
+        if let Some((scheme, cred)) = auth.split_once(' ') {
+            out.push(cred.to_string());
+            if scheme.eq_ignore_ascii_case("basic") {
+                use base64::Engine;
+                if let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(cred) {
+                    let pair = String::from_utf8_lossy(&pair).into_owned();
+                    if let Some((_, password)) = pair.split_once(':') {
+                        out.push(password.to_string());
+                    }
+                    out.push(pair);
+                }
+            }
+        }
+        // Longest first, so a pair is replaced whole before its password part.
+        out.retain(|s| s.len() >= 4);
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out
+    }
+
+    /// `text` with every credential form replaced by `<redacted>`.
+    fn redact(&self, text: &str) -> String {
+        self.secrets().iter().fold(text.to_string(), |t, s| t.replace(s.as_str(), "<redacted>"))
     }
 
     fn answer(
+        &self,
         endpoint: &str,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Value, ClientError> {
@@ -224,7 +254,7 @@ impl Client {
             }
             return serde_json::from_str(&text).map_err(|e| ClientError::Decode {
                 endpoint: endpoint.to_string(),
-                message: e.to_string(),
+                message: self.redact(&e.to_string()),
             });
         }
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -232,8 +262,9 @@ impl Client {
         Err(ClientError::Status {
             endpoint: endpoint.to_string(),
             status,
-            error_code: field("error_code").unwrap_or_default(),
-            message: shorten(&field("message").unwrap_or_else(|| text.clone()), 500),
+            error_code: shorten(&self.redact(&field("error_code").unwrap_or_default()), 100),
+            // A proxy in front of MLflow may echo the request headers in its error page.
+            message: shorten(&self.redact(&field("message").unwrap_or_else(|| text.clone())), 500),
             retry_after,
         })
     }
@@ -242,6 +273,18 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_echoed_by_a_server_never_reach_an_error_message() {
+        use base64::Engine;
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:pa55word"));
+        let c = Client::new("http://127.0.0.1:1", Some(basic.clone()));
+        let echoed = format!("denied: header {basic}; user alice:pa55word; pw pa55word");
+        let out = c.redact(&echoed);
+        assert!(!out.contains("pa55word") && !out.contains(&basic[6..]), "{out}");
+        let c = Client::new("http://127.0.0.1:1", Some("Bearer tok-123456".into()));
+        assert_eq!(c.redact("bad token tok-123456"), "bad token <redacted>");
+    }
 
     #[test]
     fn a_redirect_is_permanent_and_names_its_target_without_userinfo() {
