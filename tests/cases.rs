@@ -427,19 +427,8 @@ fn case_008_resume_from_a_checkpoint_logs_again_by_default() {
     }
     case_008_tensorboard(logdir.path());
     let uri = mlflow_uri();
-    let runs = runs_of_experiment(&uri, &exp);
-    assert_eq!(runs.len(), 1, "the same MLflow run continues");
-    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
-    let r = run(&uri, id);
+    let r = common::assert_case_008_log_again(&uri, &exp);
     assert_eq!(r["info"]["status"], "FINISHED");
-    assert_eq!(kv(&r, "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("100"));
-    // log_again: every value sent is in the history; the resumed session's come later in time.
-    let mut h = history(&uri, id, "loss");
-    h.sort_by_key(|m| (m.2, m.0));
-    let got: Vec<(i64, f64)> = h.iter().map(|m| (m.0, m.1)).collect();
-    let expect: Vec<(i64, f64)> =
-        (0..=150).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
-    assert_eq!(got, expect);
     let latest: Vec<f64> = r["data"]["metrics"].as_array().into_iter().flatten().map(|m| common::json_f64(&m["value"])).collect();
     assert_eq!(latest, vec![1300.0], "the run's latest value is the resumed session's");
 }

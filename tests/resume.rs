@@ -123,17 +123,7 @@ fn case_008_service_route_a_restarted_trainer_replaces_steps_from_its_checkpoint
     assert_eq!(tbv.scalars["resumed"]["loss"], expect);
     assert_eq!(tbv.session_starts["resumed"], vec![0, 100]);
 
-    let runs = runs_of_experiment(&uri, &exp);
-    assert_eq!(runs.len(), 1, "the same MLflow run continues");
-    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
-    let r = run(&uri, id);
-    assert_eq!(kv(&r, "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("100"));
-    let mut h = history(&uri, id, "loss");
-    h.sort_by_key(|m| (m.2, m.0));
-    let got: Vec<(i64, f64)> = h.iter().map(|m| (m.0, m.1)).collect();
-    let expect: Vec<(i64, f64)> =
-        (0..=150).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
-    assert_eq!(got, expect, "log_again: both sessions' values, the resumed one's later");
+    common::assert_case_008_log_again(&uri, &exp);
 }
 
 #[test]

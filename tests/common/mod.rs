@@ -195,6 +195,25 @@ pub fn runs_of_experiment(uri: &str, experiment: &str) -> Vec<Value> {
     post(uri, "runs/search", &body)["runs"].as_array().cloned().unwrap_or_default()
 }
 
+/// Case 008 (steps 0..=150 every 10 with value = step, then a resume at 100 recording steps
+/// 100..=300 every 10 with value = 1000 + step) as MLflow holds it under `resume: log_again`:
+/// one run, tagged with the resume step, whose `loss` history has both sessions' values, the
+/// resumed one's later in time. Returns the run (`runs/get`).
+pub fn assert_case_008_log_again(uri: &str, experiment: &str) -> Value {
+    let runs = runs_of_experiment(uri, experiment);
+    assert_eq!(runs.len(), 1, "the same MLflow run continues");
+    let id = runs[0]["info"]["run_id"].as_str().expect("run id");
+    let r = run(uri, id);
+    assert_eq!(kv(&r, "tags").get("trainmetrics.resumed_at_step").map(String::as_str), Some("100"));
+    let mut h = history(uri, id, "loss");
+    h.sort_by_key(|m| (m.2, m.0));
+    let got: Vec<(i64, f64)> = h.iter().map(|m| (m.0, m.1)).collect();
+    let expect: Vec<(i64, f64)> =
+        (0..=150).step_by(10).map(|s| (s, s as f64)).chain((100..=300).step_by(10).map(|s| (s, 1000.0 + s as f64))).collect();
+    assert_eq!(got, expect, "log_again: both sessions' values, the resumed one's later");
+    r
+}
+
 /// An MLflow exporter config pointing at this binary's server, collecting every 100 ms.
 pub fn mlflow_config(every: u64, metrics: &[(&str, trainmetrics::cadence::Aggregation)]) -> trainmetrics::config::ExporterConfig {
     trainmetrics::config::ExporterConfig {
