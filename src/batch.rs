@@ -40,8 +40,30 @@
 //!
 //! The SDK stamps data points with the collection time; [`crate::StepRecorder`] adds the record
 //! time as `trainmetrics.time_unix_nano` (int), which, when present, is the point's time.
+//!
+//! # Bad input (the rules, tested in `tests/bad_input.rs` and fuzzed in `tests/fuzz.rs`)
+//! - **Steps** are int64 (TensorBoard's `Event.step` and MLflow's `step` are both int64).
+//!   Negative steps are accepted as they are. A double outside `[-2^63, 2^63)` (e.g. `1e30`), a
+//!   numeric string outside that range (e.g. `"99999999999999999999"`), a fractional value, NaN,
+//!   a bool, bytes or a list is `invalid_step`.
+//! - **Times** are OTLP's `fixed64` ns since the Unix epoch, so nothing before 1970 can be
+//!   expressed. `0` means "unset" (OTLP) and becomes the receive time. Every other value is kept:
+//!   the largest, `u64::MAX` ns, is 2554-07-21, which TensorBoard's wall time (s, double) and
+//!   MLflow's timestamp (ms, int64; within Python's year 9999) both hold exactly enough, so both
+//!   backends show the same instant. A `trainmetrics.time_unix_nano` that is negative or not an
+//!   integer is ignored (the data point's own time is used).
+//! - **Non-finite values** follow the exporter's [`NonFinitePolicy`] (`nonfinite`, default
+//!   `keep`). It applies to scalars (gauges, sums); a histogram's NaN sum means "no sum" in OTLP
+//!   and is kept.
+//! - **Cardinality**: each run keeps at most `max_series_per_run` distinct series (default
+//!   10 000) and the decoder tracks at most `max_runs` runs (default 1 000) over its lifetime.
+//!   Points of a further series, or of a run beyond `max_runs`, are dropped as `series_limit`;
+//!   the first such point of each run (and the first run refused) produces one message, not one
+//!   per point. Every per-series map downstream (cadence windows, TensorBoard tags, MLflow key
+//!   mapping, this decoder's step state) only ever sees admitted series, so all of them are
+//!   bounded by `max_runs × max_series_per_run`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -182,8 +204,13 @@ pub struct Decoded {
     pub runs: Vec<RunPoints>,
     /// Data points dropped, by reason.
     pub dropped: Vec<(DropReason, u64)>,
-    /// One message per reason, for the log (first offender).
+    /// One message per reason, for the log (first offender). `series_limit` appears only the
+    /// first time a run reaches its limit in this decoder's life, so logging every message
+    /// logs that once per run.
     pub messages: Vec<(DropReason, String)>,
+    /// Named events that are not drops, e.g. [`CLAMPED_EVENT`], with their counts (for
+    /// `ExporterStats::add_event`).
+    pub events: Vec<(&'static str, u64)>,
 }
 
 impl Decoded {
@@ -195,6 +222,28 @@ impl Decoded {
                 self.messages.push((reason, message()));
             }
         }
+    }
+
+    /// Counts `n` drops for `reason` without a message.
+    fn drop_quiet(&mut self, reason: DropReason, n: u64) {
+        match self.dropped.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, c)) => *c += n,
+            None => self.dropped.push((reason, n)),
+        }
+    }
+
+    fn event(&mut self, name: &'static str) {
+        match self.events.iter_mut().find(|(e, _)| *e == name) {
+            Some((_, n)) => *n += 1,
+            None => self.events.push((name, 1)),
+        }
+    }
+
+    /// Data points this outcome accounts for: accepted into a point or dropped with a reason
+    /// (points flagged "no recorded value" are in neither, see the module docs).
+    pub fn accounted(&self) -> u64 {
+        let accepted: usize = self.runs.iter().map(|r| r.points.len()).sum();
+        accepted as u64 + self.dropped.iter().map(|(_, n)| n).sum::<u64>()
     }
 }
 
@@ -218,6 +267,32 @@ pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
     n
 }
 
+/// What an exporter does with NaN and ±Inf scalar values (config key `nonfinite`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Deliver them as they are (default): TensorBoard stores the raw float32 NaN/±Inf; MLflow
+    /// gets the strings `NaN`/`Infinity`/`-Infinity` (see [`crate::exporter::mlflow`]).
+    #[default]
+    Keep,
+    /// Drop them, counted `non_finite`.
+    Drop,
+    /// `+Inf` → `f64::MAX`, `-Inf` → `f64::MIN` (the largest / smallest finite f64), counted as
+    /// the event [`CLAMPED_EVENT`]; NaN has no nearest finite value and is dropped, counted
+    /// `non_finite`. TensorBoard stores scalars as float32, where `±f64::MAX` rounds to `±inf`
+    /// (IEEE 754 round-to-nearest: it is above `f32::MAX` by more than half an ulp), so a clamped
+    /// value reads back as ±inf there; MLflow stores the finite `±1.7976931348623157e308`.
+    Clamp,
+}
+
+/// Name of the event counted for each value [`NonFinitePolicy::Clamp`] changed.
+pub const CLAMPED_EVENT: &str = "nonfinite_clamped";
+
+/// Default of [`DecodeSettings::max_series_per_run`].
+pub const DEFAULT_MAX_SERIES_PER_RUN: usize = 10_000;
+/// Default of [`DecodeSettings::max_runs`].
+pub const DEFAULT_MAX_RUNS: usize = 1_000;
+
 /// Settings of the decoder (validated once from config).
 #[derive(Debug, Clone)]
 pub struct DecodeSettings {
@@ -227,11 +302,26 @@ pub struct DecodeSettings {
     pub identity: IdentityKeys,
     /// Optional prefix of every series name.
     pub prefix: Option<String>,
+    /// Distinct series a run may have (config `max_series_per_run`); points of further series
+    /// are dropped as `series_limit`. Default [`DEFAULT_MAX_SERIES_PER_RUN`].
+    pub max_series_per_run: usize,
+    /// Runs the decoder tracks over its lifetime (config `max_runs`); points of further runs
+    /// are dropped as `series_limit`. Default [`DEFAULT_MAX_RUNS`].
+    pub max_runs: usize,
+    /// What to do with NaN and ±Inf scalars (config `nonfinite`); default `keep`.
+    pub nonfinite: NonFinitePolicy,
 }
 
 impl Default for DecodeSettings {
     fn default() -> Self {
-        Self { step_key: "step".into(), identity: IdentityKeys::default(), prefix: None }
+        Self {
+            step_key: "step".into(),
+            identity: IdentityKeys::default(),
+            prefix: None,
+            max_series_per_run: DEFAULT_MAX_SERIES_PER_RUN,
+            max_runs: DEFAULT_MAX_RUNS,
+            nonfinite: NonFinitePolicy::Keep,
+        }
     }
 }
 
@@ -239,6 +329,10 @@ impl Default for DecodeSettings {
 struct RunSteps {
     max_step: Option<i64>,
     last_by_series: HashMap<String, i64>,
+    /// Series admitted under `max_series_per_run`.
+    series: HashSet<String>,
+    /// Whether the series limit has been reported for this run.
+    limit_reported: bool,
 }
 
 /// Stateful decoder: one per exporter, because the step given to unstepped points depends on
@@ -248,6 +342,8 @@ pub struct Decoder {
     settings: DecodeSettings,
     steps: HashMap<String, RunSteps>,
     runs: HashMap<String, Arc<RunInfo>>,
+    /// Whether the `max_runs` limit has been reported.
+    run_limit_reported: bool,
 }
 
 /// Renders an attribute value as text (for names, params and tags).
@@ -318,7 +414,12 @@ struct Pending {
 impl Decoder {
     /// A decoder with these settings.
     pub fn new(settings: DecodeSettings) -> Self {
-        Self { settings, steps: HashMap::new(), runs: HashMap::new() }
+        Self { settings, steps: HashMap::new(), runs: HashMap::new(), run_limit_reported: false }
+    }
+
+    /// Whether a run with this key is tracked, or may be under `max_runs`.
+    fn run_admitted(&self, key: &str) -> bool {
+        self.steps.contains_key(key) || self.steps.len() < self.settings.max_runs
     }
 
     fn run_info(&mut self, attrs: &[KeyValue]) -> Arc<RunInfo> {
@@ -351,6 +452,12 @@ impl Decoder {
             (_, _, (Some(s), None)) => s,
             _ => "default".to_string(),
         };
+        if !self.run_admitted(&info.key) {
+            // Not tracked: its points are all dropped, so nothing may be kept for it.
+            return Arc::new(info);
+        }
+        // The run takes its slot under `max_runs` now, so `runs` and `steps` hold the same keys.
+        self.steps.entry(info.key.clone()).or_default();
         // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
         match self.runs.get(&info.key) {
             Some(existing) if **existing == info => existing.clone(),
@@ -420,6 +527,9 @@ impl Decoder {
             if pending.is_empty() {
                 continue;
             }
+            let Some(pending) = self.admit(&run.key, pending, &mut out) else {
+                continue;
+            };
             let points = self.assign_steps(&run.key, pending);
             match out.runs.iter_mut().find(|r| r.run.key == run.key) {
                 Some(r) => r.points.extend(points),
@@ -454,6 +564,18 @@ impl Decoder {
                     let time = recorded_at.unwrap_or(time);
                     let value = match (value, nonfinite) {
                         (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
+                        (v, _) => v,
+                    };
+                    let value = match (value, self.settings.nonfinite) {
+                        (PointValue::Scalar(v), policy) if !v.is_finite() && policy != NonFinitePolicy::Keep => {
+                            if policy == NonFinitePolicy::Clamp && !v.is_nan() {
+                                out.event(CLAMPED_EVENT);
+                                PointValue::Scalar(if v > 0.0 { f64::MAX } else { f64::MIN })
+                            } else {
+                                out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", m.name));
+                                return;
+                            }
+                        }
                         (v, _) => v,
                     };
                     let metric = name.unwrap_or_else(|| m.name.clone());
@@ -512,6 +634,52 @@ impl Decoder {
                 None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", m.name)),
             }
         }
+    }
+
+    /// Applies `max_runs` and `max_series_per_run`: returns the points of admitted series, or
+    /// `None` when none is left. Dropped points count `series_limit`.
+    fn admit(&mut self, run_key: &str, pending: Vec<Pending>, out: &mut Decoded) -> Option<Vec<Pending>> {
+        let max_series = self.settings.max_series_per_run;
+        if !self.run_admitted(run_key) {
+            out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
+            if !self.run_limit_reported {
+                self.run_limit_reported = true;
+                out.messages.push((
+                    DropReason::SeriesLimit,
+                    format!("run {run_key:?}: already tracking max_runs={} runs; points of further runs are dropped", self.settings.max_runs),
+                ));
+            }
+            return None;
+        }
+        let state = self.steps.entry(run_key.to_string()).or_default();
+        let mut kept = Vec::with_capacity(pending.len());
+        let mut refused = 0u64;
+        let mut first_refused = None;
+        for p in pending {
+            if state.series.contains(&p.series) {
+                kept.push(p);
+            } else if state.series.len() < max_series {
+                state.series.insert(p.series.clone());
+                kept.push(p);
+            } else {
+                refused += 1;
+                if first_refused.is_none() {
+                    first_refused = Some(p.series);
+                }
+            }
+        }
+        if refused > 0 {
+            out.drop_quiet(DropReason::SeriesLimit, refused);
+            if !state.limit_reported {
+                state.limit_reported = true;
+                let series: String = first_refused.unwrap_or_default().chars().take(200).collect();
+                out.messages.push((
+                    DropReason::SeriesLimit,
+                    format!("run {run_key:?} reached max_series_per_run={max_series}; points of further series (first: {series:?}) are dropped"),
+                ));
+            }
+        }
+        (!kept.is_empty()).then_some(kept)
     }
 
     fn assign_steps(&mut self, run_key: &str, pending: Vec<Pending>) -> Vec<Point> {
@@ -798,5 +966,104 @@ pub(crate) mod tests {
         assert!(histogram(&dp(vec![1, 2], vec![1.0], 4)).is_err());
         assert!(histogram(&dp(vec![1, 2, 0], vec![2.0, 1.0], 3)).is_err());
         assert_eq!(histogram(&dp(vec![], vec![], 5)).map(|h| h.counts), Ok(vec![5]));
+    }
+
+    fn stepped(n: usize, series_of: impl Fn(usize) -> String) -> ExportMetricsServiceRequest {
+        gauge_request("m", (0..n).map(|i| (vec![kv("step", any_value::Value::IntValue(1)), kv("k", s(&series_of(i)))], 1.0)).collect())
+    }
+
+    #[test]
+    fn series_beyond_the_limit_are_dropped_and_reported_once_per_run() {
+        let settings = DecodeSettings { max_series_per_run: 3, ..Default::default() };
+        let mut d = Decoder::new(settings);
+        let out = d.decode(&stepped(5, |i| i.to_string()));
+        let series: Vec<&str> = out.runs[0].points.iter().map(|p| p.series.as_str()).collect();
+        assert_eq!(series, ["m/k=0", "m/k=1", "m/k=2"]);
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 2)]);
+        assert_eq!(out.messages.len(), 1);
+        assert!(out.messages[0].1.contains("max_series_per_run=3"), "{}", out.messages[0].1);
+        // Admitted series keep flowing; further ones stay out, and the run is not reported again.
+        let out = d.decode(&stepped(6, |i| i.to_string()));
+        assert_eq!(out.runs[0].points.len(), 3);
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 3)]);
+        assert!(out.messages.is_empty());
+        assert_eq!(d.steps["r1"].series.len(), 3);
+        assert!(d.steps["r1"].last_by_series.len() <= 3);
+    }
+
+    #[test]
+    fn runs_beyond_max_runs_are_dropped_and_not_remembered() {
+        let settings = DecodeSettings { max_runs: 2, ..Default::default() };
+        let mut d = Decoder::new(settings);
+        let run = |name: &str| {
+            let mut req = gauge_request("m", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+            req.resource_metrics[0].resource.as_mut().map(|r| r.attributes[0] = kv("ml.run.name", s(name)));
+            req
+        };
+        for name in ["a", "b"] {
+            assert_eq!(d.decode(&run(name)).runs.len(), 1);
+        }
+        let out = d.decode(&run("c"));
+        assert!(out.runs.is_empty());
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 1)]);
+        assert_eq!(out.messages.len(), 1);
+        let out = d.decode(&run("d"));
+        assert_eq!((out.dropped.clone(), out.messages.len()), (vec![(DropReason::SeriesLimit, 1)], 0));
+        assert_eq!((d.runs.len(), d.steps.len()), (2, 2));
+        // A tracked run still gets through.
+        assert_eq!(d.decode(&run("a")).runs.len(), 1);
+    }
+
+    #[test]
+    fn nonfinite_policies() {
+        let req = || {
+            gauge_request(
+                "x",
+                [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 2.5]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (vec![kv("step", any_value::Value::IntValue(i as i64))], v))
+                    .collect(),
+            )
+        };
+        let run = |policy| Decoder::new(DecodeSettings { nonfinite: policy, ..Default::default() }).decode(&req());
+        let values = |out: &Decoded| -> Vec<String> {
+            out.runs.iter().flat_map(|r| &r.points).map(|p| format!("{:?}", p.value)).collect()
+        };
+        let keep = run(NonFinitePolicy::Keep);
+        assert_eq!(values(&keep), ["Scalar(NaN)", "Scalar(inf)", "Scalar(-inf)", "Scalar(2.5)"]);
+        assert!(keep.dropped.is_empty() && keep.events.is_empty());
+        let drop = run(NonFinitePolicy::Drop);
+        assert_eq!(values(&drop), ["Scalar(2.5)"]);
+        assert_eq!(drop.dropped, vec![(DropReason::NonFinite, 3)]);
+        let clamp = run(NonFinitePolicy::Clamp);
+        let pts: Vec<(i64, PointValue)> = clamp.runs[0].points.iter().map(|p| (p.step, p.value.clone())).collect();
+        assert_eq!(pts, vec![(1, PointValue::Scalar(f64::MAX)), (2, PointValue::Scalar(f64::MIN)), (3, PointValue::Scalar(2.5))]);
+        assert_eq!(clamp.dropped, vec![(DropReason::NonFinite, 1)]);
+        assert_eq!(clamp.events, vec![(CLAMPED_EVENT, 2)]);
+        for out in [keep, drop, clamp] {
+            assert_eq!(out.accounted(), 4);
+        }
+    }
+
+    #[test]
+    fn out_of_range_steps_and_times() {
+        let v = |x| Some(AnyValue { value: Some(x) });
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(1e30)).as_ref()), None);
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(-9_223_372_036_854_775_808.0)).as_ref()), Some(i64::MIN));
+        assert_eq!(parse_step(v(any_value::Value::IntValue(-5)).as_ref()), Some(-5));
+        assert_eq!(parse_step(v(s("-99999999999999999999")).as_ref()), None);
+        assert_eq!(parse_step(v(s("1e30")).as_ref()), None);
+        assert_eq!(parse_step(v(s("inf")).as_ref()), None);
+        let mut req = gauge_request("t", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0), (vec![kv("step", any_value::Value::IntValue(2))], 1.0)]);
+        if let Some(metric::Data::Gauge(g)) = &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data {
+            g.data_points[0].time_unix_nano = 0;
+            g.data_points[1].time_unix_nano = u64::MAX;
+        }
+        let before = now_unix_nano();
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        let times: Vec<u64> = out.runs[0].points.iter().map(|p| p.time_unix_nano).collect();
+        assert!(times[0] >= before && times[0] <= now_unix_nano(), "0 becomes the receive time");
+        assert_eq!(times[1], u64::MAX);
     }
 }

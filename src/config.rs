@@ -41,6 +41,8 @@
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s), `sending_queue` (`queue_size` 1000 requests,
 //! `max_pending_points` 100000), and mlflow `experiment` (default experiment) and `run_id`.
+//! Bad input (see [`crate::batch`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
+//! `max_series_per_run` (10000) and `max_runs` (1000), each at least 1.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -49,7 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{DecodeSettings, IdentityKeys};
+use crate::batch::{DecodeSettings, IdentityKeys, NonFinitePolicy};
 use crate::cadence::{Aggregation, CadenceSettings};
 use crate::delivery::DeliverySettings;
 use crate::exporter::mlflow::MlflowSettings;
@@ -202,6 +204,18 @@ pub struct ExporterConfig {
     /// Queue sizes.
     #[serde(default)]
     pub sending_queue: QueueConfig,
+    /// NaN/±Inf scalars: `keep` | `drop` | `clamp` (see [`crate::batch::NonFinitePolicy`]);
+    /// default `keep`.
+    #[serde(default)]
+    pub nonfinite: Option<NonFinitePolicy>,
+    /// Distinct series per run; points of further series are dropped as `series_limit`;
+    /// default 10000.
+    #[serde(default)]
+    pub max_series_per_run: Option<usize>,
+    /// Runs tracked over the exporter's life; points of further runs are dropped as
+    /// `series_limit`; default 1000.
+    #[serde(default)]
+    pub max_runs: Option<usize>,
 }
 
 /// `receivers.otlp.protocols.grpc` (service only).
@@ -563,6 +577,7 @@ impl PipelineConfig {
                 param_prefix: id.param_prefix.clone(),
             },
             prefix: None,
+            ..DecodeSettings::default()
         };
         let exporters: Vec<ExporterSettings> = self
             .exporters
@@ -671,6 +686,11 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             p.add(format!("{path}.retry_on_failure.initial_interval"), "must not exceed max_interval");
         }
     }
+    for (key, v) in [("max_series_per_run", c.max_series_per_run), ("max_runs", c.max_runs)] {
+        if v == Some(0) {
+            p.add(format!("{path}.{key}"), "must be at least 1");
+        }
+    }
     if c.sending_queue.queue_size == Some(0) {
         p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
     }
@@ -699,7 +719,13 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             max_elapsed_time: r.max_elapsed_time.unwrap_or(retry_defaults.max_elapsed_time),
         },
         cadence,
-        decode: DecodeSettings { prefix: c.prefix.clone().filter(|s| !s.is_empty()), ..decode.clone() },
+        decode: DecodeSettings {
+            prefix: c.prefix.clone().filter(|s| !s.is_empty()),
+            max_series_per_run: c.max_series_per_run.unwrap_or(decode.max_series_per_run),
+            max_runs: c.max_runs.unwrap_or(decode.max_runs),
+            nonfinite: c.nonfinite.unwrap_or(decode.nonfinite),
+            ..decode.clone()
+        },
     };
     Some(ExporterSettings {
         name: name.to_string(),
