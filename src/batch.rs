@@ -71,7 +71,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, HistogramDataPoint};
 
-use crate::names::series_name;
+use crate::names::{bounded_name, series_name};
 use crate::stats::DropReason;
 
 /// Attribute that carries a non-finite value past the SDK (see the module docs).
@@ -388,6 +388,14 @@ pub fn parse_step(v: Option<&AnyValue>) -> Option<i64> {
     }
 }
 
+/// A name cut to 200 characters for messages (logs and partial-success answers).
+fn short(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &name[..i]).into(),
+        None => name.into(),
+    }
+}
+
 fn now_unix_nano() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -483,7 +491,7 @@ impl Decoder {
         for kv in attrs {
             if kv.key == self.settings.step_key {
                 step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
-                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", any_value_text(kv.value.as_ref())))
+                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
                 })?);
             } else if kv.key == NONFINITE_ATTRIBUTE {
                 nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
@@ -493,7 +501,7 @@ impl Decoder {
                     other => {
                         return Err((
                             DropReason::InvalidValue,
-                            format!("{NONFINITE_ATTRIBUTE}={other:?} is not NaN, Infinity or -Infinity"),
+                            format!("{NONFINITE_ATTRIBUTE}={:?} is not NaN, Infinity or -Infinity", short(other)),
                         ))
                     }
                 };
@@ -553,11 +561,11 @@ impl Decoder {
                 return;
             }
             match self.split_attributes(attrs) {
-                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", m.name)),
+                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", short(&m.name))),
                 Ok(Split { overflow: true, .. }) => out.drop(DropReason::CardinalityOverflow, || {
                     format!(
                         "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
-                        m.name
+                        short(&m.name)
                     )
                 }),
                 Ok(Split { step, rest, nonfinite, name, time: recorded_at, .. }) => {
@@ -572,13 +580,16 @@ impl Decoder {
                                 out.event(CLAMPED_EVENT);
                                 PointValue::Scalar(if v > 0.0 { f64::MAX } else { f64::MIN })
                             } else {
-                                out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", m.name));
+                                out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", short(&m.name)));
                                 return;
                             }
                         }
                         (v, _) => v,
                     };
-                    let metric = name.unwrap_or_else(|| m.name.clone());
+                    let metric = match name {
+                        Some(n) => bounded_name(&n).into_owned(),
+                        None => bounded_name(&m.name).into_owned(),
+                    };
                     pending.push(Pending {
                         series: series_name(prefix, &metric, &rest),
                         metric,
@@ -596,7 +607,7 @@ impl Decoder {
                 for dp in &h.data_points {
                     match histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
             }
@@ -604,7 +615,7 @@ impl Decoder {
                 for dp in &h.data_points {
                     match exponential_histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
             }
@@ -631,7 +642,7 @@ impl Decoder {
                 Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), out),
                 // A point flagged "no recorded value" legitimately has none: skipped uncounted.
                 None if dp.flags & 1 != 0 => {}
-                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", m.name)),
+                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
             }
         }
     }

@@ -5,6 +5,10 @@
 //! `[prefix/]<metric name>[/<key>=<value>]...` with the attributes (the step attribute already
 //! removed) sorted by key. Example: `eval.accuracy` with `split=val` → `eval.accuracy/split=val`.
 //! TensorBoard uses the series name as its tag unchanged (TensorBoard accepts any UTF-8 tag).
+//! A series name (or metric name) longer than [`MAX_SERIES_NAME_BYTES`] bytes keeps its first
+//! bytes up to a character boundary, followed by `~` and 16 hex digits of the 64-bit FNV-1a hash
+//! of the whole name ([`bounded_name`]): one metric name is shared by every data point of its
+//! metric in OTLP, so without a bound a 64 MiB name would be copied once per data point.
 //!
 //! # MLflow keys
 //! MLflow's server accepts keys matching `^[/\w.\- :]*$` (Python `re`, Unicode `\w`), that are
@@ -32,8 +36,36 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 /// (source: `mlflow/utils/validation.py`, `MAX_ENTITY_KEY_LENGTH`).
 pub const MLFLOW_MAX_KEY_CHARS: usize = 250;
 
+/// Longest series or metric name kept whole, in bytes (see the module docs).
+pub const MAX_SERIES_NAME_BYTES: usize = 1024;
+
+/// 64-bit FNV-1a of `s` (not for security).
+pub fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Cuts a name longer than [`MAX_SERIES_NAME_BYTES`] to exactly that many bytes or fewer: the
+/// longest prefix on a character boundary that leaves room for `~` and 16 hex digits of
+/// [`fnv1a64`] of the whole name. Shorter names are returned unchanged.
+pub fn bounded_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_SERIES_NAME_BYTES {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut cut = MAX_SERIES_NAME_BYTES - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}~{:016x}", &name[..cut], fnv1a64(name)))
+}
+
 /// Builds the series name shared by both exporters: `[prefix/]name[/k=v...]`, attributes sorted by
-/// key (callers pass them in any order). An empty prefix is the same as none.
+/// key (callers pass them in any order). An empty prefix is the same as none. The result is at
+/// most [`MAX_SERIES_NAME_BYTES`] bytes ([`bounded_name`]).
 pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, String)]) -> String {
     let mut out = String::with_capacity(name.len() + 16);
     if let Some(p) = prefix.filter(|p| !p.is_empty()) {
@@ -49,7 +81,10 @@ pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, Stri
         out.push('=');
         out.push_str(v);
     }
-    out
+    match bounded_name(&out) {
+        std::borrow::Cow::Borrowed(_) => out,
+        std::borrow::Cow::Owned(cut) => cut,
+    }
 }
 
 /// 32-bit FNV-1a of `s`: a stable, dependency-free hash for name suffixes (not for security).
@@ -231,6 +266,19 @@ mod tests {
             && !k.ends_with('/')
             && !k.contains("//")
             && k.split('/').all(|s| s != "." && s != "..")
+    }
+
+    #[test]
+    fn long_series_names_are_bounded_and_stay_distinct() {
+        let long = "é".repeat(5000);
+        let a = series_name(None, &long, &[]);
+        let b = series_name(None, &long, &[("k".into(), "v".into())]);
+        assert!(a.len() <= MAX_SERIES_NAME_BYTES && b.len() <= MAX_SERIES_NAME_BYTES);
+        assert_ne!(a, b);
+        assert!(a.starts_with("éé") && a.as_bytes()[a.len() - 17] == b'~', "{a}");
+        assert_eq!(series_name(None, "x", &[]), "x");
+        let exact = "x".repeat(MAX_SERIES_NAME_BYTES);
+        assert_eq!(bounded_name(&exact), exact.as_str());
     }
 
     #[test]
