@@ -239,28 +239,37 @@ impl Decoded {
         }
     }
 
-    /// Data points this outcome accounts for: accepted into a point or dropped with a reason
-    /// (points flagged "no recorded value" are in neither, see the module docs).
+    /// Data points this outcome accounts for: accepted into a point or dropped with a reason.
+    /// Equals [`count_data_points`] of the request (points flagged "no recorded value" are in
+    /// neither).
     pub fn accounted(&self) -> u64 {
         let accepted: usize = self.runs.iter().map(|r| r.points.len()).sum();
         accepted as u64 + self.dropped.iter().map(|(_, n)| n).sum::<u64>()
     }
 }
 
-/// Number of data points in a request (all types), as counted for "received".
+/// The OTLP data point flag "no recorded value" (`DataPointFlags.FLAG_NO_RECORDED_VALUE`).
+const NO_RECORDED_VALUE: u32 = 1;
+
+/// Number of data points in a request (all types), as counted for "received". Points flagged
+/// "no recorded value" carry nothing to deliver and are not counted (the decoder skips them
+/// first), so `count_data_points(req)` equals [`Decoded::accounted`] for every request.
 pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
+    fn valued<'a>(flags: impl Iterator<Item = &'a u32>) -> u64 {
+        flags.filter(|f| *f & NO_RECORDED_VALUE == 0).count() as u64
+    }
     let mut n = 0u64;
     for rm in &req.resource_metrics {
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
                 n += match &m.data {
-                    Some(metric::Data::Gauge(g)) => g.data_points.len(),
-                    Some(metric::Data::Sum(s)) => s.data_points.len(),
-                    Some(metric::Data::Histogram(h)) => h.data_points.len(),
-                    Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
-                    Some(metric::Data::Summary(s)) => s.data_points.len(),
+                    Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
                     None => 0,
-                } as u64;
+                };
             }
         }
     }
@@ -554,7 +563,6 @@ impl Decoder {
         pending: &mut Vec<Pending>,
         out: &mut Decoded,
     ) {
-        const NO_RECORDED_VALUE: u32 = 1;
         let prefix = self.settings.prefix.as_deref();
         let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, out: &mut Decoded| {
             if flags & NO_RECORDED_VALUE != 0 {
@@ -604,7 +612,7 @@ impl Decoder {
             Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
             Some(metric::Data::Sum(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
             Some(metric::Data::Histogram(h)) => {
-                for dp in &h.data_points {
+                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                     match histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
                         Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
@@ -612,7 +620,7 @@ impl Decoder {
                 }
             }
             Some(metric::Data::ExponentialHistogram(h)) => {
-                for dp in &h.data_points {
+                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                     match exponential_histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
                         Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
@@ -641,7 +649,7 @@ impl Decoder {
             match number(dp.value) {
                 Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), out),
                 // A point flagged "no recorded value" legitimately has none: skipped uncounted.
-                None if dp.flags & 1 != 0 => {}
+                None if dp.flags & NO_RECORDED_VALUE != 0 => {}
                 None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
             }
         }
