@@ -564,6 +564,8 @@ impl Decoder {
         out: &mut Decoded,
     ) {
         let prefix = self.settings.prefix.as_deref();
+        // Bounded once per metric: its name is shared by all its data points (see `names`).
+        let metric_name = bounded_name(&m.name);
         let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, out: &mut Decoded| {
             if flags & NO_RECORDED_VALUE != 0 {
                 return;
@@ -596,7 +598,7 @@ impl Decoder {
                     };
                     let metric = match name {
                         Some(n) => bounded_name(&n).into_owned(),
-                        None => bounded_name(&m.name).into_owned(),
+                        None => metric_name.to_string(),
                     };
                     pending.push(Pending {
                         series: series_name(prefix, &metric, &rest),
