@@ -855,4 +855,26 @@ exporters:
         assert_eq!(default_run_name(0), "run-19700101-000000");
         assert_eq!(default_run_name(1_795_965_104), "run-20261129-151144");
     }
+
+    #[test]
+    fn bad_input_keys_per_exporter() {
+        let yaml = r#"
+exporters:
+  tensorboard: {nonfinite: clamp, max_series_per_run: 5, max_runs: 2}
+  mlflow: {tracking_uri: "http://127.0.0.1:5000", nonfinite: drop}
+"#;
+        let c: PipelineConfig = serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let s = c.validate().unwrap_or_else(|e| panic!("{e}"));
+        let by_name = |n: &str| s.exporters.iter().find(|e| e.name == n).map(|e| e.delivery.decode.clone());
+        let tb = by_name("tensorboard").expect("tensorboard");
+        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (NonFinitePolicy::Clamp, 5, 2));
+        let ml = by_name("mlflow").expect("mlflow");
+        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (NonFinitePolicy::Drop, 10_000, 1_000));
+
+        let bad = "exporters:\n  tensorboard: {max_series_per_run: 0, max_runs: 0}\n";
+        let c: PipelineConfig = serde_yaml_ng::from_str(bad).unwrap_or_else(|e| panic!("{e}"));
+        let msg = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("exporters.tensorboard.max_series_per_run") && msg.contains("exporters.tensorboard.max_runs"), "{msg}");
+        assert!(serde_yaml_ng::from_str::<PipelineConfig>("exporters:\n  tensorboard: {nonfinite: zero}\n").is_err());
+    }
 }
