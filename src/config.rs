@@ -51,7 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{DecodeSettings, IdentityKeys, NonFinitePolicy};
+use crate::batch::{DecodeSettings, IdentityKeys, NonFinitePolicy, DEFAULT_MAX_RUNS, DEFAULT_MAX_SERIES_PER_RUN};
 use crate::cadence::{Aggregation, CadenceSettings};
 use crate::delivery::DeliverySettings;
 use crate::exporter::mlflow::MlflowSettings;
@@ -434,7 +434,9 @@ pub struct PipelineSettings {
     pub http: Option<(String, usize)>,
     /// The in-process run.
     pub run: RunSettings,
-    /// Step key and identity keys (prefix set per exporter).
+    /// Step key and identity keys (prefix, limits and the non-finite policy are set per
+    /// exporter). Its limits are unbounded: the receiver decodes each request alone with it to
+    /// answer `partial_success`, and cannot know an exporter's series and runs.
     pub decode: DecodeSettings,
     /// SDK cardinality limit.
     pub cardinality_limit: usize,
@@ -577,6 +579,8 @@ impl PipelineConfig {
                 param_prefix: id.param_prefix.clone(),
             },
             prefix: None,
+            max_series_per_run: usize::MAX,
+            max_runs: usize::MAX,
             ..DecodeSettings::default()
         };
         let exporters: Vec<ExporterSettings> = self
@@ -721,9 +725,9 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         cadence,
         decode: DecodeSettings {
             prefix: c.prefix.clone().filter(|s| !s.is_empty()),
-            max_series_per_run: c.max_series_per_run.unwrap_or(decode.max_series_per_run),
-            max_runs: c.max_runs.unwrap_or(decode.max_runs),
-            nonfinite: c.nonfinite.unwrap_or(decode.nonfinite),
+            max_series_per_run: c.max_series_per_run.unwrap_or(DEFAULT_MAX_SERIES_PER_RUN),
+            max_runs: c.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
+            nonfinite: c.nonfinite.unwrap_or_default(),
             ..decode.clone()
         },
     };
@@ -870,6 +874,8 @@ exporters:
         assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (NonFinitePolicy::Clamp, 5, 2));
         let ml = by_name("mlflow").expect("mlflow");
         assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (NonFinitePolicy::Drop, 10_000, 1_000));
+        // The receiver's per-request pass cannot know an exporter's series: no limits there.
+        assert_eq!((s.decode.max_series_per_run, s.decode.max_runs), (usize::MAX, usize::MAX));
 
         let bad = "exporters:\n  tensorboard: {max_series_per_run: 0, max_runs: 0}\n";
         let c: PipelineConfig = serde_yaml_ng::from_str(bad).unwrap_or_else(|e| panic!("{e}"));
