@@ -763,6 +763,12 @@ fn request_strategy() -> impl Strategy<Value = ExportMetricsServiceRequest> {
         1 => text().prop_map(|n| vec![kv("ml.run.id", V::StringValue(n)), kv("ml.param.lr", V::DoubleValue(0.1))]),
         1 => Just(vec![]),
         1 => Just((0..300).map(|i| kv(format!("attr.{i}"), V::StringValue("x".repeat(40)))).collect()),
+        1 => prop::collection::vec((text(), any_value()), 0..4).prop_map(|ps| {
+            let mut attrs = vec![kv("ml.run.name", V::StringValue("p".into()))];
+            attrs.extend(ps.iter().map(|(k, v)| kv(&format!("ml.param.{k}"), v.clone())));
+            attrs.extend(ps.into_iter().map(|(k, v)| kv(&k, v)));
+            attrs
+        }),
     ];
     let resource = (run, prop::collection::vec(prop::collection::vec(metric_strategy(), 0..4), 1..3)).prop_map(|(attributes, scopes)| {
         ResourceMetrics {
@@ -878,6 +884,31 @@ fn generated_requests_to_tensorboard_and_mlflow() {
                         request_builder::metric(&key, p.scalar, ts, p.step)
                     })
                     .collect();
+                // Params and tags as the MLflow exporter maps them: keys valid, values cut.
+                let mut param_keys = MlflowKeys::default();
+                let mut tag_keys = MlflowKeys::default();
+                let params: Vec<Value> = batch
+                    .run
+                    .params
+                    .iter()
+                    .map(|(k, v)| request_builder::key_value(&param_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_PARAM_VALUE_CHARS).0))
+                    .collect();
+                let tags: Vec<Value> = batch
+                    .run
+                    .tags
+                    .iter()
+                    .map(|(k, v)| request_builder::key_value(&tag_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_TAG_VALUE_CHARS).0))
+                    .collect();
+                for body in request_builder::split_log_batch(vec![], params, tags) {
+                    let json = serde_json::to_string(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(json.len() <= MAX_BODY_BYTES, "body of {} bytes", json.len());
+                    for kind in ["params", "tags"] {
+                        for e in body[kind].as_array().into_iter().flatten() {
+                            let key = e["key"].as_str().unwrap_or_default();
+                            prop_assert!(valid_mlflow_key(key), "invalid MLflow {} key {:?}", kind, key);
+                        }
+                    }
+                }
                 let n = metrics.len();
                 let bodies = request_builder::split_log_batch(metrics, vec![], vec![]);
                 let mut sent = 0;
