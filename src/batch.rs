@@ -1018,7 +1018,9 @@ pub(crate) mod tests {
         let mut d = Decoder::new(settings);
         let run = |name: &str| {
             let mut req = gauge_request("m", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
-            req.resource_metrics[0].resource.as_mut().map(|r| r.attributes[0] = kv("ml.run.name", s(name)));
+            if let Some(r) = req.resource_metrics[0].resource.as_mut() {
+                r.attributes[0] = kv("ml.run.name", s(name));
+            }
             req
         };
         for name in ["a", "b"] {

@@ -600,7 +600,7 @@ fn step() -> impl Strategy<Value = Option<any_value::Value>> {
         1 => Just(None),
         1 => any::<i64>().prop_map(|s| Some(V::IntValue(s))),
         1 => (-5..5i64).prop_map(|s| Some(V::IntValue(s))),
-        1 => prop::sample::select(vec![1e30, -1e30, 7.0, 7.5, f64::NAN, 9.3e18, -9.223_372_036_854_775_808e18]).prop_map(|d| Some(V::DoubleValue(d))),
+        1 => prop::sample::select(vec![1e30, -1e30, 7.0, 7.5, f64::NAN, 9.3e18, -9_223_372_036_854_775_808.0]).prop_map(|d| Some(V::DoubleValue(d))),
         1 => prop::sample::select(vec!["99999999999999999999", "-99999999999999999999", " 42 ", "7.0", "1e30", "abc", "", "-3"])
             .prop_map(|s| Some(V::StringValue(s.into()))),
         1 => any::<bool>().prop_map(|b| Some(V::BoolValue(b))),
@@ -765,7 +765,7 @@ fn request_strategy() -> impl Strategy<Value = ExportMetricsServiceRequest> {
         1 => Just((0..300).map(|i| kv(format!("attr.{i}"), V::StringValue("x".repeat(40)))).collect()),
         1 => prop::collection::vec((text(), any_value()), 0..4).prop_map(|ps| {
             let mut attrs = vec![kv("ml.run.name", V::StringValue("p".into()))];
-            attrs.extend(ps.iter().map(|(k, v)| kv(&format!("ml.param.{k}"), v.clone())));
+            attrs.extend(ps.iter().map(|(k, v)| kv(format!("ml.param.{k}"), v.clone())));
             attrs.extend(ps.into_iter().map(|(k, v)| kv(&k, v)));
             attrs
         }),
