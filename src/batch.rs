@@ -61,7 +61,10 @@
 //!   the first such point of each run (and the first run refused) produces one message, not one
 //!   per point. Every per-series map downstream (cadence windows, TensorBoard tags, MLflow key
 //!   mapping, this decoder's step state) only ever sees admitted series, so all of them are
-//!   bounded by `max_runs × max_series_per_run`.
+//!   bounded by `max_runs × max_series_per_run`. Likewise a run passes on at most
+//!   [`MAX_RUN_ATTRIBUTES`] distinct param and tag keys over its life, values cut to
+//!   [`MAX_ATTRIBUTE_VALUE_CHARS`] characters; run keys, param and tag keys are bounded like
+//!   series names ([`crate::names::bounded_name`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -342,6 +345,42 @@ struct RunSteps {
     series: HashSet<String>,
     /// Whether the series limit has been reported for this run.
     limit_reported: bool,
+    /// Param (`p`) and tag (`t`) keys passed on for this run, at most [`MAX_RUN_ATTRIBUTES`].
+    attribute_keys: HashSet<(char, String)>,
+    /// Whether the attribute limit has been reported for this run.
+    attributes_reported: bool,
+}
+
+/// Most distinct param and tag keys (together) a run passes on over its life; further keys are
+/// left out (with one warning per run), so exporters' per-run param and tag maps stay bounded.
+pub const MAX_RUN_ATTRIBUTES: usize = 1024;
+/// Longest param or tag value passed on, in characters (MLflow keeps at most 8000 of a tag
+/// value and 6000 of a param value, `mlflow/utils/validation.py`); longer values are cut.
+pub const MAX_ATTRIBUTE_VALUE_CHARS: usize = 8000;
+
+/// Applies [`MAX_RUN_ATTRIBUTES`] and [`MAX_ATTRIBUTE_VALUE_CHARS`] (keys are bounded like
+/// series names); returns how many keys were left out.
+fn bound_run_attributes(info: &mut RunInfo, state: &mut RunSteps) -> usize {
+    let mut refused = 0;
+    for (kind, map) in [('p', &mut info.params), ('t', &mut info.tags)] {
+        let entries = std::mem::take(map);
+        for (k, mut v) in entries {
+            let k = bounded_name(&k).into_owned();
+            let id = (kind, k);
+            if !state.attribute_keys.contains(&id) {
+                if state.attribute_keys.len() >= MAX_RUN_ATTRIBUTES {
+                    refused += 1;
+                    continue;
+                }
+                state.attribute_keys.insert(id.clone());
+            }
+            if let Some((i, _)) = v.char_indices().nth(MAX_ATTRIBUTE_VALUE_CHARS) {
+                v.truncate(i);
+            }
+            map.insert(id.1, v);
+        }
+    }
+    refused
 }
 
 /// Stateful decoder: one per exporter, because the step given to unstepped points depends on
@@ -469,12 +508,22 @@ impl Decoder {
             (_, _, (Some(s), None)) => s,
             _ => "default".to_string(),
         };
+        info.key = bounded_name(&info.key).into_owned();
         if !self.run_admitted(&info.key) {
             // Not tracked: its points are all dropped, so nothing may be kept for it.
             return Arc::new(info);
         }
         // The run takes its slot under `max_runs` now, so `runs` and `steps` hold the same keys.
-        self.steps.entry(info.key.clone()).or_default();
+        let state = self.steps.entry(info.key.clone()).or_default();
+        let refused = bound_run_attributes(&mut info, state);
+        if refused > 0 && !state.attributes_reported {
+            state.attributes_reported = true;
+            tracing::warn!(
+                run = %short(&info.key),
+                refused,
+                "run has {MAX_RUN_ATTRIBUTES} distinct params and tags; further keys are not passed on"
+            );
+        }
         // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
         match self.runs.get(&info.key) {
             Some(existing) if **existing == info => existing.clone(),
@@ -1088,5 +1137,27 @@ pub(crate) mod tests {
         let times: Vec<u64> = out.runs[0].points.iter().map(|p| p.time_unix_nano).collect();
         assert!(times[0] >= before && times[0] <= now_unix_nano(), "0 becomes the receive time");
         assert_eq!(times[1], u64::MAX);
+    }
+
+    #[test]
+    fn run_attributes_are_bounded() {
+        let mut req = gauge_request("m", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+        let attrs = &mut req.resource_metrics[0].resource.as_mut().expect("resource").attributes;
+        attrs.push(kv("long", s(&"v".repeat(MAX_ATTRIBUTE_VALUE_CHARS + 5))));
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        assert_eq!(out.runs[0].run.tags["long"].chars().count(), MAX_ATTRIBUTE_VALUE_CHARS);
+
+        let mut d = Decoder::new(DecodeSettings::default());
+        let attrs = &mut req.resource_metrics[0].resource.as_mut().expect("resource").attributes;
+        attrs.extend((0..MAX_RUN_ATTRIBUTES + 10).map(|i| kv(&format!("ml.param.p{i:04}"), s("x"))));
+        let out = d.decode(&req);
+        let run = &out.runs[0].run;
+        // Params first (in key order), then tags, until the slots are taken.
+        assert_eq!(run.params.len() + run.tags.len(), MAX_RUN_ATTRIBUTES);
+        assert_eq!(run.params["lr"], "0.1");
+        assert!(run.tags.is_empty());
+        // Keys passed on stay; new keys stay out, in later requests too.
+        let again = d.decode(&req);
+        assert_eq!(again.runs[0].run.params, run.params);
     }
 }

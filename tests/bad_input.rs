@@ -147,8 +147,11 @@ fn nonfinite_request(run: &str) -> ExportMetricsServiceRequest {
     )
 }
 
+/// (step, value as `{:?}`) of one series.
+type Points = Vec<(i64, String)>;
+
 /// Runs one policy through both exporters; returns (TensorBoard points, MLflow points, report).
-fn with_policy(policy: &str) -> (Vec<(i64, String)>, Vec<(i64, String)>, String) {
+fn with_policy(policy: &str) -> (Points, Points, String) {
     let logdir = tempfile::tempdir().expect("tempdir");
     let (uri, exp) = (mlflow_uri(), unique("nonfinite"));
     let policy_sets = [format!("exporters.tensorboard.nonfinite={policy}"), format!("exporters.mlflow.nonfinite={policy}")];
@@ -159,12 +162,12 @@ fn with_policy(policy: &str) -> (Vec<(i64, String)>, Vec<(i64, String)>, String)
     let tb = read_tb_both(logdir.path());
     let tb_points = tb.scalars["nf"]["v"].iter().map(|(s, v)| (*s, format!("{v:?}"))).collect();
     let id = only_run(&uri, &exp);
-    let mut ml: Vec<(i64, String)> = history(&uri, &id, "v").iter().map(|(s, v, _)| (*s, format!("{v:?}"))).collect();
+    let mut ml: Points = history(&uri, &id, "v").iter().map(|(s, v, _)| (*s, format!("{v:?}"))).collect();
     ml.sort();
     (tb_points, ml, report)
 }
 
-fn pts(v: &[(i64, &str)]) -> Vec<(i64, String)> {
+fn pts(v: &[(i64, &str)]) -> Points {
     v.iter().map(|(s, x)| (*s, x.to_string())).collect()
 }
 
