@@ -52,6 +52,10 @@
 //!   MLflow's timestamp (ms, int64; within Python's year 9999) both hold exactly enough, so both
 //!   backends show the same instant. A `trainmetrics.time_unix_nano` that is negative or not an
 //!   integer is ignored (the data point's own time is used).
+//! - **Kinds**: a series keeps the kind of its first point in a run, scalar (gauge, sum) or
+//!   histogram (histogram, exponential histogram, summary): TensorBoard reads a tag's kind from
+//!   its first value, and a histogram under a scalar tag makes its loaders fail on the whole run.
+//!   Points of the other kind (the same name used by two instrument types) are `invalid_value`.
 //! - **Non-finite values** follow the exporter's [`NonFinitePolicy`] (`nonfinite`, default
 //!   `keep`). It applies to scalars (gauges, sums); a histogram's NaN sum means "no sum" in OTLP
 //!   and is kept.
@@ -341,8 +345,8 @@ impl Default for DecodeSettings {
 struct RunSteps {
     max_step: Option<i64>,
     last_by_series: HashMap<String, i64>,
-    /// Series admitted under `max_series_per_run`.
-    series: HashSet<String>,
+    /// Series admitted under `max_series_per_run`, with their kind (true: histogram).
+    series: HashMap<String, bool>,
     /// Whether the series limit has been reported for this run.
     limit_reported: bool,
     /// Param (`p`) and tag (`t`) keys passed on for this run, at most [`MAX_RUN_ATTRIBUTES`].
@@ -716,7 +720,7 @@ impl Decoder {
                 self.run_limit_reported = true;
                 out.messages.push((
                     DropReason::SeriesLimit,
-                    format!("run {run_key:?}: already tracking max_runs={} runs; points of further runs are dropped", self.settings.max_runs),
+                    format!("run {:?}: already tracking max_runs={} runs; points of further runs are dropped", short(run_key), self.settings.max_runs),
                 ));
             }
             return None;
@@ -726,15 +730,24 @@ impl Decoder {
         let mut refused = 0u64;
         let mut first_refused = None;
         for p in pending {
-            if state.series.contains(&p.series) {
-                kept.push(p);
-            } else if state.series.len() < max_series {
-                state.series.insert(p.series.clone());
-                kept.push(p);
-            } else {
-                refused += 1;
-                if first_refused.is_none() {
-                    first_refused = Some(p.series);
+            let histogram = matches!(p.value, PointValue::Histogram(_));
+            match state.series.get(&p.series) {
+                Some(&kind) if kind == histogram => kept.push(p),
+                Some(&kind) => {
+                    let (was, is) = if kind { ("histograms", "a scalar") } else { ("scalars", "a histogram") };
+                    out.drop(DropReason::InvalidValue, || {
+                        format!("series {:?} holds {was}; {is} point cannot share its TensorBoard tag", short(&p.series))
+                    });
+                }
+                None if state.series.len() < max_series => {
+                    state.series.insert(p.series.clone(), histogram);
+                    kept.push(p);
+                }
+                None => {
+                    refused += 1;
+                    if first_refused.is_none() {
+                        first_refused = Some(p.series);
+                    }
                 }
             }
         }
@@ -745,7 +758,7 @@ impl Decoder {
                 let series: String = first_refused.unwrap_or_default().chars().take(200).collect();
                 out.messages.push((
                     DropReason::SeriesLimit,
-                    format!("run {run_key:?} reached max_series_per_run={max_series}; points of further series (first: {series:?}) are dropped"),
+                    format!("run {:?} reached max_series_per_run={max_series}; points of further series (first: {series:?}) are dropped", short(run_key)),
                 ));
             }
         }
@@ -1159,5 +1172,30 @@ pub(crate) mod tests {
         // Keys passed on stay; new keys stay out, in later requests too.
         let again = d.decode(&req);
         assert_eq!(again.runs[0].run.params, run.params);
+    }
+
+    #[test]
+    fn a_series_keeps_the_kind_of_its_first_point() {
+        let mut req = gauge_request("loss", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+        let hist = Metric {
+            name: "loss".into(),
+            data: Some(metric::Data::Histogram(opentelemetry_proto::tonic::metrics::v1::Histogram {
+                data_points: vec![HistogramDataPoint {
+                    attributes: vec![kv("step", any_value::Value::IntValue(2))],
+                    count: 1,
+                    sum: Some(1.0),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        req.resource_metrics[0].scope_metrics[0].metrics.push(hist);
+        let mut d = Decoder::new(DecodeSettings::default());
+        let out = d.decode(&req);
+        assert_eq!(out.runs[0].points.len(), 1);
+        assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(1.0));
+        assert_eq!(out.dropped, vec![(DropReason::InvalidValue, 1)]);
+        assert!(out.messages[0].1.contains("holds scalars"), "{}", out.messages[0].1);
     }
 }

@@ -364,3 +364,38 @@ impl tonic::codec::Codec for RawCodec {
         ResponseDecoder
     }
 }
+
+/// The same name as a gauge and a histogram: the series keeps the kind of its first point, so
+/// TensorBoard's loaders still read the run (a histogram under a scalar tag made them fail).
+#[test]
+fn a_name_used_by_a_gauge_and_a_histogram_keeps_its_first_kind() {
+    use opentelemetry_proto::tonic::metrics::v1::{Histogram, HistogramDataPoint};
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let t = 1_790_000_000_000_000_000;
+    let mut req = request("kinds", "loss", vec![(vec![step(1)], t, 0.5), (vec![step(2)], t, 0.25)]);
+    req.resource_metrics[0].scope_metrics[0].metrics.push(Metric {
+        name: "loss".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points: vec![HistogramDataPoint {
+                attributes: vec![step(3)],
+                time_unix_nano: t,
+                count: 2,
+                sum: Some(1.0),
+                bucket_counts: vec![1, 1],
+                explicit_bounds: vec![0.5],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    send(&svc, vec![req]);
+    let report = svc.stop();
+    let line = report_line(&report, "tensorboard");
+    assert_eq!(counts(line), (3, 2, 1), "{line}");
+    assert!(line.contains("(invalid_value=1)"), "{line}");
+    let tb = read_tb_both(logdir.path());
+    assert_eq!(tb.scalars["kinds"]["loss"], vec![(1, 0.5), (2, 0.25)]);
+    assert!(tb.histograms.get("kinds").is_none_or(|h| h.is_empty()), "{:?}", tb.histograms);
+}

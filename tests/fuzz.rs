@@ -31,6 +31,8 @@
 //! `proptest-regressions/fuzz-<target>.txt` (commit them) and replayed first on every run;
 //! inputs found so far are also named tests at the end of this file.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -814,7 +816,8 @@ fn valid_mlflow_key(k: &str) -> bool {
 fn check_event_files(dir: &Path) -> usize {
     use trainmetrics::exporter::tensorboard::record::masked_crc32c;
     let mut records = 0;
-    let mut stack = vec![dir.to_path_buf()];
+    // An exporter that wrote nothing has not created its logdir.
+    let mut stack: Vec<PathBuf> = dir.exists().then(|| dir.to_path_buf()).into_iter().collect();
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).expect("read dir").flatten() {
             let p = e.path();
@@ -844,101 +847,145 @@ fn check_event_files(dir: &Path) -> usize {
     records
 }
 
+/// What one case wrote to TensorBoard: scalar and histogram points (one per window).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Shown {
+    scalars: usize,
+    histograms: usize,
+}
+
+/// One generated case through decode (twice), cadence, the TensorBoard exporter into `logdir`
+/// and the MLflow request builder, with every check; returns what TensorBoard should show.
+fn pipeline_case(req: &ExportMetricsServiceRequest, decode: DecodeSettings, cadence: CadenceSettings, logdir: &Path) -> Result<Shown, TestCaseError> {
+    // The protobuf form decodes back to a request with the same encoding (proto3 writes
+    // -0.0 as the default 0.0, so the structs may differ in the sign of a zero).
+    let bin = req.encode_to_vec();
+    let again = ExportMetricsServiceRequest::decode(bin.as_slice()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(again.encode_to_vec() == bin);
+
+    let mut tb = TensorBoardExporter::new(TensorBoardSettings { logdir: logdir.to_path_buf() });
+    let mut windows = Windows::new(cadence, Instant::now());
+    let mut decoder = Decoder::new(decode);
+    let mut keys: BTreeMap<String, MlflowKeys> = BTreeMap::new();
+    let (mut accepted, mut late, mut written) = (0u64, 0u64, 0u64);
+    let mut shown = Shown::default();
+    for _ in 0..2 {
+        let out = decoder.decode(&req);
+        prop_assert_eq!(out.accounted(), count_data_points(&req));
+        for rp in out.runs {
+            accepted += rp.points.len() as u64;
+            tb.observe_run(&rp.run);
+            late += windows.push(rp, Instant::now());
+        }
+    }
+    for batch in windows.take_ready(Instant::now(), Close::All) {
+        written += batch.inputs();
+        for p in &batch.points {
+            if p.histogram.is_some() {
+                shown.histograms += 1;
+            } else {
+                shown.scalars += 1;
+            }
+        }
+        let exported = tb.export(&batch, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(format!("TensorBoard export: {e}")))?;
+        prop_assert!(exported.refused.is_empty(), "{:?}", exported.refused);
+        // What the MLflow exporter sends for this batch, built the same way.
+        let run_keys = keys.entry(batch.run.key.clone()).or_default();
+        let metrics: Vec<Value> = batch
+            .points
+            .iter()
+            .map(|p| {
+                let key = run_keys.key_for(&p.series).key;
+                let ts = i64::try_from(p.time_unix_nano / 1_000_000).unwrap_or(i64::MAX);
+                request_builder::metric(&key, p.scalar, ts, p.step)
+            })
+            .collect();
+        // Params and tags as the MLflow exporter maps them: keys valid, values cut.
+        let mut param_keys = MlflowKeys::default();
+        let mut tag_keys = MlflowKeys::default();
+        let params: Vec<Value> = batch
+            .run
+            .params
+            .iter()
+            .map(|(k, v)| request_builder::key_value(&param_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_PARAM_VALUE_CHARS).0))
+            .collect();
+        let tags: Vec<Value> = batch
+            .run
+            .tags
+            .iter()
+            .map(|(k, v)| request_builder::key_value(&tag_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_TAG_VALUE_CHARS).0))
+            .collect();
+        for body in request_builder::split_log_batch(vec![], params, tags) {
+            let json = serde_json::to_string(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(json.len() <= MAX_BODY_BYTES, "body of {} bytes", json.len());
+            for kind in ["params", "tags"] {
+                for e in body[kind].as_array().into_iter().flatten() {
+                    let key = e["key"].as_str().unwrap_or_default();
+                    prop_assert!(valid_mlflow_key(key), "invalid MLflow {} key {:?}", kind, key);
+                }
+            }
+        }
+        let n = metrics.len();
+        let bodies = request_builder::split_log_batch(metrics, vec![], vec![]);
+        let mut sent = 0;
+        for body in &bodies {
+            let ms = body["metrics"].as_array().cloned().unwrap_or_default();
+            prop_assert!(ms.len() <= MAX_METRICS && ms.len() <= MAX_ENTITIES);
+            let json = serde_json::to_string(body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(json.len() <= MAX_BODY_BYTES, "body of {} bytes", json.len());
+            for m in &ms {
+                let key = m["key"].as_str().unwrap_or_default();
+                prop_assert!(valid_mlflow_key(key), "invalid MLflow key {:?}", key);
+                let v = &m["value"];
+                prop_assert!(
+                    v.as_f64().is_some_and(f64::is_finite) || ["NaN", "Infinity", "-Infinity"].contains(&v.as_str().unwrap_or("")),
+                    "value {}", v
+                );
+                prop_assert!(m["timestamp"].as_i64().is_some_and(|t| t >= 0), "timestamp {}", m["timestamp"]);
+                prop_assert!(m["step"].as_i64().is_some(), "step {}", m["step"]);
+            }
+            sent += ms.len();
+        }
+        prop_assert_eq!(sent, n);
+    }
+    prop_assert_eq!(written + late, accepted, "every accepted point is written or counted late");
+    tb.end_runs(RunOutcome::Finished, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let records = check_event_files(logdir);
+    prop_assert!(written == 0 || records > 0, "{} points written but no event records", written);
+    Ok(shown)
+}
+
 #[test]
 fn generated_requests_to_tensorboard_and_mlflow() {
     runner("proptest-regressions/fuzz-generated.txt", 3000)
         .run(&(request_strategy(), settings_strategy()), |(req, (decode, cadence))| {
-            // The protobuf form decodes back to a request with the same encoding (proto3 writes
-            // -0.0 as the default 0.0, so the structs may differ in the sign of a zero).
-            let bin = req.encode_to_vec();
-            let again = ExportMetricsServiceRequest::decode(bin.as_slice()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert!(again.encode_to_vec() == bin);
-
             let logdir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let mut tb = TensorBoardExporter::new(TensorBoardSettings { logdir: logdir.path().to_path_buf() });
-            let mut windows = Windows::new(cadence, Instant::now());
-            let mut decoder = Decoder::new(decode);
-            let mut keys: BTreeMap<String, MlflowKeys> = BTreeMap::new();
-            let (mut accepted, mut late, mut written) = (0u64, 0u64, 0u64);
-            for _ in 0..2 {
-                let out = decoder.decode(&req);
-                prop_assert_eq!(out.accounted(), count_data_points(&req));
-                for rp in out.runs {
-                    accepted += rp.points.len() as u64;
-                    tb.observe_run(&rp.run);
-                    late += windows.push(rp, Instant::now());
-                }
-            }
-            for batch in windows.take_ready(Instant::now(), Close::All) {
-                written += batch.inputs();
-                let exported = tb.export(&batch, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(format!("TensorBoard export: {e}")))?;
-                prop_assert!(exported.refused.is_empty(), "{:?}", exported.refused);
-                // What the MLflow exporter sends for this batch, built the same way.
-                let run_keys = keys.entry(batch.run.key.clone()).or_default();
-                let metrics: Vec<Value> = batch
-                    .points
-                    .iter()
-                    .map(|p| {
-                        let key = run_keys.key_for(&p.series).key;
-                        let ts = i64::try_from(p.time_unix_nano / 1_000_000).unwrap_or(i64::MAX);
-                        request_builder::metric(&key, p.scalar, ts, p.step)
-                    })
-                    .collect();
-                // Params and tags as the MLflow exporter maps them: keys valid, values cut.
-                let mut param_keys = MlflowKeys::default();
-                let mut tag_keys = MlflowKeys::default();
-                let params: Vec<Value> = batch
-                    .run
-                    .params
-                    .iter()
-                    .map(|(k, v)| request_builder::key_value(&param_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_PARAM_VALUE_CHARS).0))
-                    .collect();
-                let tags: Vec<Value> = batch
-                    .run
-                    .tags
-                    .iter()
-                    .map(|(k, v)| request_builder::key_value(&tag_keys.key_for(k).key, &request_builder::truncate_chars(v, request_builder::MAX_TAG_VALUE_CHARS).0))
-                    .collect();
-                for body in request_builder::split_log_batch(vec![], params, tags) {
-                    let json = serde_json::to_string(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    prop_assert!(json.len() <= MAX_BODY_BYTES, "body of {} bytes", json.len());
-                    for kind in ["params", "tags"] {
-                        for e in body[kind].as_array().into_iter().flatten() {
-                            let key = e["key"].as_str().unwrap_or_default();
-                            prop_assert!(valid_mlflow_key(key), "invalid MLflow {} key {:?}", kind, key);
-                        }
-                    }
-                }
-                let n = metrics.len();
-                let bodies = request_builder::split_log_batch(metrics, vec![], vec![]);
-                let mut sent = 0;
-                for body in &bodies {
-                    let ms = body["metrics"].as_array().cloned().unwrap_or_default();
-                    prop_assert!(ms.len() <= MAX_METRICS && ms.len() <= MAX_ENTITIES);
-                    let json = serde_json::to_string(body).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    prop_assert!(json.len() <= MAX_BODY_BYTES, "body of {} bytes", json.len());
-                    for m in &ms {
-                        let key = m["key"].as_str().unwrap_or_default();
-                        prop_assert!(valid_mlflow_key(key), "invalid MLflow key {:?}", key);
-                        let v = &m["value"];
-                        prop_assert!(
-                            v.as_f64().is_some_and(f64::is_finite) || ["NaN", "Infinity", "-Infinity"].contains(&v.as_str().unwrap_or("")),
-                            "value {}", v
-                        );
-                        prop_assert!(m["timestamp"].as_i64().is_some_and(|t| t >= 0), "timestamp {}", m["timestamp"]);
-                        prop_assert!(m["step"].as_i64().is_some(), "step {}", m["step"]);
-                    }
-                    sent += ms.len();
-                }
-                prop_assert_eq!(sent, n);
-            }
-            prop_assert_eq!(written + late, accepted, "every accepted point is written or counted late");
-            tb.end_runs(RunOutcome::Finished, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let records = check_event_files(logdir.path());
-            prop_assert!(written == 0 || records > 0, "{} points written but no event records", written);
-            Ok(())
+            pipeline_case(&req, decode, cadence, logdir.path()).map(|_| ())
         })
         .unwrap();
+}
+
+/// Generated cases read back with TensorBoard's own loaders (Python and RustBoard): every scalar
+/// and histogram point written is shown, and both loaders agree.
+#[test]
+fn generated_requests_load_in_tensorboard() {
+    use proptest::strategy::ValueTree;
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut runner = TestRunner::deterministic();
+    let strategy = (request_strategy(), settings_strategy());
+    let mut expected = Shown::default();
+    for i in 0..cases(40) {
+        let (req, (decode, cadence)) = strategy.new_tree(&mut runner).expect("value").current();
+        let dir = root.path().join(format!("case-{i}"));
+        let shown = pipeline_case(&req, decode, cadence, &dir).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        expected.scalars += shown.scalars;
+        expected.histograms += shown.histograms;
+    }
+    let tb = common::read_tb_both(root.path());
+    let scalars: usize = tb.scalars.values().flat_map(|tags| tags.values()).map(Vec::len).sum();
+    let histograms: usize = tb.histograms.values().flat_map(|tags| tags.values()).map(Vec::len).sum();
+    assert!(expected.scalars > 0 && expected.histograms > 0, "{expected:?}");
+    assert_eq!(Shown { scalars, histograms }, expected);
 }
 
 // ---------------------------------------------------------------------------------------------
