@@ -854,9 +854,20 @@ struct Shown {
     histograms: usize,
 }
 
+/// Scalars as TensorBoard should show them: (run dir relative to the root, tag) → [(step,
+/// float32 value as `{:?}` of f64)].
+type Expected = BTreeMap<(String, String), Vec<(i64, String)>>;
+
 /// One generated case through decode (twice), cadence, the TensorBoard exporter into `logdir`
 /// and the MLflow request builder, with every check; returns what TensorBoard should show.
-fn pipeline_case(req: &ExportMetricsServiceRequest, decode: DecodeSettings, cadence: CadenceSettings, logdir: &Path) -> Result<Shown, TestCaseError> {
+fn pipeline_case(
+    req: &ExportMetricsServiceRequest,
+    decode: DecodeSettings,
+    cadence: CadenceSettings,
+    logdir: &Path,
+    root: &Path,
+    expected: &mut Expected,
+) -> Result<Shown, TestCaseError> {
     // The protobuf form decodes back to a request with the same encoding (proto3 writes
     // -0.0 as the default 0.0, so the structs may differ in the sign of a zero).
     let bin = req.encode_to_vec();
@@ -880,15 +891,19 @@ fn pipeline_case(req: &ExportMetricsServiceRequest, decode: DecodeSettings, cade
     }
     for batch in windows.take_ready(Instant::now(), Close::All) {
         written += batch.inputs();
+        let exported = tb.export(&batch, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(format!("TensorBoard export: {e}")))?;
+        prop_assert!(exported.refused.is_empty(), "{:?}", exported.refused);
+        let run = tb.run_dir(&batch.run).strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         for p in &batch.points {
             if p.histogram.is_some() {
                 shown.histograms += 1;
             } else {
                 shown.scalars += 1;
+                // TensorBoard's scalars are float32 (the exporter's documented conversion).
+                let shown_value = format!("{:?}", f64::from(p.scalar as f32));
+                expected.entry((run.clone(), p.series.clone())).or_default().push((p.step, shown_value));
             }
         }
-        let exported = tb.export(&batch, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(format!("TensorBoard export: {e}")))?;
-        prop_assert!(exported.refused.is_empty(), "{:?}", exported.refused);
         // What the MLflow exporter sends for this batch, built the same way.
         let run_keys = keys.entry(batch.run.key.clone()).or_default();
         let metrics: Vec<Value> = batch
@@ -960,13 +975,14 @@ fn generated_requests_to_tensorboard_and_mlflow() {
     runner("proptest-regressions/fuzz-generated.txt", 3000)
         .run(&(request_strategy(), settings_strategy()), |(req, (decode, cadence))| {
             let logdir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
-            pipeline_case(&req, decode, cadence, logdir.path()).map(|_| ())
+            pipeline_case(&req, decode, cadence, logdir.path(), logdir.path(), &mut Expected::new()).map(|_| ())
         })
         .unwrap();
 }
 
 /// Generated cases read back with TensorBoard's own loaders (Python and RustBoard): every scalar
-/// and histogram point written is shown, and both loaders agree.
+/// and histogram point written is shown, scalars with their exact steps and float32 values, and
+/// both loaders agree.
 #[test]
 fn generated_requests_load_in_tensorboard() {
     use proptest::strategy::ValueTree;
@@ -974,10 +990,11 @@ fn generated_requests_load_in_tensorboard() {
     let mut runner = TestRunner::deterministic();
     let strategy = (request_strategy(), settings_strategy());
     let mut expected = Shown::default();
+    let mut scalars_expected = Expected::new();
     for i in 0..cases(40) {
         let (req, (decode, cadence)) = strategy.new_tree(&mut runner).expect("value").current();
         let dir = root.path().join(format!("case-{i}"));
-        let shown = pipeline_case(&req, decode, cadence, &dir).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let shown = pipeline_case(&req, decode, cadence, &dir, root.path(), &mut scalars_expected).unwrap_or_else(|e| panic!("case {i}: {e}"));
         expected.scalars += shown.scalars;
         expected.histograms += shown.histograms;
     }
@@ -986,6 +1003,19 @@ fn generated_requests_load_in_tensorboard() {
     let histograms: usize = tb.histograms.values().flat_map(|tags| tags.values()).map(Vec::len).sum();
     assert!(expected.scalars > 0 && expected.histograms > 0, "{expected:?}");
     assert_eq!(Shown { scalars, histograms }, expected);
+    let mut got = Expected::new();
+    for (run, tags) in &tb.scalars {
+        for (tag, points) in tags {
+            got.insert((run.clone(), tag.clone()), points.iter().map(|(s, v)| (*s, format!("{v:?}"))).collect());
+        }
+    }
+    for points in scalars_expected.values_mut() {
+        points.sort_by_key(|p| p.0);
+    }
+    for points in got.values_mut() {
+        points.sort_by_key(|p| p.0);
+    }
+    assert_eq!(got, scalars_expected);
 }
 
 // ---------------------------------------------------------------------------------------------
