@@ -16,7 +16,8 @@
 //! most 250 characters (source: `mlflow/utils/validation.py`, mlflow 3.17). [`mlflow_key`] maps any
 //! series name to such a key, deterministically:
 //! 1. every character that is not an ASCII letter or digit, `_`, `-`, `.`, ` `, `:`, `/`, or a
-//!    Unicode letter or number (general categories L* and N*), becomes `_`;
+//!    Unicode letter or number (general categories L* and N*) assigned by Unicode 13.0 (what the
+//!    server's Python knows at the oldest; see [`mlflow_key`]), becomes `_`;
 //! 2. the name is split on `/`; empty segments are removed, a segment `.` becomes `_` and a
 //!    segment `..` becomes `__`; segments are joined with `/` again; an empty result is `_`;
 //! 3. a key longer than 250 characters keeps its first 241 characters (trailing `/` removed)
@@ -97,16 +98,37 @@ pub fn fnv1a32(s: &str) -> u32 {
     h
 }
 
+/// Non-ASCII characters MLflow's server accepts in keys, as sorted inclusive ranges: letters and
+/// numbers (general categories L* and N*) assigned by Unicode 13.0. The server checks with
+/// Python's `re` `\w`, which knows only the Unicode version of the server's Python: 13.0 for
+/// Python 3.10, the oldest MLflow 3 runs on. A letter added later (e.g. U+13926, Unicode 16) is
+/// rejected by such a server with HTTP 400, so it is mapped to `_` like any other character.
+static MLFLOW_WORD_CHARS: std::sync::LazyLock<Vec<(char, char)>> = std::sync::LazyLock::new(|| {
+    use regex_syntax::hir::{Class, HirKind};
+    match regex_syntax::Parser::new().parse(r"[\p{L}\p{N}&&\p{Age:13.0}]").map(|h| h.into_kind()) {
+        Ok(HirKind::Class(Class::Unicode(c))) => c.ranges().iter().map(|r| (r.start(), r.end())).collect(),
+        // The pattern is a constant that parses; should it not, only ASCII is allowed (safe).
+        _ => Vec::new(),
+    }
+});
+
 fn mlflow_char_allowed(c: char) -> bool {
     if c.is_ascii() {
         return c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ' | ':' | '/');
     }
     // Python's `\w` on str matches letters and numbers; marks (M*) are not word characters there,
     // so a combining accent would be rejected by the server even though Rust calls it alphabetic.
-    matches!(
-        c.general_category_group(),
-        GeneralCategoryGroup::Letter | GeneralCategoryGroup::Number
-    )
+    MLFLOW_WORD_CHARS
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
 /// Maps a series name to a valid MLflow key by the rules in the module docs (steps 1–3). Pure and
@@ -266,6 +288,14 @@ mod tests {
             && !k.ends_with('/')
             && !k.contains("//")
             && k.split('/').all(|s| s != "." && s != "..")
+    }
+
+    #[test]
+    fn letters_newer_than_unicode_13_are_replaced() {
+        // U+13926 is a letter since Unicode 16; a server on Python 3.11 (Unicode 14) rejected it.
+        assert_eq!(mlflow_key("nh/λ\u{13926}é"), "nh/λ_é");
+        assert_eq!(mlflow_key("a\u{301}"), "a_", "combining marks are not word characters");
+        assert_eq!(mlflow_key("数字٣"), "数字٣");
     }
 
     #[test]

@@ -1018,6 +1018,79 @@ fn generated_requests_load_in_tensorboard() {
     assert_eq!(got, scalars_expected);
 }
 
+/// A metric value as comparable text, as MLflow's SQL store gives it back: ±Inf as ±f64::MAX
+/// (README "Values"), -0.0 as 0.0.
+fn mlflow_shown(v: f64) -> String {
+    let v = if v == f64::INFINITY {
+        f64::MAX
+    } else if v == f64::NEG_INFINITY {
+        f64::MIN
+    } else if v == 0.0 {
+        0.0
+    } else {
+        v
+    };
+    format!("{v:?}")
+}
+
+/// Generated cases through the real MLflow exporter into a real MLflow server: every export is
+/// accepted (keys, values, steps, timestamps, params and tags within the server's rules), and the
+/// history of every metric is what the cadence wrote, exactly.
+#[test]
+fn generated_requests_land_in_mlflow() {
+    use proptest::strategy::ValueTree;
+    use std::collections::BTreeSet;
+    use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
+    let uri = common::mlflow_uri();
+    let mut runner = TestRunner::deterministic();
+    let strategy = (request_strategy(), settings_strategy());
+    let mut compared = 0;
+    for i in 0..cases(25) {
+        let (req, (decode, cadence)) = strategy.new_tree(&mut runner).expect("value").current();
+        let experiment = common::unique(&format!("fuzz-{i}"));
+        let mut exporter =
+            MlflowExporter::new(MlflowSettings { tracking_uri: uri.clone(), authorization: None, experiment, run_id: None });
+        let mut windows = Windows::new(cadence, Instant::now());
+        let mut decoder = Decoder::new(decode);
+        for _ in 0..2 {
+            for rp in decoder.decode(&req).runs {
+                exporter.observe_run(&rp.run);
+                windows.push(rp, Instant::now());
+            }
+        }
+        // (run key, MLflow key) → {(step, value, timestamp ms)}
+        let mut expected: BTreeMap<(String, String), BTreeSet<(i64, String, i64)>> = BTreeMap::new();
+        let mut keys: BTreeMap<String, MlflowKeys> = BTreeMap::new();
+        for batch in windows.take_ready(Instant::now(), Close::All) {
+            if let Err(e) = exporter.export(&batch, Duration::from_secs(30)) {
+                panic!("case {i}: MLflow refused a batch of run {:?}: {e}\n{req:?}", batch.run.key);
+            }
+            let run_keys = keys.entry(batch.run.key.clone()).or_default();
+            for p in &batch.points {
+                let ts = i64::try_from(p.time_unix_nano / 1_000_000).unwrap_or(i64::MAX);
+                expected
+                    .entry((batch.run.key.clone(), run_keys.key_for(&p.series).key))
+                    .or_default()
+                    .insert((p.step, mlflow_shown(p.scalar), ts));
+            }
+        }
+        exporter.end_runs(RunOutcome::Finished, Duration::from_secs(30)).unwrap_or_else(|e| panic!("case {i}: ending runs: {e}"));
+        let ids: BTreeMap<String, String> = exporter
+            .run_ids()
+            .lock()
+            .map(|m| m.iter().map(|(k, r)| (k.clone(), r.run_id.clone())).collect())
+            .unwrap_or_default();
+        for ((run, key), points) in &expected {
+            let id = ids.get(run).unwrap_or_else(|| panic!("case {i}: no MLflow run for {run:?}"));
+            let got: BTreeSet<(i64, String, i64)> =
+                common::history(&uri, id, key).into_iter().map(|(s, v, t)| (s, mlflow_shown(v), t)).collect();
+            assert_eq!(&got, points, "case {i}: run {run:?} metric {key:?}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Named regressions: inputs the targets above are built around, replayed on every run.
 
