@@ -399,3 +399,35 @@ fn a_name_used_by_a_gauge_and_a_histogram_keeps_its_first_kind() {
     assert_eq!(tb.scalars["kinds"]["loss"], vec![(1, 0.5), (2, 0.25)]);
     assert!(tb.histograms.get("kinds").is_none_or(|h| h.is_empty()), "{:?}", tb.histograms);
 }
+
+/// An OTLP/HTTP body over the limit before decompression is 413 (the bomb after decompression is
+/// in tests/serve.rs), and the service keeps serving.
+#[test]
+fn an_oversized_http_body_is_413_and_the_service_keeps_serving() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &["receivers.otlp.protocols.http.max_request_body_size_mib=1".to_string()]);
+    // A plain HTTP/1.1 client: the server answers 413 as soon as it sees the length and may
+    // close before the body is sent, which a full client reports as a broken pipe.
+    let post = |body: Vec<u8>| -> u16 {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&svc.http).expect("connect");
+        let head = format!(
+            "POST /v1/metrics HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            svc.http,
+            body.len()
+        );
+        c.write_all(head.as_bytes()).expect("write head");
+        let _ = c.write_all(&body);
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no HTTP answer: {text:?}"))
+    };
+    let big = request("big", "x", vec![(vec![step(1), kv("pad", any_value::Value::StringValue("p".repeat(2 << 20)))], 1, 1.0)]);
+    assert_eq!(post(big.encode_to_vec()), 413);
+    let ok = request("after", "x", vec![(vec![step(1)], 1_790_000_000_000_000_000, 7.0)]);
+    assert_eq!(post(ok.encode_to_vec()), 200);
+    let report = svc.stop();
+    assert_eq!(counts(report_line(&report, "tensorboard")), (1, 1, 0), "{report}");
+    assert_eq!(read_tb_both(logdir.path()).scalars["after"]["x"], vec![(1, 7.0)]);
+}
