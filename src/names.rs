@@ -19,7 +19,9 @@
 //!    Unicode letter or number (general categories L* and N*) assigned by Unicode 13.0 (what the
 //!    server's Python knows at the oldest; see [`mlflow_key`]), becomes `_`;
 //! 2. the name is split on `/`; empty segments are removed, a segment `.` becomes `_` and a
-//!    segment `..` becomes `__`; segments are joined with `/` again; an empty result is `_`;
+//!    segment `..` becomes `__`; segments are joined with `/` again; an empty result is `_`; a
+//!    leading `..` becomes `__` (the server refuses every name whose normalized path starts with
+//!    `..`, `..x` included: `path_not_unique`);
 //! 3. a key longer than 250 characters keeps its first 241 characters (trailing `/` removed)
 //!    followed by `-` and 8 hex digits of the FNV-1a hash of the original name.
 //!
@@ -147,11 +149,15 @@ pub fn mlflow_key(name: &str) -> String {
             other => other,
         })
         .collect();
-    let joined = if segments.is_empty() {
+    let mut joined = if segments.is_empty() {
         "_".to_string()
     } else {
         segments.join("/")
     };
+    if joined.starts_with("..") {
+        // MLflow refuses any name whose normalized path starts with `..` (`..x` too).
+        joined.replace_range(..2, "__");
+    }
     if joined.chars().count() <= MLFLOW_MAX_KEY_CHARS {
         return joined;
     }
@@ -288,6 +294,7 @@ mod tests {
             && !k.ends_with('/')
             && !k.contains("//")
             && k.split('/').all(|s| s != "." && s != "..")
+            && !k.starts_with("..")
     }
 
     #[test]
@@ -333,9 +340,11 @@ mod tests {
         assert_eq!(mlflow_key(".."), "__");
         assert_eq!(mlflow_key("/a//b/./c/"), "a/b/_/c");
         assert_eq!(mlflow_key("a/../b"), "a/__/b");
+        assert_eq!(mlflow_key("..x/loss"), "__x/loss");
+        assert_eq!(mlflow_key("/...."), "__..");
         // A combining mark is not `\w` in Python: replaced.
         assert_eq!(mlflow_key("e\u{301}"), "e_");
-        for n in ["acc@1", "", "..", "/", "//", "./x", "x/.", "日本語/損失", "a\0b", "\u{1F600}"] {
+        for n in ["acc@1", "", "..", "/", "//", "./x", "x/.", "日本語/損失", "a\0b", "\u{1F600}", "..x", "/..x/"] {
             assert!(valid_for_mlflow(&mlflow_key(n)), "{n:?} -> {:?}", mlflow_key(n));
         }
     }

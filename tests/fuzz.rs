@@ -16,6 +16,12 @@
 //!   huge attribute sets) through `batch::Decoder` → cadence `Windows` → the real TensorBoard
 //!   exporter into a tempdir (event files checked frame by frame) and the MLflow request builder
 //!   (keys, values, timestamps, JSON, entity counts and sizes checked against MLflow's rules).
+//! - `generated_requests_load_in_tensorboard`: generated cases written into one logdir and read
+//!   back with TensorBoard's Python loader and RustBoard: every scalar with its exact step and
+//!   float32 value, every histogram point, both loaders agreeing.
+//! - `generated_requests_land_in_mlflow`: generated cases through the real MLflow exporter into
+//!   the real MLflow server (tests/common): every request accepted, every metric's history equal
+//!   to what the cadence wrote (step, value, timestamp).
 //!
 //! Invariants: no panic; every input data point is accepted into a point or counted in a drop
 //! reason (`count_data_points == Decoded::accounted`, and through the cadence `inputs + late`);
@@ -23,7 +29,8 @@
 //! for a declared-but-absent length); a receiver answers every body with 200, 400, 413 or 415,
 //! and 200 exactly when the body decodes.
 //!
-//! Bounded by case counts (defaults below; about a minute for all targets on 2 cores).
+//! Bounded by case counts (defaults below; about a minute for all targets on 2 cores, with the
+//! MLflow server's start).
 //! Run longer: `PROPTEST_CASES=20000 cargo test --locked --test fuzz` (every target gets that
 //! many cases). Seeds are `tests/fuzz-corpus/otlp/*.json` (written for this project) and their
 //! protobuf encodings `*.binpb`, plus opentelemetry-proto's own `examples/metrics.json` read
@@ -808,7 +815,10 @@ fn valid_mlflow_key(k: &str) -> bool {
             matches!(c.general_category_group(), GeneralCategoryGroup::Letter | GeneralCategoryGroup::Number)
         }
     });
-    let path_ok = !k.is_empty() && !k.starts_with('/') && k.split('/').all(|s| !s.is_empty() && s != "." && s != "..");
+    let path_ok = !k.is_empty()
+        && !k.starts_with('/')
+        && !k.starts_with("..")
+        && k.split('/').all(|s| !s.is_empty() && s != "." && s != "..");
     chars_ok && path_ok && k.chars().count() <= MLFLOW_MAX_KEY_CHARS
 }
 
