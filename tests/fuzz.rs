@@ -894,8 +894,8 @@ fn pipeline_case(
     let (mut accepted, mut late, mut written) = (0u64, 0u64, 0u64);
     let mut shown = Shown::default();
     for _ in 0..2 {
-        let out = decoder.decode(&req);
-        prop_assert_eq!(out.accounted(), count_data_points(&req));
+        let out = decoder.decode(req);
+        prop_assert_eq!(out.accounted(), count_data_points(req));
         for rp in out.runs {
             accepted += rp.points.len() as u64;
             tb.observe_run(&rp.run);
@@ -1046,6 +1046,9 @@ fn mlflow_shown(v: f64) -> String {
     format!("{v:?}")
 }
 
+/// (run key, MLflow key) → {(step, value as [`mlflow_shown`], timestamp ms)}.
+type MlflowExpected = BTreeMap<(String, String), std::collections::BTreeSet<(i64, String, i64)>>;
+
 /// Generated cases through the real MLflow exporter into a real MLflow server: every export is
 /// accepted (keys, values, steps, timestamps, params and tags within the server's rules), and the
 /// history of every metric is what the cadence wrote, exactly.
@@ -1071,8 +1074,7 @@ fn generated_requests_land_in_mlflow() {
                 windows.push(rp, Instant::now());
             }
         }
-        // (run key, MLflow key) → {(step, value, timestamp ms)}
-        let mut expected: BTreeMap<(String, String), BTreeSet<(i64, String, i64)>> = BTreeMap::new();
+        let mut expected: MlflowExpected = BTreeMap::new();
         let mut keys: BTreeMap<String, MlflowKeys> = BTreeMap::new();
         for batch in windows.take_ready(Instant::now(), Close::All) {
             if let Err(e) = exporter.export(&batch, Duration::from_secs(30)) {
