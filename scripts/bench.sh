@@ -36,3 +36,5 @@ row() {
 row "no MLflow exporter" --no-mlflow
 row "MLflow reachable" --tracking-uri "$uri"
 row "MLflow unreachable" --tracking-uri "$dead"
+# Memory under 100 000 distinct series, with and without max_series_per_run (scripts/bench-series.sh).
+cargo build --release --locked --bin trainmetrics -q && scripts/bench-series.sh target/release/trainmetrics

@@ -40,8 +40,39 @@
 //!
 //! The SDK stamps data points with the collection time; [`crate::StepRecorder`] adds the record
 //! time as `trainmetrics.time_unix_nano` (int), which, when present, is the point's time.
+//!
+//! # Bad input (the rules, tested in `tests/bad_input.rs` and fuzzed in `tests/fuzz.rs`)
+//! - **Steps** are int64 (TensorBoard's `Event.step` and MLflow's `step` are both int64).
+//!   Negative steps are accepted as they are. A double outside `[-2^63, 2^63)` (e.g. `1e30`), a
+//!   numeric string outside that range (e.g. `"99999999999999999999"`), a fractional value, NaN,
+//!   a bool, bytes or a list is `invalid_step`.
+//! - **Times** are OTLP's `fixed64` ns since the Unix epoch, so nothing before 1970 can be
+//!   expressed. `0` means "unset" (OTLP) and becomes the receive time. Every other value is kept:
+//!   the largest, `u64::MAX` ns, is 2554-07-21, which TensorBoard's wall time (s, double) and
+//!   MLflow's timestamp (ms, int64; within Python's year 9999) both hold exactly enough, so both
+//!   backends show the same instant. A `trainmetrics.time_unix_nano` that is negative or not an
+//!   integer is ignored (the data point's own time is used).
+//! - **Kinds**: a series keeps the kind of its first point in a run, scalar (gauge, sum) or
+//!   histogram (histogram, exponential histogram, summary): TensorBoard reads a tag's kind from
+//!   its first value, and a histogram under a scalar tag makes its loaders fail on the whole run.
+//!   Points of the other kind (the same name used by two instrument types) are `invalid_value`.
+//! - **Non-finite values** follow the exporter's [`NonFinitePolicy`] (`nonfinite`, default
+//!   `keep`). It applies to scalars (gauges, sums); a histogram's NaN sum means "no sum" in OTLP
+//!   and is kept.
+//! - **Cardinality**: each run keeps at most `max_series_per_run` distinct series (default
+//!   10 000) and the decoder tracks at most `max_runs` runs (default 1 000) over its lifetime.
+//!   Points of a further series, or of a run beyond `max_runs`, are dropped as `series_limit`
+//!   (a run idle for an hour is forgotten to make room, so a long-lived service keeps admitting
+//!   new runs);
+//!   the first such point of each run (and the first run refused) produces one message, not one
+//!   per point. Every per-series map downstream (cadence windows, TensorBoard tags, MLflow key
+//!   mapping, this decoder's step state) only ever sees admitted series, so all of them are
+//!   bounded by `max_runs × max_series_per_run`. Likewise a run passes on at most
+//!   [`MAX_RUN_ATTRIBUTES`] distinct param and tag keys over its life, values cut to
+//!   [`MAX_ATTRIBUTE_VALUE_CHARS`] characters; run keys, param and tag keys are bounded like
+//!   series names ([`crate::names::bounded_name`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -49,7 +80,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, HistogramDataPoint};
 
-use crate::names::series_name;
+use crate::names::{bounded_name, series_name};
 use crate::stats::DropReason;
 
 /// Attribute that carries a non-finite value past the SDK (see the module docs).
@@ -182,8 +213,13 @@ pub struct Decoded {
     pub runs: Vec<RunPoints>,
     /// Data points dropped, by reason.
     pub dropped: Vec<(DropReason, u64)>,
-    /// One message per reason, for the log (first offender).
+    /// One message per reason, for the log (first offender). `series_limit` appears only the
+    /// first time a run reaches its limit in this decoder's life, so logging every message
+    /// logs that once per run.
     pub messages: Vec<(DropReason, String)>,
+    /// Named events that are not drops, e.g. [`CLAMPED_EVENT`], with their counts (for
+    /// `ExporterStats::add_event`).
+    pub events: Vec<(&'static str, u64)>,
 }
 
 impl Decoded {
@@ -196,27 +232,84 @@ impl Decoded {
             }
         }
     }
+
+    /// Counts `n` drops for `reason` without a message.
+    fn drop_quiet(&mut self, reason: DropReason, n: u64) {
+        match self.dropped.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, c)) => *c += n,
+            None => self.dropped.push((reason, n)),
+        }
+    }
+
+    fn event(&mut self, name: &'static str) {
+        match self.events.iter_mut().find(|(e, _)| *e == name) {
+            Some((_, n)) => *n += 1,
+            None => self.events.push((name, 1)),
+        }
+    }
+
+    /// Data points this outcome accounts for: accepted into a point or dropped with a reason.
+    /// Equals [`count_data_points`] of the request (points flagged "no recorded value" are in
+    /// neither).
+    pub fn accounted(&self) -> u64 {
+        let accepted: usize = self.runs.iter().map(|r| r.points.len()).sum();
+        accepted as u64 + self.dropped.iter().map(|(_, n)| n).sum::<u64>()
+    }
 }
 
-/// Number of data points in a request (all types), as counted for "received".
+/// The OTLP data point flag "no recorded value" (`DataPointFlags.FLAG_NO_RECORDED_VALUE`).
+const NO_RECORDED_VALUE: u32 = 1;
+
+/// Number of data points in a request (all types), as counted for "received". Points flagged
+/// "no recorded value" carry nothing to deliver and are not counted (the decoder skips them
+/// first), so `count_data_points(req)` equals [`Decoded::accounted`] for every request.
 pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
+    fn valued<'a>(flags: impl Iterator<Item = &'a u32>) -> u64 {
+        flags.filter(|f| *f & NO_RECORDED_VALUE == 0).count() as u64
+    }
     let mut n = 0u64;
     for rm in &req.resource_metrics {
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
                 n += match &m.data {
-                    Some(metric::Data::Gauge(g)) => g.data_points.len(),
-                    Some(metric::Data::Sum(s)) => s.data_points.len(),
-                    Some(metric::Data::Histogram(h)) => h.data_points.len(),
-                    Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
-                    Some(metric::Data::Summary(s)) => s.data_points.len(),
+                    Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+                    Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
                     None => 0,
-                } as u64;
+                };
             }
         }
     }
     n
 }
+
+/// What an exporter does with NaN and ±Inf scalar values (config key `nonfinite`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Deliver them as they are (default): TensorBoard stores the raw float32 NaN/±Inf; MLflow
+    /// gets the strings `NaN`/`Infinity`/`-Infinity` (see [`crate::exporter::mlflow`]).
+    #[default]
+    Keep,
+    /// Drop them, counted `non_finite`.
+    Drop,
+    /// `±Inf` → the largest / smallest finite value the exporter's backend stores
+    /// ([`DecodeSettings::clamp_limit`]: `±f32::MAX` = `±3.4028235e38` for TensorBoard, whose
+    /// scalars are float32 (clamping to `f64::MAX` would round back to `±inf` there), `±f64::MAX`
+    /// for MLflow), counted as the event [`CLAMPED_EVENT`]; NaN has no nearest finite value and is
+    /// dropped, counted `non_finite`.
+    Clamp,
+}
+
+/// Name of the event counted for each value [`NonFinitePolicy::Clamp`] changed.
+pub const CLAMPED_EVENT: &str = "nonfinite_clamped";
+
+/// Default of [`DecodeSettings::max_series_per_run`].
+pub const DEFAULT_MAX_SERIES_PER_RUN: usize = 10_000;
+/// Default of [`DecodeSettings::max_runs`].
+pub const DEFAULT_MAX_RUNS: usize = 1_000;
 
 /// Settings of the decoder (validated once from config).
 #[derive(Debug, Clone)]
@@ -227,11 +320,34 @@ pub struct DecodeSettings {
     pub identity: IdentityKeys,
     /// Optional prefix of every series name.
     pub prefix: Option<String>,
+    /// Distinct series a run may have (config `max_series_per_run`); points of further series
+    /// are dropped as `series_limit`. Default [`DEFAULT_MAX_SERIES_PER_RUN`].
+    pub max_series_per_run: usize,
+    /// Runs the decoder tracks over its lifetime (config `max_runs`); points of further runs
+    /// are dropped as `series_limit`. Default [`DEFAULT_MAX_RUNS`].
+    pub max_runs: usize,
+    /// What to do with NaN and ±Inf scalars (config `nonfinite`); default `keep`.
+    pub nonfinite: NonFinitePolicy,
+    /// Magnitude `±Inf` is clamped to under `nonfinite: clamp`: the backend's largest finite
+    /// value. Default `f64::MAX`; `f32::MAX` for TensorBoard (set by the config).
+    pub clamp_limit: f64,
+    /// A run idle this long may be forgotten to admit a new one under `max_runs`. Default
+    /// [`FORGET_IDLE_RUN_AFTER`] (not in the config file).
+    pub forget_idle_runs_after: std::time::Duration,
 }
 
 impl Default for DecodeSettings {
     fn default() -> Self {
-        Self { step_key: "step".into(), identity: IdentityKeys::default(), prefix: None }
+        Self {
+            step_key: "step".into(),
+            identity: IdentityKeys::default(),
+            prefix: None,
+            max_series_per_run: DEFAULT_MAX_SERIES_PER_RUN,
+            max_runs: DEFAULT_MAX_RUNS,
+            nonfinite: NonFinitePolicy::Keep,
+            forget_idle_runs_after: FORGET_IDLE_RUN_AFTER,
+            clamp_limit: f64::MAX,
+        }
     }
 }
 
@@ -239,6 +355,53 @@ impl Default for DecodeSettings {
 struct RunSteps {
     max_step: Option<i64>,
     last_by_series: HashMap<String, i64>,
+    /// Series admitted under `max_series_per_run`, with their kind (true: histogram).
+    series: HashMap<String, bool>,
+    /// Whether the series limit has been reported for this run.
+    limit_reported: bool,
+    /// Param (`p`) and tag (`t`) keys passed on for this run, at most [`MAX_RUN_ATTRIBUTES`].
+    attribute_keys: HashSet<(char, String)>,
+    /// Whether the attribute limit has been reported for this run.
+    attributes_reported: bool,
+    /// When the run last had points (for forgetting idle runs under `max_runs`).
+    last_seen: Option<std::time::Instant>,
+}
+
+/// A run without points for this long may be forgotten to make room under `max_runs` for a new
+/// one (a long-lived service sees far more runs over its life than at once). A forgotten run
+/// that comes back is a new run to the decoder: its series count again from zero.
+pub const FORGET_IDLE_RUN_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Most distinct param and tag keys (together) a run passes on over its life; further keys are
+/// left out (with one warning per run), so exporters' per-run param and tag maps stay bounded.
+pub const MAX_RUN_ATTRIBUTES: usize = 1024;
+/// Longest param or tag value passed on, in characters (MLflow keeps at most 8000 of a tag
+/// value and 6000 of a param value, `mlflow/utils/validation.py`); longer values are cut.
+pub const MAX_ATTRIBUTE_VALUE_CHARS: usize = 8000;
+
+/// Applies [`MAX_RUN_ATTRIBUTES`] and [`MAX_ATTRIBUTE_VALUE_CHARS`] (keys are bounded like
+/// series names); returns how many keys were left out.
+fn bound_run_attributes(info: &mut RunInfo, state: &mut RunSteps) -> usize {
+    let mut refused = 0;
+    for (kind, map) in [('p', &mut info.params), ('t', &mut info.tags)] {
+        let entries = std::mem::take(map);
+        for (k, mut v) in entries {
+            let k = bounded_name(&k).into_owned();
+            let id = (kind, k);
+            if !state.attribute_keys.contains(&id) {
+                if state.attribute_keys.len() >= MAX_RUN_ATTRIBUTES {
+                    refused += 1;
+                    continue;
+                }
+                state.attribute_keys.insert(id.clone());
+            }
+            if let Some((i, _)) = v.char_indices().nth(MAX_ATTRIBUTE_VALUE_CHARS) {
+                v.truncate(i);
+            }
+            map.insert(id.1, v);
+        }
+    }
+    refused
 }
 
 /// Stateful decoder: one per exporter, because the step given to unstepped points depends on
@@ -248,6 +411,8 @@ pub struct Decoder {
     settings: DecodeSettings,
     steps: HashMap<String, RunSteps>,
     runs: HashMap<String, Arc<RunInfo>>,
+    /// Whether the `max_runs` limit has been reported.
+    run_limit_reported: bool,
 }
 
 /// Renders an attribute value as text (for names, params and tags).
@@ -292,6 +457,14 @@ pub fn parse_step(v: Option<&AnyValue>) -> Option<i64> {
     }
 }
 
+/// A name cut to 200 characters for messages (logs and partial-success answers).
+fn short(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &name[..i]).into(),
+        None => name.into(),
+    }
+}
+
 fn now_unix_nano() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -318,7 +491,32 @@ struct Pending {
 impl Decoder {
     /// A decoder with these settings.
     pub fn new(settings: DecodeSettings) -> Self {
-        Self { settings, steps: HashMap::new(), runs: HashMap::new() }
+        Self { settings, steps: HashMap::new(), runs: HashMap::new(), run_limit_reported: false }
+    }
+
+    /// Whether a run with this key is tracked, or may be under `max_runs`; when the limit is
+    /// reached, the run idle longest is forgotten if it has been idle for
+    /// [`DecodeSettings::forget_idle_runs_after`].
+    fn run_admitted(&mut self, key: &str) -> bool {
+        if self.steps.contains_key(key) || self.steps.len() < self.settings.max_runs {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let oldest = self
+            .steps
+            .iter()
+            .map(|(k, st)| (st.last_seen.map_or(std::time::Duration::MAX, |t| now.saturating_duration_since(t)), k))
+            .max_by_key(|(idle, _)| *idle)
+            .filter(|(idle, _)| *idle >= self.settings.forget_idle_runs_after)
+            .map(|(_, k)| k.clone());
+        match oldest {
+            Some(k) => {
+                self.steps.remove(&k);
+                self.runs.remove(&k);
+                true
+            }
+            None => false,
+        }
     }
 
     fn run_info(&mut self, attrs: &[KeyValue]) -> Arc<RunInfo> {
@@ -351,6 +549,22 @@ impl Decoder {
             (_, _, (Some(s), None)) => s,
             _ => "default".to_string(),
         };
+        info.key = bounded_name(&info.key).into_owned();
+        if !self.run_admitted(&info.key) {
+            // Not tracked: its points are all dropped, so nothing may be kept for it.
+            return Arc::new(info);
+        }
+        // The run takes its slot under `max_runs` now, so `runs` and `steps` hold the same keys.
+        let state = self.steps.entry(info.key.clone()).or_default();
+        let refused = bound_run_attributes(&mut info, state);
+        if refused > 0 && !state.attributes_reported {
+            state.attributes_reported = true;
+            tracing::warn!(
+                run = %short(&info.key),
+                refused,
+                "run has {MAX_RUN_ATTRIBUTES} distinct params and tags; further keys are not passed on"
+            );
+        }
         // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
         match self.runs.get(&info.key) {
             Some(existing) if **existing == info => existing.clone(),
@@ -376,7 +590,7 @@ impl Decoder {
         for kv in attrs {
             if kv.key == self.settings.step_key {
                 step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
-                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", any_value_text(kv.value.as_ref())))
+                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
                 })?);
             } else if kv.key == NONFINITE_ATTRIBUTE {
                 nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
@@ -386,7 +600,7 @@ impl Decoder {
                     other => {
                         return Err((
                             DropReason::InvalidValue,
-                            format!("{NONFINITE_ATTRIBUTE}={other:?} is not NaN, Infinity or -Infinity"),
+                            format!("{NONFINITE_ATTRIBUTE}={:?} is not NaN, Infinity or -Infinity", short(other)),
                         ))
                     }
                 };
@@ -420,6 +634,9 @@ impl Decoder {
             if pending.is_empty() {
                 continue;
             }
+            let Some(pending) = self.admit(&run.key, pending, &mut out) else {
+                continue;
+            };
             let points = self.assign_steps(&run.key, pending);
             match out.runs.iter_mut().find(|r| r.run.key == run.key) {
                 Some(r) => r.points.extend(points),
@@ -436,18 +653,19 @@ impl Decoder {
         pending: &mut Vec<Pending>,
         out: &mut Decoded,
     ) {
-        const NO_RECORDED_VALUE: u32 = 1;
         let prefix = self.settings.prefix.as_deref();
+        // Bounded once per metric: its name is shared by all its data points (see `names`).
+        let metric_name = bounded_name(&m.name);
         let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, out: &mut Decoded| {
             if flags & NO_RECORDED_VALUE != 0 {
                 return;
             }
             match self.split_attributes(attrs) {
-                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", m.name)),
+                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", short(&m.name))),
                 Ok(Split { overflow: true, .. }) => out.drop(DropReason::CardinalityOverflow, || {
                     format!(
                         "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
-                        m.name
+                        short(&m.name)
                     )
                 }),
                 Ok(Split { step, rest, nonfinite, name, time: recorded_at, .. }) => {
@@ -456,7 +674,23 @@ impl Decoder {
                         (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
                         (v, _) => v,
                     };
-                    let metric = name.unwrap_or_else(|| m.name.clone());
+                    let value = match (value, self.settings.nonfinite) {
+                        (PointValue::Scalar(v), policy) if !v.is_finite() && policy != NonFinitePolicy::Keep => {
+                            if policy == NonFinitePolicy::Clamp && !v.is_nan() {
+                                out.event(CLAMPED_EVENT);
+                                let limit = self.settings.clamp_limit;
+                                PointValue::Scalar(if v > 0.0 { limit } else { -limit })
+                            } else {
+                                out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", short(&m.name)));
+                                return;
+                            }
+                        }
+                        (v, _) => v,
+                    };
+                    let metric = match name {
+                        Some(n) => bounded_name(&n).into_owned(),
+                        None => metric_name.to_string(),
+                    };
                     pending.push(Pending {
                         series: series_name(prefix, &metric, &rest),
                         metric,
@@ -471,18 +705,18 @@ impl Decoder {
             Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
             Some(metric::Data::Sum(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
             Some(metric::Data::Histogram(h)) => {
-                for dp in &h.data_points {
+                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                     match histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
             }
             Some(metric::Data::ExponentialHistogram(h)) => {
-                for dp in &h.data_points {
+                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                     match exponential_histogram(dp) {
                         Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", m.name)),
+                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
             }
@@ -508,10 +742,66 @@ impl Decoder {
             match number(dp.value) {
                 Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), out),
                 // A point flagged "no recorded value" legitimately has none: skipped uncounted.
-                None if dp.flags & 1 != 0 => {}
-                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", m.name)),
+                None if dp.flags & NO_RECORDED_VALUE != 0 => {}
+                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
             }
         }
+    }
+
+    /// Applies `max_runs` and `max_series_per_run`: returns the points of admitted series, or
+    /// `None` when none is left. Dropped points count `series_limit`.
+    fn admit(&mut self, run_key: &str, pending: Vec<Pending>, out: &mut Decoded) -> Option<Vec<Pending>> {
+        let max_series = self.settings.max_series_per_run;
+        if !self.run_admitted(run_key) {
+            out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
+            if !self.run_limit_reported {
+                self.run_limit_reported = true;
+                out.messages.push((
+                    DropReason::SeriesLimit,
+                    format!("run {:?}: already tracking max_runs={} runs; points of further runs are dropped", short(run_key), self.settings.max_runs),
+                ));
+            }
+            return None;
+        }
+        let state = self.steps.entry(run_key.to_string()).or_default();
+        state.last_seen = Some(std::time::Instant::now());
+        let mut kept = Vec::with_capacity(pending.len());
+        let mut refused = 0u64;
+        let mut first_refused = None;
+        for p in pending {
+            let histogram = matches!(p.value, PointValue::Histogram(_));
+            match state.series.get(&p.series) {
+                Some(&kind) if kind == histogram => kept.push(p),
+                Some(&kind) => {
+                    let (was, is) = if kind { ("histograms", "a scalar") } else { ("scalars", "a histogram") };
+                    out.drop(DropReason::InvalidValue, || {
+                        format!("series {:?} holds {was}; {is} point cannot share its TensorBoard tag", short(&p.series))
+                    });
+                }
+                None if state.series.len() < max_series => {
+                    state.series.insert(p.series.clone(), histogram);
+                    kept.push(p);
+                }
+                None => {
+                    refused += 1;
+                    if first_refused.is_none() {
+                        first_refused = Some(p.series);
+                    }
+                }
+            }
+        }
+        if refused > 0 {
+            out.drop_quiet(DropReason::SeriesLimit, refused);
+            if !state.limit_reported {
+                state.limit_reported = true;
+                let series: String = first_refused.unwrap_or_default().chars().take(200).collect();
+                out.messages.push((
+                    DropReason::SeriesLimit,
+                    format!("run {:?} reached max_series_per_run={max_series}; points of further series (first: {series:?}) are dropped", short(run_key)),
+                ));
+            }
+        }
+        (!kept.is_empty()).then_some(kept)
     }
 
     fn assign_steps(&mut self, run_key: &str, pending: Vec<Pending>) -> Vec<Point> {
@@ -625,6 +915,7 @@ fn histogram(dp: &HistogramDataPoint) -> Result<Histogram, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::Duration;
     use opentelemetry_proto::tonic::metrics::v1::{Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
@@ -798,5 +1089,166 @@ pub(crate) mod tests {
         assert!(histogram(&dp(vec![1, 2], vec![1.0], 4)).is_err());
         assert!(histogram(&dp(vec![1, 2, 0], vec![2.0, 1.0], 3)).is_err());
         assert_eq!(histogram(&dp(vec![], vec![], 5)).map(|h| h.counts), Ok(vec![5]));
+    }
+
+    fn stepped(n: usize, series_of: impl Fn(usize) -> String) -> ExportMetricsServiceRequest {
+        gauge_request("m", (0..n).map(|i| (vec![kv("step", any_value::Value::IntValue(1)), kv("k", s(&series_of(i)))], 1.0)).collect())
+    }
+
+    #[test]
+    fn series_beyond_the_limit_are_dropped_and_reported_once_per_run() {
+        let settings = DecodeSettings { max_series_per_run: 3, ..Default::default() };
+        let mut d = Decoder::new(settings);
+        let out = d.decode(&stepped(5, |i| i.to_string()));
+        let series: Vec<&str> = out.runs[0].points.iter().map(|p| p.series.as_str()).collect();
+        assert_eq!(series, ["m/k=0", "m/k=1", "m/k=2"]);
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 2)]);
+        assert_eq!(out.messages.len(), 1);
+        assert!(out.messages[0].1.contains("max_series_per_run=3"), "{}", out.messages[0].1);
+        // Admitted series keep flowing; further ones stay out, and the run is not reported again.
+        let out = d.decode(&stepped(6, |i| i.to_string()));
+        assert_eq!(out.runs[0].points.len(), 3);
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 3)]);
+        assert!(out.messages.is_empty());
+        assert_eq!(d.steps["r1"].series.len(), 3);
+        assert!(d.steps["r1"].last_by_series.len() <= 3);
+    }
+
+    #[test]
+    fn runs_beyond_max_runs_are_dropped_and_not_remembered() {
+        let settings = DecodeSettings { max_runs: 2, ..Default::default() };
+        let mut d = Decoder::new(settings);
+        let run = |name: &str| {
+            let mut req = gauge_request("m", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+            if let Some(r) = req.resource_metrics[0].resource.as_mut() {
+                r.attributes[0] = kv("ml.run.name", s(name));
+            }
+            req
+        };
+        for name in ["a", "b"] {
+            assert_eq!(d.decode(&run(name)).runs.len(), 1);
+        }
+        let out = d.decode(&run("c"));
+        assert!(out.runs.is_empty());
+        assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 1)]);
+        assert_eq!(out.messages.len(), 1);
+        let out = d.decode(&run("d"));
+        assert_eq!((out.dropped.clone(), out.messages.len()), (vec![(DropReason::SeriesLimit, 1)], 0));
+        assert_eq!((d.runs.len(), d.steps.len()), (2, 2));
+        // A tracked run still gets through.
+        assert_eq!(d.decode(&run("a")).runs.len(), 1);
+
+        // Runs idle past forget_idle_runs_after make room for new ones, idlest first.
+        let settings = DecodeSettings { max_runs: 2, forget_idle_runs_after: Duration::from_millis(50), ..Default::default() };
+        let mut d = Decoder::new(settings);
+        assert_eq!(d.decode(&run("a")).runs.len(), 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(d.decode(&run("b")).runs.len(), 1);
+        assert!(d.decode(&run("c")).runs.is_empty(), "nobody idle long enough yet");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(d.decode(&run("c")).runs.len(), 1, "a (idle 60 ms) is forgotten");
+        let mut kept: Vec<&String> = d.steps.keys().collect();
+        kept.sort();
+        assert_eq!(kept, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn nonfinite_policies() {
+        let req = || {
+            gauge_request(
+                "x",
+                [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 2.5]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (vec![kv("step", any_value::Value::IntValue(i as i64))], v))
+                    .collect(),
+            )
+        };
+        let run = |policy| Decoder::new(DecodeSettings { nonfinite: policy, ..Default::default() }).decode(&req());
+        let values = |out: &Decoded| -> Vec<String> {
+            out.runs.iter().flat_map(|r| &r.points).map(|p| format!("{:?}", p.value)).collect()
+        };
+        let keep = run(NonFinitePolicy::Keep);
+        assert_eq!(values(&keep), ["Scalar(NaN)", "Scalar(inf)", "Scalar(-inf)", "Scalar(2.5)"]);
+        assert!(keep.dropped.is_empty() && keep.events.is_empty());
+        let drop = run(NonFinitePolicy::Drop);
+        assert_eq!(values(&drop), ["Scalar(2.5)"]);
+        assert_eq!(drop.dropped, vec![(DropReason::NonFinite, 3)]);
+        let clamp = run(NonFinitePolicy::Clamp);
+        let pts: Vec<(i64, PointValue)> = clamp.runs[0].points.iter().map(|p| (p.step, p.value.clone())).collect();
+        assert_eq!(pts, vec![(1, PointValue::Scalar(f64::MAX)), (2, PointValue::Scalar(f64::MIN)), (3, PointValue::Scalar(2.5))]);
+        assert_eq!(clamp.dropped, vec![(DropReason::NonFinite, 1)]);
+        assert_eq!(clamp.events, vec![(CLAMPED_EVENT, 2)]);
+        for out in [keep, drop, clamp] {
+            assert_eq!(out.accounted(), 4);
+        }
+    }
+
+    #[test]
+    fn out_of_range_steps_and_times() {
+        let v = |x| Some(AnyValue { value: Some(x) });
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(1e30)).as_ref()), None);
+        assert_eq!(parse_step(v(any_value::Value::DoubleValue(-9_223_372_036_854_775_808.0)).as_ref()), Some(i64::MIN));
+        assert_eq!(parse_step(v(any_value::Value::IntValue(-5)).as_ref()), Some(-5));
+        assert_eq!(parse_step(v(s("-99999999999999999999")).as_ref()), None);
+        assert_eq!(parse_step(v(s("1e30")).as_ref()), None);
+        assert_eq!(parse_step(v(s("inf")).as_ref()), None);
+        let mut req = gauge_request("t", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0), (vec![kv("step", any_value::Value::IntValue(2))], 1.0)]);
+        if let Some(metric::Data::Gauge(g)) = &mut req.resource_metrics[0].scope_metrics[0].metrics[0].data {
+            g.data_points[0].time_unix_nano = 0;
+            g.data_points[1].time_unix_nano = u64::MAX;
+        }
+        let before = now_unix_nano();
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        let times: Vec<u64> = out.runs[0].points.iter().map(|p| p.time_unix_nano).collect();
+        assert!(times[0] >= before && times[0] <= now_unix_nano(), "0 becomes the receive time");
+        assert_eq!(times[1], u64::MAX);
+    }
+
+    #[test]
+    fn run_attributes_are_bounded() {
+        let mut req = gauge_request("m", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+        let attrs = &mut req.resource_metrics[0].resource.as_mut().expect("resource").attributes;
+        attrs.push(kv("long", s(&"v".repeat(MAX_ATTRIBUTE_VALUE_CHARS + 5))));
+        let out = Decoder::new(DecodeSettings::default()).decode(&req);
+        assert_eq!(out.runs[0].run.tags["long"].chars().count(), MAX_ATTRIBUTE_VALUE_CHARS);
+
+        let mut d = Decoder::new(DecodeSettings::default());
+        let attrs = &mut req.resource_metrics[0].resource.as_mut().expect("resource").attributes;
+        attrs.extend((0..MAX_RUN_ATTRIBUTES + 10).map(|i| kv(&format!("ml.param.p{i:04}"), s("x"))));
+        let out = d.decode(&req);
+        let run = &out.runs[0].run;
+        // Params first (in key order), then tags, until the slots are taken.
+        assert_eq!(run.params.len() + run.tags.len(), MAX_RUN_ATTRIBUTES);
+        assert_eq!(run.params["lr"], "0.1");
+        assert!(run.tags.is_empty());
+        // Keys passed on stay; new keys stay out, in later requests too.
+        let again = d.decode(&req);
+        assert_eq!(again.runs[0].run.params, run.params);
+    }
+
+    #[test]
+    fn a_series_keeps_the_kind_of_its_first_point() {
+        let mut req = gauge_request("loss", vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]);
+        let hist = Metric {
+            name: "loss".into(),
+            data: Some(metric::Data::Histogram(opentelemetry_proto::tonic::metrics::v1::Histogram {
+                data_points: vec![HistogramDataPoint {
+                    attributes: vec![kv("step", any_value::Value::IntValue(2))],
+                    count: 1,
+                    sum: Some(1.0),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        req.resource_metrics[0].scope_metrics[0].metrics.push(hist);
+        let mut d = Decoder::new(DecodeSettings::default());
+        let out = d.decode(&req);
+        assert_eq!(out.runs[0].points.len(), 1);
+        assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(1.0));
+        assert_eq!(out.dropped, vec![(DropReason::InvalidValue, 1)]);
+        assert!(out.messages[0].1.contains("holds scalars"), "{}", out.messages[0].1);
     }
 }

@@ -50,6 +50,8 @@
 //! room), `sending_queue` (`queue_size` 1000 requests, `max_pending_points` 100000, `spool`: see
 //! [`SpoolConfig`]), and mlflow `experiment` (default experiment), `run_id`, and
 //! `token_file` / `password_file` (credentials from a file, see [`crate::exporter::mlflow::config`]).
+//! Bad input (see [`crate::batch`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
+//! `max_series_per_run` (10000) and `max_runs` (1000), each at least 1.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -58,7 +60,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{DecodeSettings, IdentityKeys};
+use crate::batch::{DecodeSettings, IdentityKeys, NonFinitePolicy, DEFAULT_MAX_RUNS, DEFAULT_MAX_SERIES_PER_RUN};
 use crate::cadence::{Aggregation, CadenceSettings};
 use crate::delivery::DeliverySettings;
 use crate::exporter::mlflow::MlflowSettings;
@@ -263,6 +265,18 @@ pub struct ExporterConfig {
     /// see README "Run liveness").
     #[serde(default)]
     pub end_idle_runs: crate::exporter::mlflow::config::EndIdleRunsConfig,
+    /// NaN/±Inf scalars: `keep` | `drop` | `clamp` (see [`crate::batch::NonFinitePolicy`]);
+    /// default `keep`.
+    #[serde(default)]
+    pub nonfinite: Option<NonFinitePolicy>,
+    /// Distinct series per run; points of further series are dropped as `series_limit`;
+    /// default 10000.
+    #[serde(default)]
+    pub max_series_per_run: Option<usize>,
+    /// Runs tracked over the exporter's life; points of further runs are dropped as
+    /// `series_limit`; default 1000.
+    #[serde(default)]
+    pub max_runs: Option<usize>,
 }
 
 /// `receivers.otlp.protocols.grpc` (service only).
@@ -598,7 +612,9 @@ pub struct PipelineSettings {
     pub telemetry: Option<String>,
     /// The in-process run.
     pub run: RunSettings,
-    /// Step key and identity keys (prefix set per exporter).
+    /// Step key and identity keys (prefix, limits and the non-finite policy are set per
+    /// exporter). Its limits are unbounded: the receiver decodes each request alone with it to
+    /// answer `partial_success`, and cannot know an exporter's series and runs.
     pub decode: DecodeSettings,
     /// SDK cardinality limit.
     pub cardinality_limit: usize,
@@ -743,6 +759,9 @@ impl PipelineConfig {
                 param_prefix: id.param_prefix.clone(),
             },
             prefix: None,
+            max_series_per_run: usize::MAX,
+            max_runs: usize::MAX,
+            ..DecodeSettings::default()
         };
         let exporters: Vec<ExporterSettings> = self
             .exporters
@@ -891,6 +910,11 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             p.add(format!("{path}.retry_on_failure.initial_interval"), "must not exceed max_interval");
         }
     }
+    for (key, v) in [("max_series_per_run", c.max_series_per_run), ("max_runs", c.max_runs)] {
+        if v == Some(0) {
+            p.add(format!("{path}.{key}"), "must be at least 1");
+        }
+    }
     if c.sending_queue.queue_size == Some(0) {
         p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
     }
@@ -934,7 +958,14 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             max_elapsed_time: r.max_elapsed_time.unwrap_or(retry_defaults.max_elapsed_time),
         },
         cadence,
-        decode: DecodeSettings { prefix: c.prefix.clone().filter(|s| !s.is_empty()), ..decode.clone() },
+        decode: DecodeSettings {
+            prefix: c.prefix.clone().filter(|s| !s.is_empty()),
+            max_series_per_run: c.max_series_per_run.unwrap_or(DEFAULT_MAX_SERIES_PER_RUN),
+            max_runs: c.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
+            nonfinite: c.nonfinite.unwrap_or_default(),
+            clamp_limit: if kind == "tensorboard" { f64::from(f32::MAX) } else { f64::MAX },
+            ..decode.clone()
+        },
         spool,
     };
     Some(ExporterSettings {
@@ -1096,5 +1127,29 @@ exporters:
         }
         let zero = parse("exporters: {mlflow: {tracking_uri: 'http://h:1', end_idle_runs: {after: 0s}}}").map(|_| ());
         assert!(matches!(zero, Err(ref e) if e.to_string().contains("exporters.mlflow.end_idle_runs.after")), "{zero:?}");
+    }
+
+    #[test]
+    fn bad_input_keys_per_exporter() {
+        let yaml = r#"
+exporters:
+  tensorboard: {nonfinite: clamp, max_series_per_run: 5, max_runs: 2}
+  mlflow: {tracking_uri: "http://127.0.0.1:5000", nonfinite: drop}
+"#;
+        let c: PipelineConfig = serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("{e}"));
+        let s = c.validate().unwrap_or_else(|e| panic!("{e}"));
+        let by_name = |n: &str| s.exporters.iter().find(|e| e.name == n).map(|e| e.delivery.decode.clone());
+        let tb = by_name("tensorboard").expect("tensorboard");
+        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (NonFinitePolicy::Clamp, 5, 2));
+        let ml = by_name("mlflow").expect("mlflow");
+        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (NonFinitePolicy::Drop, 10_000, 1_000));
+        // The receiver's per-request pass cannot know an exporter's series: no limits there.
+        assert_eq!((s.decode.max_series_per_run, s.decode.max_runs), (usize::MAX, usize::MAX));
+
+        let bad = "exporters:\n  tensorboard: {max_series_per_run: 0, max_runs: 0}\n";
+        let c: PipelineConfig = serde_yaml_ng::from_str(bad).unwrap_or_else(|e| panic!("{e}"));
+        let msg = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("exporters.tensorboard.max_series_per_run") && msg.contains("exporters.tensorboard.max_runs"), "{msg}");
+        assert!(serde_yaml_ng::from_str::<PipelineConfig>("exporters:\n  tensorboard: {nonfinite: zero}\n").is_err());
     }
 }

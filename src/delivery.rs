@@ -493,6 +493,9 @@ impl<E: Exporter> Worker<E> {
         for (reason, count) in &decoded.dropped {
             self.stats.add_dropped(*reason, *count);
         }
+        for (name, count) in &decoded.events {
+            self.stats.add_event(name, *count);
+        }
         for (reason, message) in &decoded.messages {
             self.rejections.reject(reason.as_str(), &format_args!("exporter {}: {message}", self.name));
         }

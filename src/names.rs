@@ -5,6 +5,10 @@
 //! `[prefix/]<metric name>[/<key>=<value>]...` with the attributes (the step attribute already
 //! removed) sorted by key. Example: `eval.accuracy` with `split=val` → `eval.accuracy/split=val`.
 //! TensorBoard uses the series name as its tag unchanged (TensorBoard accepts any UTF-8 tag).
+//! A series name (or metric name) longer than [`MAX_SERIES_NAME_BYTES`] bytes keeps its first
+//! bytes up to a character boundary, followed by `~` and 16 hex digits of the 64-bit FNV-1a hash
+//! of the whole name ([`bounded_name`]): one metric name is shared by every data point of its
+//! metric in OTLP, so without a bound a 64 MiB name would be copied once per data point.
 //!
 //! # MLflow keys
 //! MLflow's server accepts keys matching `^[/\w.\- :]*$` (Python `re`, Unicode `\w`), that are
@@ -12,9 +16,12 @@
 //! most 250 characters (source: `mlflow/utils/validation.py`, mlflow 3.17). [`mlflow_key`] maps any
 //! series name to such a key, deterministically:
 //! 1. every character that is not an ASCII letter or digit, `_`, `-`, `.`, ` `, `:`, `/`, or a
-//!    Unicode letter or number (general categories L* and N*), becomes `_`;
+//!    Unicode letter or number (general categories L* and N*) assigned by Unicode 13.0 (what the
+//!    server's Python knows at the oldest; see [`mlflow_key`]), becomes `_`;
 //! 2. the name is split on `/`; empty segments are removed, a segment `.` becomes `_` and a
-//!    segment `..` becomes `__`; segments are joined with `/` again; an empty result is `_`;
+//!    segment `..` becomes `__`; segments are joined with `/` again; an empty result is `_`; a
+//!    leading `..` becomes `__` (the server refuses every name whose normalized path starts with
+//!    `..`, `..x` included: `path_not_unique`);
 //! 3. a key longer than 250 characters keeps its first 241 characters (trailing `/` removed)
 //!    followed by `-` and 8 hex digits of the FNV-1a hash of the original name.
 //!
@@ -32,8 +39,36 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 /// (source: `mlflow/utils/validation.py`, `MAX_ENTITY_KEY_LENGTH`).
 pub const MLFLOW_MAX_KEY_CHARS: usize = 250;
 
+/// Longest series or metric name kept whole, in bytes (see the module docs).
+pub const MAX_SERIES_NAME_BYTES: usize = 1024;
+
+/// 64-bit FNV-1a of `s` (not for security).
+pub fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Cuts a name longer than [`MAX_SERIES_NAME_BYTES`] to exactly that many bytes or fewer: the
+/// longest prefix on a character boundary that leaves room for `~` and 16 hex digits of
+/// [`fnv1a64`] of the whole name. Shorter names are returned unchanged.
+pub fn bounded_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_SERIES_NAME_BYTES {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut cut = MAX_SERIES_NAME_BYTES - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}~{:016x}", &name[..cut], fnv1a64(name)))
+}
+
 /// Builds the series name shared by both exporters: `[prefix/]name[/k=v...]`, attributes sorted by
-/// key (callers pass them in any order). An empty prefix is the same as none.
+/// key (callers pass them in any order). An empty prefix is the same as none. The result is at
+/// most [`MAX_SERIES_NAME_BYTES`] bytes ([`bounded_name`]).
 pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, String)]) -> String {
     let mut out = String::with_capacity(name.len() + 16);
     if let Some(p) = prefix.filter(|p| !p.is_empty()) {
@@ -49,7 +84,10 @@ pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, Stri
         out.push('=');
         out.push_str(v);
     }
-    out
+    match bounded_name(&out) {
+        std::borrow::Cow::Borrowed(_) => out,
+        std::borrow::Cow::Owned(cut) => cut,
+    }
 }
 
 /// 32-bit FNV-1a of `s`: a stable, dependency-free hash for name suffixes (not for security).
@@ -62,16 +100,37 @@ pub fn fnv1a32(s: &str) -> u32 {
     h
 }
 
+/// Non-ASCII characters MLflow's server accepts in keys, as sorted inclusive ranges: letters and
+/// numbers (general categories L* and N*) assigned by Unicode 13.0. The server checks with
+/// Python's `re` `\w`, which knows only the Unicode version of the server's Python: 13.0 for
+/// Python 3.10, the oldest MLflow 3 runs on. A letter added later (e.g. U+13926, Unicode 16) is
+/// rejected by such a server with HTTP 400, so it is mapped to `_` like any other character.
+static MLFLOW_WORD_CHARS: std::sync::LazyLock<Vec<(char, char)>> = std::sync::LazyLock::new(|| {
+    use regex_syntax::hir::{Class, HirKind};
+    match regex_syntax::Parser::new().parse(r"[\p{L}\p{N}&&\p{Age:13.0}]").map(|h| h.into_kind()) {
+        Ok(HirKind::Class(Class::Unicode(c))) => c.ranges().iter().map(|r| (r.start(), r.end())).collect(),
+        // The pattern is a constant that parses; should it not, only ASCII is allowed (safe).
+        _ => Vec::new(),
+    }
+});
+
 fn mlflow_char_allowed(c: char) -> bool {
     if c.is_ascii() {
         return c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ' | ':' | '/');
     }
     // Python's `\w` on str matches letters and numbers; marks (M*) are not word characters there,
     // so a combining accent would be rejected by the server even though Rust calls it alphabetic.
-    matches!(
-        c.general_category_group(),
-        GeneralCategoryGroup::Letter | GeneralCategoryGroup::Number
-    )
+    MLFLOW_WORD_CHARS
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
 /// Maps a series name to a valid MLflow key by the rules in the module docs (steps 1–3). Pure and
@@ -90,11 +149,15 @@ pub fn mlflow_key(name: &str) -> String {
             other => other,
         })
         .collect();
-    let joined = if segments.is_empty() {
+    let mut joined = if segments.is_empty() {
         "_".to_string()
     } else {
         segments.join("/")
     };
+    if joined.starts_with("..") {
+        // MLflow refuses any name whose normalized path starts with `..` (`..x` too).
+        joined.replace_range(..2, "__");
+    }
     if joined.chars().count() <= MLFLOW_MAX_KEY_CHARS {
         return joined;
     }
@@ -231,6 +294,28 @@ mod tests {
             && !k.ends_with('/')
             && !k.contains("//")
             && k.split('/').all(|s| s != "." && s != "..")
+            && !k.starts_with("..")
+    }
+
+    #[test]
+    fn letters_newer_than_unicode_13_are_replaced() {
+        // U+13926 is a letter since Unicode 16; a server on Python 3.11 (Unicode 14) rejected it.
+        assert_eq!(mlflow_key("nh/λ\u{13926}é"), "nh/λ_é");
+        assert_eq!(mlflow_key("a\u{301}"), "a_", "combining marks are not word characters");
+        assert_eq!(mlflow_key("数字٣"), "数字٣");
+    }
+
+    #[test]
+    fn long_series_names_are_bounded_and_stay_distinct() {
+        let long = "é".repeat(5000);
+        let a = series_name(None, &long, &[]);
+        let b = series_name(None, &long, &[("k".into(), "v".into())]);
+        assert!(a.len() <= MAX_SERIES_NAME_BYTES && b.len() <= MAX_SERIES_NAME_BYTES);
+        assert_ne!(a, b);
+        assert!(a.starts_with("éé") && a.as_bytes()[a.len() - 17] == b'~', "{a}");
+        assert_eq!(series_name(None, "x", &[]), "x");
+        let exact = "x".repeat(MAX_SERIES_NAME_BYTES);
+        assert_eq!(bounded_name(&exact), exact.as_str());
     }
 
     #[test]
@@ -255,9 +340,11 @@ mod tests {
         assert_eq!(mlflow_key(".."), "__");
         assert_eq!(mlflow_key("/a//b/./c/"), "a/b/_/c");
         assert_eq!(mlflow_key("a/../b"), "a/__/b");
+        assert_eq!(mlflow_key("..x/loss"), "__x/loss");
+        assert_eq!(mlflow_key("/...."), "__..");
         // A combining mark is not `\w` in Python: replaced.
         assert_eq!(mlflow_key("e\u{301}"), "e_");
-        for n in ["acc@1", "", "..", "/", "//", "./x", "x/.", "日本語/損失", "a\0b", "\u{1F600}"] {
+        for n in ["acc@1", "", "..", "/", "//", "./x", "x/.", "日本語/損失", "a\0b", "\u{1F600}", "..x", "/..x/"] {
             assert!(valid_for_mlflow(&mlflow_key(n)), "{n:?} -> {:?}", mlflow_key(n));
         }
     }

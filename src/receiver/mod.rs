@@ -189,6 +189,12 @@ pub enum Refused {
 }
 
 impl Guard {
+    /// A guard that admits every request (no token, no rate limit), with counters of its own:
+    /// for receivers embedded without the service's security settings (tests, tools).
+    pub fn open(protocol: Protocol) -> Guard {
+        Guard { protocol, auth: None, limiter: None, stats: Default::default(), log: Default::default() }
+    }
+
     /// Checks a request's `Authorization` header value and takes one request from the rate
     /// limit; a refusal is counted and logged (rate-limited).
     pub fn admit(&self, authorization: Option<&[u8]>) -> Result<(), Refused> {
