@@ -622,6 +622,9 @@ impl Decoder {
     pub fn decode(&mut self, req: &ExportMetricsServiceRequest) -> Decoded {
         let mut out = Decoded::default();
         let received_at = now_unix_nano();
+        // Where each run's points are in `out.runs`: a request may hold many resources (a
+        // linear search per resource made one request of 100 000 runs take minutes).
+        let mut index: HashMap<String, usize> = HashMap::new();
         for rm in &req.resource_metrics {
             let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let run = self.run_info(attrs);
@@ -638,9 +641,12 @@ impl Decoder {
                 continue;
             };
             let points = self.assign_steps(&run.key, pending);
-            match out.runs.iter_mut().find(|r| r.run.key == run.key) {
-                Some(r) => r.points.extend(points),
-                None => out.runs.push(RunPoints { run, points }),
+            match index.get(&run.key) {
+                Some(&i) => out.runs[i].points.extend(points),
+                None => {
+                    index.insert(run.key.clone(), out.runs.len());
+                    out.runs.push(RunPoints { run, points });
+                }
             }
         }
         out

@@ -192,6 +192,9 @@ pub struct SpoolConfig {
     pub fsync: Option<bool>,
 }
 
+/// Largest `sending_queue.queue_size` (requests): its slots are allocated at startup.
+pub const MAX_QUEUE_SIZE: usize = 1_000_000;
+
 /// The default spool root (see [`SpoolConfig::directory`]).
 pub fn default_spool_root() -> PathBuf {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -915,8 +918,11 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             p.add(format!("{path}.{key}"), "must be at least 1");
         }
     }
-    if c.sending_queue.queue_size == Some(0) {
-        p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1");
+    match c.sending_queue.queue_size {
+        Some(0) => p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1"),
+        // The queue's slots are allocated up front (48 bytes each).
+        Some(n) if n > MAX_QUEUE_SIZE => p.add(format!("{path}.sending_queue.queue_size"), format!("must be at most {MAX_QUEUE_SIZE}")),
+        _ => {}
     }
     if c.sending_queue.spool.max_size_mib == Some(0) {
         p.add(format!("{path}.sending_queue.spool.max_size_mib"), "must be at least 1");

@@ -107,7 +107,12 @@ pub struct Delivery {
     shared: Arc<Shared>,
     worker: Mutex<Option<JoinHandle<()>>>,
     report: Mutex<Option<ExporterReport>>,
+    /// Whether shutdown spools what it cannot deliver (a spool is configured).
+    spooled_at_shutdown: bool,
 }
+
+/// How long shutdown waits past its deadline for the worker to spool what it could not deliver.
+const SPOOL_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -129,6 +134,7 @@ impl Delivery {
     /// Errors: the OS refused to spawn a thread.
     pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
         let queue_size = settings.queue_size;
+        let spooled_at_shutdown = settings.spool.is_some();
         let (tx, rx) = mpsc::sync_channel(queue_size.max(1));
         let stats = Arc::new(ExporterStats::default());
         exporter.attach_stats(stats.clone());
@@ -161,6 +167,7 @@ impl Delivery {
             shared,
             worker: Mutex::new(Some(handle)),
             report: Mutex::new(None),
+            spooled_at_shutdown,
         })
     }
 
@@ -241,7 +248,12 @@ impl Delivery {
         let alive = self.worker.lock().ok().and_then(|w| w.as_ref().map(|h| !h.is_finished())).unwrap_or(false);
         let (ack, done) = mpsc::channel();
         let sent = alive && self.send_until(Msg::Shutdown { outcome, deadline, ack }, deadline) == Sent::Yes;
-        let finished = sent && done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok();
+        let mut finished = sent && done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok();
+        if sent && !finished && self.spooled_at_shutdown {
+            // Past the deadline the worker spools what it could not deliver (one disk flush):
+            // a moment more makes those points "spooled" in the report rather than "lost".
+            finished = done.recv_timeout(SPOOL_GRACE).is_ok();
+        }
         if finished {
             if let Ok(mut w) = self.worker.lock() {
                 if let Some(h) = w.take() {
@@ -737,12 +749,20 @@ impl<E: Exporter> Worker<E> {
                 _ => {}
             }
         }
-        // What is left goes to the spool for the next start; what cannot is not delivered.
+        // What is left goes to the spool for the next start (one disk flush for all of it);
+        // what cannot is not delivered.
+        if let Some(spool) = self.spool.as_mut() {
+            spool.defer_sync();
+        }
         let mut lost = 0;
         for i in 0..self.out.len() {
             if self.out[i].spooled.is_none() && (self.spool.is_none() || self.persist(i).is_err()) {
                 lost += self.out[i].inputs;
             }
+        }
+        if let Some(Err(e)) = self.spool.as_mut().map(Spool::sync) {
+            tracing::warn!(exporter = %self.name, "spool: {e}");
+            self.stats.set_last_error(e.to_string());
         }
         let spooled: u64 = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
         if lost > 0 {

@@ -178,6 +178,8 @@ pub struct Spool {
     next_id: u64,
     /// Bytes of all segments held (what the limit applies to).
     bytes: u64,
+    /// Appends skip their fdatasync until [`Spool::sync`] (many appends at once, at shutdown).
+    deferred: bool,
 }
 
 impl Spool {
@@ -196,7 +198,7 @@ impl Spool {
             .collect();
         // Names start with the creation time in ns, so this is write order.
         names.sort();
-        let mut spool = Spool { settings, exporter: exporter.to_string(), segments: BTreeMap::new(), active: None, next_id: 0, bytes: 0 };
+        let mut spool = Spool { settings, exporter: exporter.to_string(), segments: BTreeMap::new(), active: None, next_id: 0, bytes: 0, deferred: false };
         let mut opened = Opened::default();
         for path in names {
             match spool.adopt(&path, &mut opened) {
@@ -213,7 +215,20 @@ impl Spool {
 
     fn adopt(&mut self, path: &Path, opened: &mut Opened) -> Result<(), SpoolError> {
         let io = |source| SpoolError::Io { path: path.to_path_buf(), source };
+        let not_ours = |what: &str| SpoolError::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("not a spool segment: {what}")) };
+        // Only regular files we could have written: a symlink, FIFO or device planted here is
+        // never read (a FIFO would block startup; /dev/zero would read forever).
+        let meta = std::fs::symlink_metadata(path).map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(not_ours("not a regular file"));
+        }
+        if meta.len() > SEGMENT_BYTES + u64::from(MAX_RECORD) {
+            return Err(not_ours("larger than any segment this format writes"));
+        }
         let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
+        if !file.metadata().map_err(io)?.file_type().is_file() {
+            return Err(not_ours("replaced while opening"));
+        }
         match file.try_lock() {
             Ok(()) => {}
             // Held by a live process (or by another exporter of this one): not ours.
@@ -271,7 +286,7 @@ impl Spool {
             Some(id) => id,
             None => self.new_segment()?,
         };
-        let fsync = self.settings.fsync;
+        let fsync = self.settings.fsync && !self.deferred;
         let Some(seg) = self.segments.get_mut(&id) else {
             return Err(SpoolError::Io { path: self.settings.directory.clone(), source: std::io::Error::other("segment vanished") });
         };
@@ -329,6 +344,26 @@ impl Spool {
             self.free_if_done(old);
         }
         Ok(id)
+    }
+
+    /// From now on, appends leave their fdatasync to one [`Spool::sync`] call: spooling a
+    /// thousand batches at shutdown then costs one disk flush, not a thousand.
+    pub fn defer_sync(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Flushes what deferred appends wrote (with `fsync: true`) and ends deferring.
+    ///
+    /// Errors: the OS could not flush a segment (its records may not survive a power cut).
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        self.deferred = false;
+        if !self.settings.fsync {
+            return Ok(());
+        }
+        for seg in self.segments.values() {
+            seg.file.sync_data().map_err(|source| SpoolError::Io { path: seg.path.clone(), source })?;
+        }
+        Ok(())
     }
 
     /// Reads a spooled batch back.
@@ -667,6 +702,20 @@ mod tests {
             s2.ack(r.at);
         }
         assert_eq!(directory_bytes(dir.path()), 0, "a fully acknowledged segment is removed");
+    }
+
+    #[test]
+    fn planted_symlinks_and_fifos_are_skipped_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("00000000000000000001-1.spool")).expect("symlink");
+        let fifo = dir.path().join("00000000000000000002-1.spool");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success());
+        let (mut s, opened) = Spool::open("mlflow", settings(dir.path(), 1 << 20)).expect("open");
+        assert!(opened.replayed.is_empty());
+        // And the spool still works beside them.
+        let at = s.append(&batch(1, 1.0)).expect("append");
+        assert_eq!(s.read(at).expect("read").points[0].step, 1);
     }
 
     #[test]

@@ -296,3 +296,67 @@ fn a_malformed_grpc_message_is_invalid_argument_and_the_service_keeps_serving() 
     let report = svc.stop();
     assert!(report.contains("tensorboard: received 1 delivered 1 dropped 0"), "{report}");
 }
+
+/// OTLP/JSON as the proto3 JSON mapping writes it: non-finite doubles are the strings "NaN",
+/// "Infinity", "-Infinity" (they arrive as sent), and a malformed field inside one metric (a
+/// negative `timeUnixNano`) costs that metric's data points, answered as rejected in
+/// `partial_success`, never a silent 200; the other metrics and resources land.
+#[test]
+fn json_non_finite_strings_arrive_and_a_malformed_metric_is_rejected_not_lost() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let dp = |step: i64, v: serde_json::Value| {
+        serde_json::json!({"asDouble": v, "timeUnixNano": "1795981000000000000",
+            "attributes": [{"key": "step", "value": {"intValue": step.to_string()}}]})
+    };
+    let mut bad = dp(2, serde_json::json!(2.5));
+    bad["timeUnixNano"] = serde_json::json!("-5");
+    let run = |name: &str| serde_json::json!({"attributes": [{"key": "ml.run.name", "value": {"stringValue": name}}]});
+    let body = serde_json::json!({"resourceMetrics": [
+        {"resource": run("json"), "scopeMetrics": [{"metrics": [
+            {"name": "a", "gauge": {"dataPoints": [dp(1, 1.0.into()), bad, dp(3, 3.0.into())]}},
+            {"name": "b", "gauge": {"dataPoints": [dp(1, "NaN".into()), dp(2, "Infinity".into()), dp(3, "-Infinity".into()), dp(4, 4.0.into())]}}]}]},
+        {"resource": run("json-other"), "scopeMetrics": [{"metrics": [{"name": "c", "gauge": {"dataPoints": [dp(1, 7.0.into())]}}]}]}]});
+    let (status, answer, _) = post(&url, "application/json", None, body.to_string().into_bytes());
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON answer");
+    let partial = &answer["partialSuccess"];
+    assert_eq!(partial["rejectedDataPoints"].as_str().map(str::to_string).or(partial["rejectedDataPoints"].as_i64().map(|n| n.to_string())), Some("3".to_string()), "{answer}");
+    assert!(partial["errorMessage"].as_str().is_some_and(|m| m.contains("could not be read")), "{answer}");
+    let report = svc.stop();
+    assert!(report.contains("tensorboard: received 5 delivered 5 dropped 0"), "{report}");
+    let tb = common::read_tb(logdir.path(), common::Loader::Rust);
+    let b: Vec<(i64, String)> = tb.scalars["json"]["b"].iter().map(|(s, v)| (*s, format!("{v:?}"))).collect();
+    assert_eq!(b, vec![(1, "NaN".into()), (2, "inf".into()), (3, "-inf".into()), (4, "4.0".into())]);
+    assert_eq!(tb.scalars["json-other"]["c"], vec![(1, 7.0)]);
+    assert!(!tb.scalars["json"].contains_key("a"), "the malformed metric is rejected whole");
+}
+
+/// A client that opens OTLP/HTTP connections and never finishes its headers does not keep them:
+/// the service closes each after its header read timeout (10 s), and serves others meanwhile.
+#[test]
+fn stalled_http_connections_are_closed_and_others_are_served() {
+    use std::io::{Read, Write};
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let svc = Service::start(logdir.path(), &[]);
+    let mut stalled: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&svc.http).expect("connect");
+            c.write_all(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n").expect("partial headers");
+            c
+        })
+        .collect();
+    let req = otlp::request(vec![otlp::resource(run_res("beside-stalled"), &[("x", Some(1), 1.0)])]);
+    let (status, body, _) = post(&format!("http://{}/v1/metrics", svc.http), "application/x-protobuf", None, req.encode_to_vec());
+    assert_eq!(status, 200, "{body}");
+    for c in &mut stalled {
+        // A generous bound: the service closes after 10 s; a read that times out means it never did.
+        c.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let mut buf = Vec::new();
+        let closed = c.read_to_end(&mut buf).is_ok();
+        assert!(closed, "a stalled connection was still open after 60 s");
+    }
+    let report = svc.stop();
+    assert!(report.contains("tensorboard: received 1 delivered 1 dropped 0"), "{report}");
+}

@@ -43,7 +43,15 @@ async fn admit(State(state): State<AppState>, req: Request<Body>, next: Next) ->
     // request: say so, or a client reusing it finds it closed.
     let close = (header::CONNECTION, "close");
     match state.guard.admit(auth) {
-        Ok(()) => next.run(req).await,
+        // The only await inside is reading the body (the data is handed over synchronously
+        // after it), so a timeout never cuts an accepted request short.
+        Ok(()) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                state.guard.log.reject("OTLP/HTTP request timed out", &format_args!("no complete body within {REQUEST_TIMEOUT:?}"));
+                (StatusCode::REQUEST_TIMEOUT, [close], "the request body did not arrive in time").into_response()
+            }
+        },
         Err(e @ Refused::Unauthenticated(_)) => {
             (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer"), close], e.to_string()).into_response()
         }
@@ -117,8 +125,13 @@ fn handle(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesReject
         Err(resp) => return *resp,
     };
     let json = content_type.starts_with("application/json");
+    // Data points of a JSON body that the typed decode could not keep (see `decode_json`).
+    let mut unreadable = 0;
     let req = if json {
-        serde_json::from_slice::<ExportMetricsServiceRequest>(&raw).map_err(|e| e.to_string())
+        decode_json(&raw).map(|(req, lost)| {
+            unreadable = lost;
+            req
+        })
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {
         ExportMetricsServiceRequest::decode(raw.as_slice()).map_err(|e| e.to_string())
     } else {
@@ -129,7 +142,13 @@ fn handle(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesReject
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot decode ExportMetricsServiceRequest: {e}")),
     };
     match state.fanout.accept(req) {
-        Ok(partial_success) => {
+        Ok(mut partial_success) => {
+            if unreadable > 0 {
+                let p = partial_success.get_or_insert_with(Default::default);
+                p.rejected_data_points += unreadable as i64;
+                let note = format!("{unreadable} data point(s) of the OTLP/JSON body could not be read (a malformed field drops its whole metric in the JSON decoding)");
+                p.error_message = if p.error_message.is_empty() { note } else { format!("{note}; {}", p.error_message) };
+            }
             let partial = partial_success.is_some();
             let resp = ExportMetricsServiceResponse { partial_success };
             let mut resp = if json {
@@ -149,6 +168,74 @@ fn handle(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesReject
             busy.to_string(),
         )
             .into_response(),
+    }
+}
+
+/// Decodes an OTLP/JSON body, returning the request and how many data points the JSON held
+/// that the request lost.
+///
+/// Two gaps of the typed (opentelemetry-proto serde) decoding are closed here:
+/// - The proto3 JSON mapping writes non-finite doubles as the strings `"NaN"`, `"Infinity"`,
+///   `"-Infinity"`, which the typed decoding refuses: such an `asDouble` becomes `0.0` with the
+///   attribute `trainmetrics.nonfinite` (the convention of [`crate::batch`]), so the value
+///   arrives as sent.
+/// - A malformed field inside a metric (e.g. `"timeUnixNano": "-5"`) makes the typed decoding
+///   drop the whole metric without an error. Counting `dataPoints` in the JSON first turns that
+///   loss into rejected data points in `partial_success`, never a silent 200.
+///
+/// Errors: the body is not JSON, or not an `ExportMetricsServiceRequest` at all (400).
+pub fn decode_json(raw: &[u8]) -> Result<(ExportMetricsServiceRequest, u64), String> {
+    let mut value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let mut points = 0u64;
+    visit_points(&mut value, &mut points);
+    let req: ExportMetricsServiceRequest = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let kept = crate::batch::count_data_points(&req);
+    Ok((req, points.saturating_sub(kept)))
+}
+
+/// Counts the data points of every `dataPoints` array below `v` and rewrites non-finite
+/// `asDouble` strings (see [`decode_json`]). serde_json's recursion limit (128) bounds the depth.
+fn visit_points(v: &mut serde_json::Value, points: &mut u64) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if (k == "dataPoints" || k == "data_points") && child.is_array() {
+                    if let Value::Array(dps) = child {
+                        *points += dps.len() as u64;
+                        for dp in dps.iter_mut() {
+                            mark_nonfinite(dp);
+                        }
+                    }
+                } else {
+                    visit_points(child, points);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                visit_points(item, points);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn mark_nonfinite(dp: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(map) = dp else { return };
+    let key = if map.contains_key("asDouble") { "asDouble" } else { "as_double" };
+    let text = match map.get(key) {
+        Some(Value::String(t)) if matches!(t.as_str(), "NaN" | "Infinity" | "-Infinity") => t.clone(),
+        _ => return,
+    };
+    map.insert(key.to_string(), Value::from(0.0));
+    let attr = serde_json::json!({"key": crate::batch::NONFINITE_ATTRIBUTE, "value": {"stringValue": text}});
+    match map.get_mut("attributes") {
+        Some(Value::Array(a)) => a.push(attr),
+        _ => {
+            map.insert("attributes".to_string(), Value::Array(vec![attr]));
+        }
     }
 }
 
@@ -183,29 +270,33 @@ pub async fn serve(
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(axum::middleware::from_fn(strip_marker))
         .with_state(state.clone());
-    match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
-        Some(config) => {
-            serve_tls(listener, app, config, state.guard, shutdown).await;
-            Ok(())
-        }
-    }
+    serve_connections(listener, app, tls.map(tokio_rustls::TlsAcceptor::from), state.guard, shutdown).await;
+    Ok(())
 }
 
-async fn serve_tls(
+/// How long a client may take to send a request's headers (HTTP/1), and its whole request:
+/// a connection that stalls is closed, so idle or slow clients cannot hold every file
+/// descriptor.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of one request from its headers to the answer (body upload included); past it the
+/// answer is 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
-    config: Arc<ServerConfig>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
 
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
     tokio::pin!(shutdown);
     loop {
         let (tcp, _peer) = tokio::select! {
@@ -223,6 +314,11 @@ async fn serve_tls(
         let (acceptor, app, builder, watcher, guard) =
             (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher(), guard.clone());
         tokio::spawn(async move {
+            let Some(acceptor) = acceptor else {
+                let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app)).into_owned();
+                let _ = watcher.watch(conn).await;
+                return;
+            };
             let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return guard.log.reject("OTLP/HTTP TLS handshake failed", &e),
