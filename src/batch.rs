@@ -413,6 +413,8 @@ pub struct Decoder {
     runs: HashMap<String, Arc<RunInfo>>,
     /// Whether the `max_runs` limit has been reported.
     run_limit_reported: bool,
+    /// Until when no tracked run can be idle long enough to forget (see `run_admitted`).
+    no_idle_run_until: Option<std::time::Instant>,
 }
 
 /// Renders an attribute value as text (for names, params and tags).
@@ -491,7 +493,7 @@ struct Pending {
 impl Decoder {
     /// A decoder with these settings.
     pub fn new(settings: DecodeSettings) -> Self {
-        Self { settings, steps: HashMap::new(), runs: HashMap::new(), run_limit_reported: false }
+        Self { settings, steps: HashMap::new(), runs: HashMap::new(), run_limit_reported: false, no_idle_run_until: None }
     }
 
     /// Whether a run with this key is tracked, or may be under `max_runs`; when the limit is
@@ -502,18 +504,28 @@ impl Decoder {
             return true;
         }
         let now = std::time::Instant::now();
-        let oldest = self
+        // A scan that found nobody idle enough is not repeated before someone can be: a
+        // request of 100 000 new runs must not scan `max_runs` runs for each of them.
+        if self.no_idle_run_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        let idlest = self
             .steps
             .iter()
             .map(|(k, st)| (st.last_seen.map_or(std::time::Duration::MAX, |t| now.saturating_duration_since(t)), k))
             .max_by_key(|(idle, _)| *idle)
-            .filter(|(idle, _)| *idle >= self.settings.forget_idle_runs_after)
-            .map(|(_, k)| k.clone());
-        match oldest {
-            Some(k) => {
+            .map(|(idle, k)| (idle, k.clone()));
+        let forget = self.settings.forget_idle_runs_after;
+        match idlest {
+            Some((idle, k)) if idle >= forget => {
                 self.steps.remove(&k);
                 self.runs.remove(&k);
                 true
+            }
+            Some((idle, _)) => {
+                // Nobody can be forgotten before the idlest run reaches `forget`.
+                self.no_idle_run_until = now.checked_add(forget - idle);
+                false
             }
             None => false,
         }
