@@ -453,10 +453,32 @@ pub fn parse_step(v: Option<&AnyValue>) -> Option<i64> {
         any_value::Value::DoubleValue(d) => whole(*d),
         any_value::Value::StringValue(s) => {
             let s = s.trim();
-            s.parse::<i64>().ok().or_else(|| s.parse::<f64>().ok().and_then(whole))
+            s.parse::<i64>().ok().or_else(|| s.parse::<f64>().ok().filter(|_| decimal_is_whole(s)).and_then(whole))
         }
         _ => None,
     }
+}
+
+/// Whether a decimal string (`[+-]digits[.digits][e[+-]digits]`) denotes a whole number exactly,
+/// judged on its digits: `"0.9999999999999999999"` is not whole even though it parses to the
+/// f64 `1.0`. Anything that is not plain decimal notation is not whole.
+fn decimal_is_whole(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exp) = match s.split_once(['e', 'E']) {
+        Some((m, e)) => match e.parse::<i64>() {
+            Ok(e) => (m, e),
+            Err(_) => return false,
+        },
+        None => (s, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) || int.len() + frac.len() == 0 {
+        return false;
+    }
+    // The digits after the decimal point once the exponent is applied must all be zero.
+    let digits: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
+    let point = int.len() as i64 + exp;
+    digits.iter().enumerate().all(|(i, d)| (i as i64) < point || *d == b'0')
 }
 
 /// A name cut to 200 characters for messages (logs and partial-success answers).
@@ -934,6 +956,19 @@ fn histogram(dp: &HistogramDataPoint) -> Result<Histogram, String> {
 pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn decimal_step_strings_must_be_whole_by_their_digits() {
+        for w in ["1e3", "1.5e1", "+7", "-4.0", "100.000", "12e0", "0.5e1"] {
+            assert!(decimal_is_whole(w), "{w}");
+        }
+        for f in ["0.9999999999999999999", "1.5", "1e-1", "15e-1", "x", "", "1e", "0x10", "."] {
+            assert!(!decimal_is_whole(f), "{f}");
+        }
+        let step = |t: &str| parse_step(Some(&AnyValue { value: Some(any_value::Value::StringValue(t.into())) }));
+        assert_eq!(step("0.9999999999999999999"), None);
+        assert_eq!((step("1e3"), step(" 5"), step("-4.0")), (Some(1000), Some(5), Some(-4)));
+    }
     use opentelemetry_proto::tonic::metrics::v1::{Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
