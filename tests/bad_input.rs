@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::{history, json_f64, mlflow_uri, python, read_tb_both, root, runs_of_experiment, unique, Service};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -296,7 +296,7 @@ fn grpc_raw(svc: &Service, message: Vec<u8>, gzip: bool) -> tonic::Code {
         }
         grpc.ready().await.expect("ready");
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export");
-        match grpc.unary(tonic::Request::new(message), path, RawCodec).await {
+        match grpc.unary(tonic::Request::new(message), path, common::RawCodec).await {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         }
@@ -327,43 +327,6 @@ fn an_oversized_grpc_message_and_a_gzip_bomb_are_refused_and_the_service_keeps_s
     assert_eq!(tb.scalars["after"]["x"], vec![(1, 7.0)]);
 }
 
-/// A client codec that sends raw bytes as the request message.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-#[derive(Debug, Clone, Copy, Default)]
-struct RawEncoder;
-#[derive(Debug, Clone, Copy, Default)]
-struct ResponseDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for ResponseDecoder {
-    type Item = ExportMetricsServiceResponse;
-    type Error = tonic::Status;
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
-        Message::decode(buf).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = ExportMetricsServiceResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
 
 /// The same name as a gauge and a histogram: the series keeps the kind of its first point, so
 /// TensorBoard's loaders still read the run (a histogram under a scalar tag made them fail).

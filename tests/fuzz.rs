@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     exponential_histogram_data_point::Buckets, metric, number_data_point, summary_data_point::ValueAtQuantile,
@@ -488,43 +488,6 @@ fn decompress(encoding: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A client codec that sends raw bytes as the request message.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-#[derive(Debug, Clone, Copy, Default)]
-struct RawEncoder;
-#[derive(Debug, Clone, Copy, Default)]
-struct ResponseDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for ResponseDecoder {
-    type Item = ExportMetricsServiceResponse;
-    type Error = tonic::Status;
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
-        Message::decode(buf).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = ExportMetricsServiceResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
 
 #[test]
 fn grpc_receiver() {
@@ -551,7 +514,7 @@ fn grpc_receiver() {
                 let path = tonic::codegen::http::uri::PathAndQuery::from_static(
                     "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
                 );
-                grpc.unary(tonic::Request::new(bytes.clone()), path, RawCodec).await
+                grpc.unary(tonic::Request::new(bytes.clone()), path, common::RawCodec).await
             });
             match ExportMetricsServiceRequest::decode(bytes.as_slice()) {
                 Ok(req) => {

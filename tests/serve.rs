@@ -229,43 +229,6 @@ fn invalid_points_get_a_partial_success_and_the_rest_lands() {
     assert_eq!(tb.scalars["partial"]["x"], vec![(1, 1.0)]);
 }
 
-/// A client codec that sends raw bytes as the request message (to send what no SDK would).
-#[derive(Debug, Clone, Copy, Default)]
-struct RawClientCodec;
-#[derive(Debug, Clone, Copy, Default)]
-struct RawEncoder;
-#[derive(Debug, Clone, Copy, Default)]
-struct ResponseDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for ResponseDecoder {
-    type Item = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
-    type Error = tonic::Status;
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
-        Message::decode(buf).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawClientCodec {
-    type Encode = Vec<u8>;
-    type Decode = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
 
 #[test]
 fn a_malformed_grpc_message_is_invalid_argument_and_the_service_keeps_serving() {
@@ -283,7 +246,7 @@ fn a_malformed_grpc_message_is_invalid_argument_and_the_service_keeps_serving() 
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(
             "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
         );
-        let bad = raw.unary(tonic::Request::new(b"\x0a\xff\xff\xff\xff".to_vec()), path, RawClientCodec).await;
+        let bad = raw.unary(tonic::Request::new(b"\x0a\xff\xff\xff\xff".to_vec()), path, common::RawCodec).await;
         let code = bad.err().map(|s| (s.code(), s.message().to_string()));
         let mut client = MetricsServiceClient::new(channel);
         let req = otlp::request(vec![otlp::resource(run_res("after-garbage"), &[("x", Some(1), 3.0)])]);

@@ -737,3 +737,42 @@ pub fn assert_tb_matches(tags: &BTreeMap<String, Vec<(i64, f64)>>, recorded: &Re
         assert_eq!(tags[name], want, "{name}");
     }
 }
+
+/// A gRPC client codec that sends raw bytes as the request message (to send what no SDK
+/// would) and decodes the OTLP metrics answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
+        prost::Message::decode(buf).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
