@@ -47,7 +47,7 @@
 //! `reader_interval` (in process: the SDK PeriodicReader's interval, default 1s), `timeout`
 //! (10s per export call), `retry_on_failure` (`enabled` true, `initial_interval` 1s,
 //! `max_interval` 30s, `max_elapsed_time` 300s; with a spool, failing batches wait while it has
-//! room), `sending_queue` (`queue_size` 1000 requests, `max_pending_points` 100000, `spool`: see
+//! room), `sending_queue` (`queue_size` 1000 requests, `max_queued_mib` 256, `max_pending_points` 100000, `spool`: see
 //! [`SpoolConfig`]), and mlflow `experiment` (default experiment), `run_id`, and
 //! `token_file` / `password_file` (credentials from a file, see [`crate::exporter::mlflow::config`]).
 //! Bad input (see [`crate::batch`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
@@ -159,6 +159,10 @@ pub struct QueueConfig {
     /// Requests the queue holds; default 1000.
     #[serde(default)]
     pub queue_size: Option<usize>,
+    /// MiB of requests (protobuf size) the queue holds; default 256. Past it the request is
+    /// refused like a full queue (the service answers 503 / UNAVAILABLE so the sender retries).
+    #[serde(default)]
+    pub max_queued_mib: Option<u64>,
     /// Aggregated points that may await delivery in memory; default 100000. With a spool, batches
     /// past it move to disk instead of being dropped.
     #[serde(default)]
@@ -924,6 +928,9 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
         Some(n) if n > MAX_QUEUE_SIZE => p.add(format!("{path}.sending_queue.queue_size"), format!("must be at most {MAX_QUEUE_SIZE}")),
         _ => {}
     }
+    if c.sending_queue.max_queued_mib == Some(0) {
+        p.add(format!("{path}.sending_queue.max_queued_mib"), "must be at least 1");
+    }
     if c.sending_queue.spool.max_size_mib == Some(0) {
         p.add(format!("{path}.sending_queue.spool.max_size_mib"), "must be at least 1");
     }
@@ -955,6 +962,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
     };
     let delivery = DeliverySettings {
         queue_size: c.sending_queue.queue_size.unwrap_or(defaults.queue_size),
+        max_queued_bytes: c.sending_queue.max_queued_mib.map_or(defaults.max_queued_bytes, |m| m.saturating_mul(1 << 20)),
         max_pending_points: c.sending_queue.max_pending_points.unwrap_or(defaults.max_pending_points),
         timeout: c.timeout.unwrap_or(defaults.timeout),
         retry: RetrySettings {

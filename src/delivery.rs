@@ -37,6 +37,10 @@ use crate::stats::{DropReason, ExporterReport, ExporterStats};
 pub struct DeliverySettings {
     /// Requests the queue holds (`sending_queue.queue_size`). Default 1000.
     pub queue_size: usize,
+    /// Bytes of requests (protobuf size) the queue holds (`sending_queue.max_queued_mib`),
+    /// so a slow backend cannot make it hold `queue_size` requests of the largest size. A
+    /// request is always admitted into an empty queue. Default 256 MiB.
+    pub max_queued_bytes: u64,
     /// Aggregated points that may wait for delivery (`sending_queue.max_pending_points`); past
     /// it the oldest batch is dropped (`pending_full`). Default 100 000.
     pub max_pending_points: usize,
@@ -56,6 +60,7 @@ impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
             queue_size: 1000,
+            max_queued_bytes: 256 << 20,
             max_pending_points: 100_000,
             timeout: Duration::from_secs(10),
             retry: RetrySettings::default(),
@@ -92,7 +97,8 @@ pub enum FlushError {
 }
 
 enum Msg {
-    Batch(Arc<ExportMetricsServiceRequest>, u64),
+    /// A request, its data points and its size in bytes.
+    Batch(Arc<ExportMetricsServiceRequest>, u64, u64),
     Flush(mpsc::Sender<u64>),
     Shutdown { outcome: RunOutcome, deadline: Instant, ack: mpsc::Sender<()> },
 }
@@ -102,6 +108,7 @@ enum Msg {
 pub struct Delivery {
     name: String,
     queue_size: usize,
+    max_queued_bytes: u64,
     tx: SyncSender<Msg>,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -120,6 +127,8 @@ struct Shared {
     queued_requests: AtomicU64,
     /// Data points in requests sitting in the queue.
     queued: AtomicU64,
+    /// Bytes (protobuf size) of the requests sitting in the queue.
+    queued_bytes: AtomicU64,
     /// Data points the worker holds (windows + batches awaiting delivery, spooled ones included).
     held: AtomicU64,
     /// Of those, data points whose batch is in the spool.
@@ -134,6 +143,7 @@ impl Delivery {
     /// Errors: the OS refused to spawn a thread.
     pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
         let queue_size = settings.queue_size;
+        let max_queued_bytes = settings.max_queued_bytes;
         let spooled_at_shutdown = settings.spool.is_some();
         let (tx, rx) = mpsc::sync_channel(queue_size.max(1));
         let stats = Arc::new(ExporterStats::default());
@@ -162,6 +172,7 @@ impl Delivery {
         Ok(Self {
             name: name.to_string(),
             queue_size: queue_size.max(1),
+            max_queued_bytes: max_queued_bytes.max(1),
             tx,
             stats,
             shared,
@@ -180,24 +191,35 @@ impl Delivery {
     /// the queue is full or closed they also count as dropped (`queue_full`).
     pub fn submit(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
         let n = count_data_points(&req);
+        let bytes = prost::Message::encoded_len(req.as_ref()) as u64;
         self.stats.add_received(n);
+        if self.is_full(bytes) && self.shared.queued_requests.load(Ordering::Relaxed) < self.queue_size as u64 {
+            // Over the byte budget (the request count is checked by the channel itself).
+            self.stats.add_dropped(DropReason::QueueFull, n);
+            return Err(SubmitError::QueueFull);
+        }
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.shared.queued_requests.fetch_add(1, Ordering::Relaxed);
-        let err = match self.tx.try_send(Msg::Batch(req, n)) {
+        let err = match self.tx.try_send(Msg::Batch(req, n, bytes)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(_)) => SubmitError::QueueFull,
             Err(TrySendError::Disconnected(_)) => SubmitError::Closed,
         };
         self.shared.queued_requests.fetch_sub(1, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.queued.fetch_sub(n, Ordering::Relaxed);
         self.stats.add_dropped(DropReason::QueueFull, n);
         Err(err)
     }
 
-    /// Whether a request submitted now would find the queue full (a receiver answers
-    /// "unavailable" instead, so the sender retries rather than losing data).
-    pub fn is_full(&self) -> bool {
-        self.shared.queued_requests.load(Ordering::Relaxed) >= self.queue_size as u64
+    /// Whether a request of `bytes` (protobuf size) submitted now would find the queue full, by
+    /// count or by bytes (a receiver answers "unavailable" instead, so the sender retries rather
+    /// than losing data).
+    pub fn is_full(&self, bytes: u64) -> bool {
+        let requests = self.shared.queued_requests.load(Ordering::Relaxed);
+        requests >= self.queue_size as u64
+            || (requests > 0 && self.shared.queued_bytes.load(Ordering::Relaxed).saturating_add(bytes) > self.max_queued_bytes)
     }
 
     /// Delivers what the cadence has made ready, waiting at most `timeout`. Windows that are
@@ -373,7 +395,7 @@ impl<E: Exporter> Worker<E> {
                 },
             };
             match msg {
-                Some(Msg::Batch(req, n)) => self.ingest(&req, n),
+                Some(Msg::Batch(req, n, bytes)) => self.ingest(&req, n, bytes),
                 Some(Msg::Flush(ack)) => {
                     self.drain_queue(&rx);
                     self.close_windows(Close::Due);
@@ -500,7 +522,7 @@ impl<E: Exporter> Worker<E> {
         }
     }
 
-    fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64) {
+    fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64, bytes: u64) {
         let decoded = self.decoder.decode(req);
         for (reason, count) in &decoded.dropped {
             self.stats.add_dropped(*reason, *count);
@@ -528,13 +550,14 @@ impl<E: Exporter> Worker<E> {
         // Publish before the queue count drops, so the points are always counted somewhere.
         self.publish_held();
         self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.queued_requests.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn drain_queue(&mut self, rx: &Receiver<Msg>) {
         while let Ok(m) = rx.try_recv() {
             match m {
-                Msg::Batch(req, n) => self.ingest(&req, n),
+                Msg::Batch(req, n, bytes) => self.ingest(&req, n, bytes),
                 m => self.control.push_back(m),
             }
         }
@@ -795,5 +818,6 @@ impl<E: Exporter> Worker<E> {
         self.shared.held.store(0, Ordering::Relaxed);
         self.shared.queued.store(0, Ordering::Relaxed);
         self.shared.queued_requests.store(0, Ordering::Relaxed);
+        self.shared.queued_bytes.store(0, Ordering::Relaxed);
     }
 }

@@ -323,3 +323,39 @@ fn stalled_http_connections_are_closed_and_others_are_served() {
     let report = svc.stop();
     assert!(report.contains("tensorboard: received 1 delivered 1 dropped 0"), "{report}");
 }
+
+/// The queue is bounded in bytes too (`sending_queue.max_queued_mib`): with the MLflow exporter
+/// stuck, large requests fill 1 MiB long before `queue_size` (1000) requests, and the receiver
+/// answers 503 so the sender retries instead of the service holding them all in memory.
+#[test]
+fn a_queue_over_its_byte_budget_answers_503() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hang = format!("http://{}", listener.local_addr().expect("addr"));
+    let svc = Service::start(
+        logdir.path(),
+        &[
+            format!("exporters.mlflow.tracking_uri={hang}"),
+            "exporters.mlflow.every_steps=1".into(),
+            "exporters.mlflow.linger=10ms".into(),
+            "exporters.mlflow.timeout=30s".into(),
+            "exporters.mlflow.sending_queue.max_queued_mib=1".into(),
+        ],
+    );
+    let url = format!("http://{}/v1/metrics", svc.http);
+    let big = "x".repeat(300 << 10);
+    let mut statuses = Vec::new();
+    for step in 1..=12 {
+        let mut res = run_res("bytes");
+        res.push(otlp::s("padding", &big));
+        let req = otlp::request(vec![otlp::resource(res, &[("x", Some(step), 1.0)])]);
+        let (status, _, _) = post(&url, "application/x-protobuf", None, req.encode_to_vec());
+        statuses.push(status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let accepted = statuses.iter().filter(|s| **s == 200).count();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    // 1 MiB holds at most three 300 KiB requests beside the one being exported.
+    assert!((2..=5).contains(&accepted), "{statuses:?}");
+    drop(listener);
+}

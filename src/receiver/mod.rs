@@ -63,10 +63,11 @@ impl Fanout {
         // The exporters decode again (with their own state); this pass only counts for the answer.
         let decoded = Decoder::new(self.decode.clone()).decode(&req);
         let rejected: u64 = decoded.dropped.iter().map(|(_, n)| n).sum();
+        let bytes = prost::Message::encoded_len(&req) as u64;
         let req = Arc::new(req);
         {
             let _gate = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if self.deliveries.iter().any(|d| d.is_full()) {
+            if self.deliveries.iter().any(|d| d.is_full(bytes)) {
                 return Err(Busy);
             }
             for d in self.deliveries.iter() {
