@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Receive OTLP and deliver to TensorBoard and MLflow until SIGTERM/SIGINT.
     Serve {
-        /// YAML config file (default: built-in, see --help of the crate docs).
+        /// YAML config file (default: the built-in config: TensorBoard into ./runs, MLflow at
+        /// MLFLOW_TRACKING_URI if set).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a key, e.g. --set exporters.tensorboard.logdir=/tmp/x (repeatable).
@@ -152,6 +153,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: logs piped to a file or a collector stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {

@@ -7,7 +7,9 @@
 //!   counters):
 //!   - `trainmetrics_exporter_points_received_total{exporter}`, `…_delivered_total{exporter}`,
 //!     `…_dropped_total{exporter,reason}` (every [`DropReason`], zeros included),
-//!     `trainmetrics_exporter_retried_total{exporter}` (export attempts retried);
+//!     `trainmetrics_exporter_retried_total{exporter}` (export attempts retried),
+//!     `trainmetrics_exporter_events_total{exporter,event}` (the report's named events that are
+//!     not drops: `param_conflict`, `replayed_from_spool`, `nonfinite_clamped`, …);
 //!   - gauges `trainmetrics_exporter_queue_points{exporter}` (data points pending: queued or
 //!     held in windows and retries), `trainmetrics_exporter_spooled_points{exporter}` and
 //!     `trainmetrics_exporter_spool_bytes{exporter}` (bytes);
@@ -154,6 +156,12 @@ impl Collector for Scrape {
             .collect();
         counter(&mut encoder, "trainmetrics_exporter_points_dropped", "Data points dropped, by reason.", &dropped)?;
         counter(&mut encoder, "trainmetrics_exporter_retried", "Export attempts that were retried.", &per(&|r| r.retried))?;
+        // Named events that are not drops (param_conflict, replayed_from_spool, nonfinite_clamped…).
+        let events: Vec<_> = reports
+            .iter()
+            .flat_map(|r| r.events.iter().map(move |(k, v)| (vec![("exporter", r.name.clone()), ("event", k.clone())], *v)))
+            .collect();
+        counter(&mut encoder, "trainmetrics_exporter_events", "Events that are not point drops, by name.", &events)?;
         gauge(&mut encoder, "trainmetrics_exporter_queue_points", "Data points pending (queued or held).", &per(&|r| r.pending))?;
         gauge(&mut encoder, "trainmetrics_exporter_spooled_points", "Data points in the on-disk spool.", &per(&|r| r.spooled))?;
         gauge(&mut encoder, "trainmetrics_exporter_spool_bytes", "Size of the on-disk spool, bytes.", &per(&|r| r.spool_bytes))?;

@@ -110,10 +110,14 @@ fn run_res(name: &str) -> Vec<KeyValue> {
 #[test]
 fn metrics_show_exact_counts_per_exporter_reason_and_receiver_outcome() {
     let logdir = tempfile::tempdir().expect("tempdir");
-    let svc = Service::start(logdir.path(), &[]);
+    let svc = Service::start(logdir.path(), &["exporters.tensorboard.nonfinite=clamp".into()]);
     let url = format!("http://{}/v1/metrics", svc.http);
-    // Three points, one with a step that is not a number (dropped as invalid_step).
-    let mut res = otlp::resource(run_res("scraped"), &[("loss", Some(1), 1.0), ("loss", Some(2), 2.0), ("loss", Some(3), 3.0)]);
+    // Four points: one with a step that is not a number (dropped as invalid_step), one +Inf
+    // (clamped: delivered, and counted as the event nonfinite_clamped).
+    let mut res = otlp::resource(
+        run_res("scraped"),
+        &[("loss", Some(1), 1.0), ("loss", Some(2), 2.0), ("loss", Some(3), 3.0), ("loss", Some(4), f64::INFINITY)],
+    );
     if let Some(metric::Data::Gauge(g)) = &mut res.scope_metrics[0].metrics[2].data {
         g.data_points[0].attributes = vec![otlp::s("step", "three")];
     }
@@ -134,8 +138,9 @@ fn metrics_show_exact_counts_per_exporter_reason_and_receiver_outcome() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let tb = [("exporter", "tensorboard")];
-    assert_eq!(get(&samples, "trainmetrics_exporter_points_received_total", &tb), 3.0);
-    assert_eq!(get(&samples, "trainmetrics_exporter_points_delivered_total", &tb), 2.0);
+    assert_eq!(get(&samples, "trainmetrics_exporter_points_received_total", &tb), 4.0);
+    assert_eq!(get(&samples, "trainmetrics_exporter_points_delivered_total", &tb), 3.0);
+    assert_eq!(get(&samples, "trainmetrics_exporter_events_total", &[("exporter", "tensorboard"), ("event", "nonfinite_clamped")]), 1.0);
     assert_eq!(get(&samples, "trainmetrics_exporter_queue_points", &tb), 0.0);
     assert_eq!(get(&samples, "trainmetrics_exporter_retried_total", &tb), 0.0);
     assert_eq!(get(&samples, "trainmetrics_exporter_spooled_points", &tb), 0.0);
@@ -150,9 +155,9 @@ fn metrics_show_exact_counts_per_exporter_reason_and_receiver_outcome() {
         assert_eq!(got, want, "{protocol} {outcome}");
     }
     let report = svc.stop();
-    assert!(report.contains("tensorboard: received 3 delivered 2 dropped 1 (invalid_step=1)"), "{report}");
+    assert!(report.contains("tensorboard: received 4 delivered 3 dropped 1 (invalid_step=1) nonfinite_clamped 1"), "{report}");
     let tb = read_tb(logdir.path(), Loader::Python);
-    assert_eq!(tb.scalars["scraped"]["loss"], vec![(1, 1.0), (2, 2.0)]);
+    assert_eq!(tb.scalars["scraped"]["loss"], vec![(1, 1.0), (2, 2.0), (4, f64::from(f32::MAX))]);
 }
 
 #[test]
