@@ -136,22 +136,29 @@ fn grpc_with_gzip_out_of_order_batches_and_a_restart_continue_one_run() {
     assert_eq!(runs[0]["info"]["status"], "RUNNING", "service shutdown leaves runs running");
 }
 
-#[test]
-fn a_full_queue_answers_503_with_retry_after_and_unavailable() {
-    let logdir = tempfile::tempdir().expect("tempdir");
-    // An MLflow that accepts connections and never answers keeps its exporter busy.
+/// A service whose MLflow exporter is stuck: its tracking URI accepts connections and never
+/// answers (the returned listener; keep it alive), so the exporter's queue fills. `queue` is
+/// the `sending_queue` override under test.
+fn with_stuck_mlflow(logdir: &std::path::Path, queue: &str) -> (Service, std::net::TcpListener) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let hang = format!("http://{}", listener.local_addr().expect("addr"));
     let svc = Service::start(
-        logdir.path(),
+        logdir,
         &[
             format!("exporters.mlflow.tracking_uri={hang}"),
             "exporters.mlflow.every_steps=1".into(),
             "exporters.mlflow.linger=10ms".into(),
             "exporters.mlflow.timeout=30s".into(),
-            "exporters.mlflow.sending_queue.queue_size=1".into(),
+            queue.into(),
         ],
     );
+    (svc, listener)
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_unavailable() {
+    let logdir = tempfile::tempdir().expect("tempdir");
+    let (svc, listener) = with_stuck_mlflow(logdir.path(), "exporters.mlflow.sending_queue.queue_size=1");
     let url = format!("http://{}/v1/metrics", svc.http);
     let mut statuses = Vec::new();
     let mut retry_after = None;
@@ -330,18 +337,7 @@ fn stalled_http_connections_are_closed_and_others_are_served() {
 #[test]
 fn a_queue_over_its_byte_budget_answers_503() {
     let logdir = tempfile::tempdir().expect("tempdir");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let hang = format!("http://{}", listener.local_addr().expect("addr"));
-    let svc = Service::start(
-        logdir.path(),
-        &[
-            format!("exporters.mlflow.tracking_uri={hang}"),
-            "exporters.mlflow.every_steps=1".into(),
-            "exporters.mlflow.linger=10ms".into(),
-            "exporters.mlflow.timeout=30s".into(),
-            "exporters.mlflow.sending_queue.max_queued_mib=1".into(),
-        ],
-    );
+    let (svc, listener) = with_stuck_mlflow(logdir.path(), "exporters.mlflow.sending_queue.max_queued_mib=1");
     let url = format!("http://{}/v1/metrics", svc.http);
     let big = "x".repeat(300 << 10);
     let mut statuses = Vec::new();
