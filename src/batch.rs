@@ -38,6 +38,25 @@
 //! them on a shared instrument with the attribute `trainmetrics.name` holding the real name; any
 //! producer may do the same. The attribute's value replaces the metric name here.
 //!
+//! # Temporality
+//! OTLP sums and histograms say their `aggregation_temporality`. Delta points (what
+//! [`crate::Pipeline`]'s readers and `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta`
+//! give) are values as recorded. A cumulative point is the producer's running total since its
+//! `start_time_unix_nano` (the OTel SDKs' default), re-sent at every collection:
+//! - with a step attribute, it is kept as the total at that step and marked
+//!   ([`Point::cumulative`]), so the cadence replaces rather than adds it (see [`crate::cadence`]);
+//! - without one, a monotonic sum or a histogram becomes the per-collection value a counter
+//!   stands for: this total minus the series' previous total of the same start time (the total
+//!   itself after a new start time or a total that went down); a non-monotonic sum's total is a
+//!   level and is kept as it is.
+//!
+//! The first cumulative point of a run yields one [`Decoded::notices`] entry
+//! ([`CUMULATIVE_NOTICE`]: what it costs in the SDK and the setting that switches to delta).
+//!
+//! # Names
+//! A metric name that is empty or only `/` and white space ([`crate::names::maps_to_nothing`]),
+//! also when it comes from `trainmetrics.name`, is `invalid_name`: no tag or key can stand for it.
+//!
 //! The SDK stamps data points with the collection time; [`crate::StepRecorder`] adds the record
 //! time as `trainmetrics.time_unix_nano` (int), which, when present, is the point's time.
 //!
@@ -80,7 +99,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, HistogramDataPoint};
 
-use crate::names::{bounded_name, series_name};
+use crate::names::{self, bounded_name, series_name};
 use crate::stats::DropReason;
 
 /// Attribute that carries a non-finite value past the SDK (see the module docs).
@@ -195,6 +214,12 @@ pub struct Point {
     pub time_unix_nano: u64,
     /// The value.
     pub value: PointValue,
+    /// `Some(start time, ns)` for a point of cumulative temporality that carries its step: the
+    /// producer re-sends it at every collection, and a later one for the same series and step
+    /// replaces it rather than adding to it (see [`crate::cadence`], "Cumulative points").
+    /// `None` for delta and gauge points (and cumulative series without a step, which the
+    /// decoder turns into per-collection deltas; see the module docs' "Temporality").
+    pub cumulative: Option<u64>,
 }
 
 /// The points of one run from one request.
@@ -220,6 +245,9 @@ pub struct Decoded {
     /// Named events that are not drops, e.g. [`CLAMPED_EVENT`], with their counts (for
     /// `ExporterStats::add_event`).
     pub events: Vec<(&'static str, u64)>,
+    /// Things to log once per run (not drops), e.g. the first cumulative point of a run
+    /// ([`CUMULATIVE_NOTICE`]): (run key, message).
+    pub notices: Vec<(String, String)>,
 }
 
 impl Decoded {
@@ -365,6 +393,11 @@ struct RunSteps {
     attributes_reported: bool,
     /// When the run last had points (for forgetting idle runs under `max_runs`).
     last_seen: Option<std::time::Instant>,
+    /// Per unstepped cumulative series: (start time, last cumulative value), to turn it into
+    /// per-collection deltas (see the module docs' "Temporality").
+    last_cumulative: HashMap<String, (u64, PointValue)>,
+    /// Whether cumulative temporality has been noticed for this run.
+    cumulative_noticed: bool,
 }
 
 /// A run without points for this long may be forgotten to make room under `max_runs` for a new
@@ -510,7 +543,29 @@ struct Pending {
     step: Option<i64>,
     time_unix_nano: u64,
     value: PointValue,
+    cumulative: Option<Cumulative>,
 }
+
+/// What a cumulative data point says about its series (OTLP `aggregation_temporality`).
+#[derive(Debug, Clone, Copy)]
+struct Cumulative {
+    /// `start_time_unix_nano`: a new one means the producer restarted (its totals reset).
+    start: u64,
+    /// A monotonic sum or a histogram (totals only grow within one start time); a
+    /// non-monotonic sum's cumulative value is a level, not a total.
+    monotonic: bool,
+}
+
+/// OTLP `AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE`.
+const CUMULATIVE: i32 = 2;
+
+/// What is logged once per run when its first cumulative data point arrives.
+pub const CUMULATIVE_NOTICE: &str = "this run's producer sends cumulative temporality (the OTel SDKs' default): \
+every collection re-sends every attribute set it ever recorded, so with a step attribute the SDK keeps one \
+series per step in memory until its cardinality limit (2000 by default) folds new steps into otel.metric.overflow; \
+trainmetrics replaces each (series, step) with its latest cumulative value and counts unchanged re-sends \
+as duplicate. Set OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta in the trainer's environment \
+(or a delta temporality selector on its exporter) to send each value once";
 
 impl Decoder {
     /// A decoder with these settings.
@@ -674,7 +729,7 @@ impl Decoder {
             let Some(pending) = self.admit(&run.key, pending, &mut out) else {
                 continue;
             };
-            let points = self.assign_steps(&run.key, pending);
+            let points = self.assign_steps(&run.key, pending, &mut out);
             match index.get(&run.key) {
                 Some(&i) => out.runs[i].points.extend(points),
                 None => {
@@ -696,7 +751,7 @@ impl Decoder {
         let prefix = self.settings.prefix.as_deref();
         // Bounded once per metric: its name is shared by all its data points (see `names`).
         let metric_name = bounded_name(&m.name);
-        let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, out: &mut Decoded| {
+        let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
             if flags & NO_RECORDED_VALUE != 0 {
                 return;
             }
@@ -731,31 +786,45 @@ impl Decoder {
                         Some(n) => bounded_name(&n).into_owned(),
                         None => metric_name.to_string(),
                     };
+                    if names::maps_to_nothing(&metric) {
+                        out.drop(DropReason::InvalidName, || {
+                            format!("metric name {:?} is empty or only '/' and white space: no TensorBoard tag or MLflow key can stand for it", short(&metric))
+                        });
+                        return;
+                    }
                     pending.push(Pending {
                         series: series_name(prefix, &metric, &rest),
                         metric,
                         step,
                         time_unix_nano: if time == 0 { received_at } else { time },
                         value,
+                        cumulative,
                     });
                 }
             }
         };
         match &m.data {
-            Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
-            Some(metric::Data::Sum(metric_data)) => self.numbers(m, &metric_data.data_points, &mut push, out),
+            Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, None, &mut push, out),
+            Some(metric::Data::Sum(metric_data)) => {
+                let monotonic = (metric_data.aggregation_temporality == CUMULATIVE).then_some(metric_data.is_monotonic);
+                self.numbers(m, &metric_data.data_points, monotonic, &mut push, out)
+            }
             Some(metric::Data::Histogram(h)) => {
+                let cumulative = h.aggregation_temporality == CUMULATIVE;
                 for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
+                    let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
                     match histogram(dp) {
-                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
+                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
                         Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
             }
             Some(metric::Data::ExponentialHistogram(h)) => {
+                let cumulative = h.aggregation_temporality == CUMULATIVE;
                 for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
+                    let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
                     match exponential_histogram(dp) {
-                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out),
+                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
                         Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                     }
                 }
@@ -764,7 +833,7 @@ impl Decoder {
                 for dp in &sm.data_points {
                     // Quantiles cannot be aggregated across windows; count and sum can.
                     let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
-                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), out);
+                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), None, out);
                 }
             }
             None => {}
@@ -775,12 +844,14 @@ impl Decoder {
         &self,
         m: &opentelemetry_proto::tonic::metrics::v1::Metric,
         points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
-        push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, &mut Decoded),
+        cumulative_monotonic: Option<bool>,
+        push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
         out: &mut Decoded,
     ) {
         for dp in points {
+            let cum = cumulative_monotonic.map(|monotonic| Cumulative { start: dp.start_time_unix_nano, monotonic });
             match number(dp.value) {
-                Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), out),
+                Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), cum, out),
                 // A point flagged "no recorded value" legitimately has none: skipped uncounted.
                 None if dp.flags & NO_RECORDED_VALUE != 0 => {}
                 None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
@@ -844,16 +915,29 @@ impl Decoder {
         (!kept.is_empty()).then_some(kept)
     }
 
-    fn assign_steps(&mut self, run_key: &str, pending: Vec<Pending>) -> Vec<Point> {
+    fn assign_steps(&mut self, run_key: &str, pending: Vec<Pending>, out: &mut Decoded) -> Vec<Point> {
         let state = self.steps.entry(run_key.to_string()).or_default();
         for p in &pending {
             if let Some(s) = p.step {
                 state.max_step = Some(state.max_step.map_or(s, |m| m.max(s)));
             }
         }
+        if !state.cumulative_noticed && pending.iter().any(|p| p.cumulative.is_some()) {
+            state.cumulative_noticed = true;
+            out.notices.push((run_key.to_string(), CUMULATIVE_NOTICE.to_string()));
+        }
         pending
             .into_iter()
-            .map(|p| {
+            .map(|mut p| {
+                let cumulative = match p.cumulative {
+                    Some(c) if p.step.is_some() => Some(c.start),
+                    Some(c) if c.monotonic => {
+                        p.value = per_collection(&mut state.last_cumulative, &p.series, c.start, p.value);
+                        None
+                    }
+                    // A non-monotonic cumulative sum is a level: its value is what to show.
+                    _ => None,
+                };
                 let step = match p.step {
                     Some(s) => s,
                     None => {
@@ -868,10 +952,39 @@ impl Decoder {
                         s
                     }
                 };
-                Point { metric: p.metric, series: p.series, step, time_unix_nano: p.time_unix_nano, value: p.value }
+                Point { metric: p.metric, series: p.series, step, time_unix_nano: p.time_unix_nano, value: p.value, cumulative }
             })
             .collect()
     }
+}
+
+/// The per-collection value of an unstepped cumulative series (see the module docs'
+/// "Temporality"): this total minus the previous one of the same start time; the total itself
+/// after a restart of the producer (new start time) or a total that went down (a reset).
+/// Histograms subtract count, sum and buckets; their min and max cannot be subtracted and
+/// are left out.
+fn per_collection(last: &mut HashMap<String, (u64, PointValue)>, series: &str, start: u64, value: PointValue) -> PointValue {
+    let delta = match (last.get(series), &value) {
+        (Some((s, PointValue::Scalar(prev))), PointValue::Scalar(v)) if *s == start && v >= prev => PointValue::Scalar(v - prev),
+        (Some((s, PointValue::Histogram(prev))), PointValue::Histogram(h))
+            if *s == start
+                && prev.bounds == h.bounds
+                && h.count >= prev.count
+                && h.counts.iter().zip(&prev.counts).all(|(a, b)| a >= b) =>
+        {
+            PointValue::Histogram(Histogram {
+                count: h.count - prev.count,
+                sum: h.sum - prev.sum,
+                min: None,
+                max: None,
+                bounds: h.bounds.clone(),
+                counts: h.counts.iter().zip(&prev.counts).map(|(a, b)| a - b).collect(),
+            })
+        }
+        _ => value.clone(),
+    };
+    last.insert(series.to_string(), (start, value));
+    delta
 }
 
 fn number(v: Option<number_data_point::Value>) -> Option<f64> {
@@ -1303,5 +1416,69 @@ pub(crate) mod tests {
         assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(1.0));
         assert_eq!(out.dropped, vec![(DropReason::InvalidValue, 1)]);
         assert!(out.messages[0].1.contains("holds scalars"), "{}", out.messages[0].1);
+    }
+
+    fn cumulative_sum(name: &str, monotonic: bool, points: Vec<(Vec<KeyValue>, u64, f64)>) -> ExportMetricsServiceRequest {
+        let mut req = gauge_request(name, vec![]);
+        let dps = points
+            .into_iter()
+            .map(|(attributes, start, v)| NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start,
+                time_unix_nano: 1_700_000_000_000_000_000,
+                value: Some(number_data_point::Value::AsDouble(v)),
+                ..Default::default()
+            })
+            .collect();
+        req.resource_metrics[0].scope_metrics[0].metrics[0].data = Some(metric::Data::Sum(
+            opentelemetry_proto::tonic::metrics::v1::Sum { data_points: dps, aggregation_temporality: CUMULATIVE, is_monotonic: monotonic },
+        ));
+        req
+    }
+
+    fn scalars(d: &Decoded) -> Vec<(i64, f64, Option<u64>)> {
+        d.runs.iter().flat_map(|r| &r.points).map(|p| match p.value {
+            PointValue::Scalar(v) => (p.step, v, p.cumulative),
+            PointValue::Histogram(_) => (p.step, f64::NAN, p.cumulative),
+        }).collect()
+    }
+
+    #[test]
+    fn cumulative_points_keep_their_step_or_become_per_collection_values() {
+        let mut d = Decoder::new(DecodeSettings::default());
+        // With a step: kept as the total at that step, marked with its start time.
+        let out = d.decode(&cumulative_sum("tokens", true, vec![(vec![kv("step", any_value::Value::IntValue(3))], 5, 7.0)]));
+        assert_eq!(scalars(&out), vec![(3, 7.0, Some(5))]);
+        assert_eq!(out.notices.len(), 1, "one notice per run");
+        assert!(out.notices[0].1.contains("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta"));
+        // Without a step: per-collection deltas, reset on a new start time or a lower total.
+        let mut got = Vec::new();
+        for (start, total) in [(5, 10.0), (5, 15.0), (5, 15.0), (9, 4.0), (9, 1.0)] {
+            let out = d.decode(&cumulative_sum("seen", true, vec![(vec![], start, total)]));
+            assert!(out.notices.is_empty());
+            got.extend(scalars(&out).into_iter().map(|(_, v, c)| (v, c)));
+        }
+        assert_eq!(got, vec![(10.0, None), (5.0, None), (0.0, None), (4.0, None), (1.0, None)]);
+        // A non-monotonic cumulative sum (an up-down counter) is a level.
+        let out = d.decode(&cumulative_sum("queue", false, vec![(vec![], 5, 3.0)]));
+        let out2 = d.decode(&cumulative_sum("queue", false, vec![(vec![], 5, 2.0)]));
+        assert_eq!((scalars(&out)[0].1, scalars(&out2)[0].1), (3.0, 2.0));
+    }
+
+    /// Case 020 at the decoder: empty names (and names of only `/` and spaces) are refused.
+    #[test]
+    fn names_that_map_to_nothing_are_invalid_names() {
+        let mut d = Decoder::new(DecodeSettings::default());
+        for name in ["", "/", " / ", "\t"] {
+            let out = d.decode(&gauge_request(name, vec![(vec![kv("step", any_value::Value::IntValue(1))], 1.0)]));
+            assert!(out.runs.is_empty(), "{name:?}");
+            assert_eq!(out.dropped, vec![(DropReason::InvalidName, 1)], "{name:?}");
+        }
+        // The name attribute counts as the name.
+        let out = d.decode(&gauge_request("trainmetrics.other", vec![(vec![kv(NAME_ATTRIBUTE, s(""))], 1.0)]));
+        assert_eq!(out.dropped, vec![(DropReason::InvalidName, 1)]);
+        let out = d.decode(&gauge_request("a/b", vec![(vec![], 1.0)]));
+        assert_eq!(out.accounted(), 1);
+        assert!(out.dropped.is_empty());
     }
 }

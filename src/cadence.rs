@@ -24,6 +24,25 @@
 //! A data point at or below the step last written for its series is `late`: counted, not
 //! written, because TensorBoard discards points newer than a step that goes back.
 //!
+//! # Duplicates
+//! A data point's identity within its series is (step, time, value): a collector that re-sends
+//! a request whose answer it lost re-sends exactly that. A point identical to one its open
+//! window (reorder window included) already took is not aggregated again and is counted
+//! `duplicate`, so `mean` and `sum` of an MLflow window stay those of the points recorded once.
+//! A repeated point whose window was already written is `late` like any point at a written step
+//! (for a delta point the two cannot be told apart without keeping every written point).
+//!
+//! # Cumulative points
+//! A point of cumulative temporality with a step ([`Point::cumulative`]) is the producer's total
+//! for that series and step so far, re-sent at every collection. Its identity is (step, start
+//! time, value). In an open window the latest total of each step replaces the earlier one (the
+//! replaced point counts as an input of the written point: its data is in the newer total), and
+//! the window aggregates one value per step, like delta points. A re-send of the total already
+//! taken or written for that step (the last [`WRITTEN_CUMULATIVE_STEPS`] written steps per
+//! series) is `duplicate`; a changed total for a step already written is `late`. A cumulative
+//! point of the same start time as its series' points so far is never a resume (only a new
+//! start time, a restarted producer, can be).
+//!
 //! # Resume
 //! A trainer restarted from a checkpoint records steps again that its run already passed. It is
 //! told apart from late data by the record time ([`crate::batch::Point::time_unix_nano`]): a
@@ -56,7 +75,8 @@
 //! per quiet period: the exporter may end the run (see `end_idle_runs` of the MLflow exporter).
 //! A point arriving afterwards makes the run active again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -186,6 +206,11 @@ impl OutBatch {
 struct Acc {
     agg: Aggregation,
     opened: Instant,
+    /// [`identity`] of every delta point taken (see "Duplicates" in the module docs).
+    seen: Seen,
+    /// Cumulative points by step: (time, identity, value). A later one for the same step
+    /// replaces the earlier; they are folded into the aggregate when the window is written.
+    cumulative: BTreeMap<i64, (u64, u64, PointValue)>,
     inputs: u64,
     n: u64,
     sum: f64,
@@ -204,6 +229,8 @@ impl Acc {
         Self {
             agg,
             opened,
+            seen: Seen::None,
+            cumulative: BTreeMap::new(),
             inputs: 0,
             n: 0,
             sum: 0.0,
@@ -218,8 +245,45 @@ impl Acc {
         }
     }
 
+    /// Takes one data point of the window's series; `id` is its [`identity`].
+    fn take(&mut self, p: &Point, id: u64) -> Taken {
+        if p.cumulative.is_none() {
+            if !self.seen.insert(id) {
+                return Taken::Duplicate;
+            }
+            self.inputs += 1;
+            self.add(p.step, p.time_unix_nano, &p.value);
+            return Taken::Added;
+        }
+        match self.cumulative.get_mut(&p.step) {
+            Some(e) if e.1 == id => Taken::Duplicate,
+            Some(e) => {
+                // The newer total stands for the older one too: both are inputs of the point.
+                self.inputs += 1;
+                self.time = self.time.max(p.time_unix_nano);
+                if p.time_unix_nano >= e.0 {
+                    *e = (p.time_unix_nano, id, p.value.clone());
+                }
+                Taken::Added
+            }
+            None => {
+                self.inputs += 1;
+                self.time = self.time.max(p.time_unix_nano);
+                self.max_step = self.max_step.max(p.step);
+                self.cumulative.insert(p.step, (p.time_unix_nano, id, p.value.clone()));
+                Taken::Added
+            }
+        }
+    }
+
+    /// Folds the latest cumulative value of each step into the aggregate (before it is read).
+    fn fold_cumulative(&mut self) {
+        for (step, (time, _, value)) in std::mem::take(&mut self.cumulative) {
+            self.add(step, time, &value);
+        }
+    }
+
     fn add(&mut self, step: i64, time: u64, value: &PointValue) {
-        self.inputs += 1;
         self.time = self.time.max(time);
         self.max_step = self.max_step.max(step);
         let (contrib_n, contrib_sum, lo, hi, last) = match value {
@@ -281,9 +345,71 @@ impl Acc {
     }
 }
 
+/// Identities taken by a window: most windows (every step) take one point, so one needs no
+/// allocation.
+#[derive(Debug, Clone)]
+enum Seen {
+    None,
+    One(u64),
+    Many(HashSet<u64>),
+}
+
+impl Seen {
+    /// Adds `id`; false if it was there.
+    fn insert(&mut self, id: u64) -> bool {
+        match self {
+            Seen::None => *self = Seen::One(id),
+            Seen::One(x) if *x == id => return false,
+            Seen::One(x) => *self = Seen::Many(HashSet::from([*x, id])),
+            Seen::Many(set) => return set.insert(id),
+        }
+        true
+    }
+}
+
+/// What [`Acc::take`] did with a data point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Added,
+    Duplicate,
+}
+
+/// Most written cumulative steps a series remembers (to tell an unchanged re-send, a
+/// `duplicate`, from a changed total, `late`). A producer with cumulative temporality and a
+/// step attribute re-sends every step at each collection until its SDK's cardinality limit
+/// (2000 attribute sets by default), so this covers it with room to spare.
+const WRITTEN_CUMULATIVE_STEPS: usize = 4096;
+
+/// The identity of a data point within its series (see "Duplicates" in the module docs):
+/// step, time and value; for a cumulative point, step, start time and value (its time changes
+/// at every collection). A 64-bit hash: two distinct points of one window collide with
+/// probability about 2^-64.
+fn identity(p: &Point) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.step.hash(&mut h);
+    match p.cumulative {
+        Some(start) => (1u8, start).hash(&mut h),
+        None => (0u8, p.time_unix_nano).hash(&mut h),
+    }
+    match &p.value {
+        PointValue::Scalar(v) => v.to_bits().hash(&mut h),
+        PointValue::Histogram(x) => {
+            (x.count, x.sum.to_bits(), x.min.map(f64::to_bits), x.max.map(f64::to_bits)).hash(&mut h);
+            x.bounds.iter().for_each(|b| b.to_bits().hash(&mut h));
+            x.counts.hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 #[derive(Debug)]
 struct SeriesState {
     windows: BTreeMap<i64, Acc>,
+    /// Identity of the cumulative value written per step (the last [`WRITTEN_CUMULATIVE_STEPS`]).
+    written_cumulative: BTreeMap<i64, u64>,
+    /// Largest start time of the series' cumulative points: an older or equal one is a re-send
+    /// of the same producer session, never a resume.
+    max_start: u64,
     written_upto: Option<i64>,
     max_step: i64,
     /// Newest data point time seen (ns): what tells a resumed trainer from late data.
@@ -350,7 +476,10 @@ fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
     for p in points {
         let Some(s) = state.series.get(&p.series) else { continue };
         let e = per.entry(p.series.as_str()).or_insert((i64::MAX, false));
-        if p.time_unix_nano > s.max_time {
+        // A cumulative producer re-sends old steps, newer in time, at every collection; only a
+        // new start time (a restarted producer) can mean a resume.
+        let resend = p.cumulative.is_some_and(|start| start <= s.max_start);
+        if p.time_unix_nano > s.max_time && !resend {
             e.0 = e.0.min(p.step);
         }
         if p.step == s.max_step && fingerprint(&p.value) == s.max_fingerprint {
@@ -371,6 +500,7 @@ pub struct Windows {
     interval_started: Instant,
     pending: u64,
     superseded: u64,
+    duplicates: u64,
 }
 
 /// Why windows are being closed.
@@ -385,7 +515,7 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0, superseded: 0 }
+        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0, superseded: 0, duplicates: 0 }
     }
 
     /// Adds points. Returns the number of points that were late (see the module docs); points
@@ -419,6 +549,8 @@ impl Windows {
             }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
                 windows: BTreeMap::new(),
+                written_cumulative: BTreeMap::new(),
+                max_start: 0,
                 written_upto: None,
                 max_step: i64::MIN,
                 max_time: 0,
@@ -426,9 +558,17 @@ impl Windows {
                 last_arrival: now,
             });
             s.max_time = s.max_time.max(p.time_unix_nano);
+            let id = identity(p);
             if s.written_upto.is_some_and(|w| p.step <= w) {
-                late += 1;
+                if p.cumulative.is_some() && s.written_cumulative.get(&p.step) == Some(&id) {
+                    self.duplicates += 1;
+                } else {
+                    late += 1;
+                }
                 continue;
+            }
+            if let Some(start) = p.cumulative {
+                s.max_start = s.max_start.max(start);
             }
             state.max_step = state.max_step.max(p.step);
             if p.step >= s.max_step {
@@ -436,14 +576,20 @@ impl Windows {
             }
             s.max_step = s.max_step.max(p.step);
             s.last_arrival = now;
-            self.pending += 1;
             let agg = settings.aggregation_for(&p.metric, &p.series);
-            s.windows
-                .entry(settings.window_end(p.step))
-                .or_insert_with(|| Acc::new(agg, now))
-                .add(p.step, p.time_unix_nano, &p.value);
+            let acc = s.windows.entry(settings.window_end(p.step)).or_insert_with(|| Acc::new(agg, now));
+            match acc.take(p, id) {
+                Taken::Added => self.pending += 1,
+                Taken::Duplicate => self.duplicates += 1,
+            }
         }
         late
+    }
+
+    /// Data points dropped as `duplicate` since the last call (see the module docs'
+    /// "Duplicates"), resetting the count.
+    pub fn take_duplicates(&mut self) -> u64 {
+        std::mem::take(&mut self.duplicates)
     }
 
     /// Data points dropped as `superseded` by resumes since the last call (see the module
@@ -504,7 +650,14 @@ impl Windows {
                     if !(reached || all) {
                         break;
                     }
-                    let Some((_, acc)) = s.windows.pop_first() else { break };
+                    let Some((_, mut acc)) = s.windows.pop_first() else { break };
+                    for (step, (_, id, _)) in &acc.cumulative {
+                        s.written_cumulative.insert(*step, *id);
+                    }
+                    while s.written_cumulative.len() > WRITTEN_CUMULATIVE_STEPS {
+                        s.written_cumulative.pop_first();
+                    }
+                    acc.fold_cumulative();
                     let step = if reached { end } else { acc.max_step };
                     self.pending -= acc.inputs;
                     s.written_upto = Some(s.written_upto.map_or(step, |w| w.max(step)));
@@ -551,6 +704,7 @@ mod tests {
                     step,
                     time_unix_nano: step as u64 * 1000,
                     value: PointValue::Scalar(v),
+                    cumulative: None,
                 })
                 .collect(),
         }
@@ -659,6 +813,7 @@ mod tests {
                 step,
                 time_unix_nano: 1,
                 value: PointValue::Histogram(hist),
+                cumulative: None,
             });
         }
         w.push(rp, t);
@@ -706,6 +861,7 @@ mod tests {
                 step,
                 time_unix_nano: time,
                 value: PointValue::Scalar(v),
+                cumulative: None,
             });
         }
         rp
@@ -804,5 +960,90 @@ mod tests {
         let later = t + Duration::from_secs(5);
         assert!(w.take_ready(later, Close::Due).is_empty());
         assert_eq!(w.next_due(later), None);
+    }
+
+    /// Case 014 at the cadence: a request repeated (a collector's retry) is not aggregated again.
+    #[test]
+    fn a_repeated_request_is_counted_duplicate_not_aggregated() {
+        let t = Instant::now();
+        for (agg, expect) in [(Aggregation::Mean, 2.0), (Aggregation::Sum, 200.0)] {
+            let mut w = Windows::new(settings(Some(100), agg), t);
+            let first = || pts("train.loss", (1..=50).map(|s| (s, 1.0)));
+            w.push(first(), t);
+            w.push(first(), t);
+            assert_eq!(w.take_duplicates(), 50);
+            w.push(pts("train.loss", (51..=100).map(|s| (s, 3.0))), t);
+            assert_eq!(w.take_duplicates(), 0);
+            assert_eq!(flat(w.take_ready(t, Close::All)), vec![("train.loss".into(), 100, expect, 100)]);
+        }
+        // The same value at the same step with another time is another data point.
+        let mut w = Windows::new(settings(Some(100), Aggregation::Sum), t);
+        w.push(timed("x", [(1, 10, 1.0), (1, 11, 1.0)]), t);
+        assert_eq!(w.take_duplicates(), 0);
+        assert_eq!(flat(w.take_ready(t, Close::All)), vec![("x".into(), 1, 2.0, 2)]);
+    }
+
+    fn cumulative(metric: &str, start: u64, pts: impl IntoIterator<Item = (i64, u64, PointValue)>) -> RunPoints {
+        let mut rp = pts_empty();
+        for (step, time, value) in pts {
+            rp.points.push(Point { metric: metric.into(), series: metric.into(), step, time_unix_nano: time, value, cumulative: Some(start) });
+        }
+        rp
+    }
+
+    fn hist(count: u64, sum: f64) -> PointValue {
+        PointValue::Histogram(Histogram { count, sum, min: None, max: None, bounds: vec![1.0], counts: vec![count, 0] })
+    }
+
+    /// Case 015 at the cadence: cumulative re-sends replace, never add; unchanged ones are
+    /// duplicates, also after their step was written; a changed total for a written step is late.
+    #[test]
+    fn cumulative_points_replace_per_step() {
+        let t = Instant::now();
+        let mut w = Windows::new(CadenceSettings { reorder_window: Duration::from_secs(5), ..settings(Some(1), Aggregation::Last) }, t);
+        // Collection 1: step 1 complete (3 records), step 2 partial (2 of 3).
+        w.push(cumulative("g", 7, [(1, 100, hist(3, 3.0)), (2, 100, hist(2, 2.0))]), t);
+        // Collection 2 re-sends both, step 2 now complete, and step 3.
+        w.push(cumulative("g", 7, [(1, 200, hist(3, 3.0)), (2, 200, hist(3, 6.0)), (3, 200, hist(3, 9.0))]), t);
+        assert_eq!(w.take_duplicates(), 1, "step 1 unchanged");
+        let out = w.take_ready(t + Duration::from_secs(5), Close::Due);
+        let got: Vec<_> = out.iter().flat_map(|b| &b.points).map(|p| (p.step, p.histogram.as_ref().map(|h| h.count), p.inputs)).collect();
+        // Step 3 is the run's last step and quiet for `linger`: written too.
+        assert_eq!(got, vec![(1, Some(3), 1), (2, Some(3), 2), (3, Some(3), 1)]);
+        assert_eq!(w.take_superseded(), 0, "a re-send of old steps is no resume");
+        // Collection 3 re-sends all three unchanged (already written): duplicates, not late.
+        let late = w.push(cumulative("g", 7, [(1, 300, hist(3, 3.0)), (2, 300, hist(3, 6.0)), (3, 300, hist(3, 9.0))]), t);
+        assert_eq!((late, w.take_duplicates()), (0, 3));
+        // A changed total for a written step cannot be written again.
+        let late = w.push(cumulative("g", 7, [(2, 400, hist(4, 8.0))]), t);
+        assert_eq!(late, 1);
+        assert!(w.take_ready(t, Close::All).is_empty());
+        assert_eq!(w.pending_inputs(), 0);
+    }
+
+    #[test]
+    fn cumulative_sums_aggregate_one_value_per_step() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(100), Aggregation::Sum), t);
+        let sc = PointValue::Scalar;
+        w.push(cumulative("c", 1, [(1, 10, sc(1.0)), (2, 10, sc(2.0))]), t);
+        w.push(cumulative("c", 1, [(1, 20, sc(1.0)), (2, 20, sc(4.0)), (3, 20, sc(5.0))]), t);
+        assert_eq!(w.take_duplicates(), 1);
+        // 1 + 4 + 5: the latest total per step; 5 inputs stand behind it (one duplicate).
+        assert_eq!(flat(w.take_ready(t, Close::All)), vec![("c".into(), 3, 10.0, 4)]);
+    }
+
+    #[test]
+    fn a_restarted_cumulative_producer_can_resume() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        let sc = PointValue::Scalar;
+        w.push(cumulative("c", 1, (1..=10).map(|s| (s, 100, sc(s as f64)))), t);
+        w.take_ready(t, Close::All);
+        // The restarted trainer's SDK has a new start time and re-records from step 5.
+        w.push(cumulative("c", 500, [(5, 600, sc(50.0))]), t);
+        let out = w.take_ready(t, Close::All);
+        assert_eq!(out[0].resumed_at, Some(5));
+        assert_eq!(flat(out), vec![("c".into(), 5, 50.0, 1)]);
     }
 }

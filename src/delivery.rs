@@ -542,6 +542,11 @@ impl<E: Exporter> Worker<E> {
                 tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
             }
         }
+        let duplicates = self.windows.take_duplicates();
+        if duplicates > 0 {
+            self.stats.add_dropped(DropReason::Duplicate, duplicates);
+            tracing::debug!(exporter = %self.name, duplicates, "data points identical to ones already taken (a retried request or a cumulative re-send)");
+        }
         let superseded = self.windows.take_superseded();
         if superseded > 0 {
             self.stats.add_dropped(DropReason::Superseded, superseded);

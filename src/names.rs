@@ -90,6 +90,13 @@ pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, Stri
     }
 }
 
+/// Whether a metric name stands for nothing: empty, or only `/` and white space. TensorBoard
+/// would show an empty tag and MLflow's key rules (above) would leave an empty key (written
+/// `_`), so such names are refused (`invalid_name`) rather than merged into one series.
+pub fn maps_to_nothing(name: &str) -> bool {
+    name.chars().all(|c| c == '/' || c.is_whitespace())
+}
+
 /// 32-bit FNV-1a of `s`: a stable, dependency-free hash for name suffixes (not for security).
 pub fn fnv1a32(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;

@@ -46,11 +46,18 @@ pub enum DropReason {
     /// Points of an earlier session of a run at or above the step the run resumed from
     /// (checkpoint resume): the resumed session's points replace them.
     Superseded,
+    /// A data point identical to one already taken for its series and step (a collector's
+    /// retry of a request whose answer was lost; an unchanged cumulative re-send): not
+    /// aggregated again (see [`crate::cadence`], "Duplicates").
+    Duplicate,
+    /// The metric name is empty or maps to no name (only `/` and white space): no TensorBoard
+    /// tag or MLflow key can stand for it (see [`crate::batch`]).
+    InvalidName,
 }
 
 impl DropReason {
     /// Every reason, in report order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::QueueFull,
         DropReason::CardinalityOverflow,
         DropReason::InvalidStep,
@@ -66,6 +73,8 @@ impl DropReason {
         DropReason::SeriesLimit,
         DropReason::NonFinite,
         DropReason::Superseded,
+        DropReason::Duplicate,
+        DropReason::InvalidName,
     ];
 
     /// The snake_case name used in reports and logs.
@@ -86,6 +95,8 @@ impl DropReason {
             DropReason::SeriesLimit => "series_limit",
             DropReason::NonFinite => "non_finite",
             DropReason::Superseded => "superseded",
+            DropReason::Duplicate => "duplicate",
+            DropReason::InvalidName => "invalid_name",
         }
     }
 

@@ -42,7 +42,13 @@ pub struct Fanout {
     /// Serialises check-and-submit, so a request that passed the "not full" check is never
     /// dropped by a queue that another request filled in between.
     gate: Arc<std::sync::Mutex<()>>,
+    /// Runs whose decoder notices (e.g. cumulative temporality) were logged: once per run for
+    /// the whole service, not once per exporter (at most [`NOTICED_RUNS`] remembered).
+    noticed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Most runs [`Fanout`] remembers as noticed; runs past it get no notice (the log stays bounded).
+const NOTICED_RUNS: usize = 100_000;
 
 /// A request was not taken because an exporter's queue is full; the sender should retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +59,7 @@ impl Fanout {
     /// Fans out to `deliveries`; `decode` (step key, identity keys) is used to find the data
     /// points to report as rejected.
     pub fn new(deliveries: Vec<Arc<Delivery>>, decode: DecodeSettings) -> Self {
-        Self { deliveries: Arc::new(deliveries), decode, gate: Arc::default() }
+        Self { deliveries: Arc::new(deliveries), decode, gate: Arc::default(), noticed: Arc::default() }
     }
 
     /// Hands `req` to every exporter. Returns the partial success to answer with (`None` when
@@ -63,6 +69,14 @@ impl Fanout {
         // The exporters decode again (with their own state); this pass only counts for the answer.
         let decoded = Decoder::new(self.decode.clone()).decode(&req);
         let rejected: u64 = decoded.dropped.iter().map(|(_, n)| n).sum();
+        if !decoded.notices.is_empty() {
+            let mut noticed = self.noticed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (run, notice) in &decoded.notices {
+                if noticed.len() < NOTICED_RUNS && noticed.insert(run.clone()) {
+                    tracing::warn!(run = %run, "{notice}");
+                }
+            }
+        }
         let bytes = prost::Message::encoded_len(&req) as u64;
         let req = Arc::new(req);
         {

@@ -508,6 +508,11 @@ impl Service {
 
     /// As [`Service::start`], from a config file.
     pub fn start_with(config: Option<&Path>, logdir: &Path, extra: &[String]) -> Service {
+        Self::start_logged(config, logdir, extra, Stdio::inherit())
+    }
+
+    /// As [`Service::start_with`], its log (stderr) to `log`.
+    pub fn start_logged(config: Option<&Path>, logdir: &Path, extra: &[String], log: Stdio) -> Service {
         let spool = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(trainmetrics_bin());
         cmd.arg("serve").env("TRAINMETRICS_SPOOL_DIR", spool.path());
@@ -524,7 +529,7 @@ impl Service {
             .args(["--set", "exporters.tensorboard.linger=200ms"])
             .env_remove("MLFLOW_TRACKING_URI")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         for e in extra {
             cmd.arg("--set").arg(e);
         }
@@ -669,6 +674,25 @@ impl Collector {
                 "the collector sent {sent} of {n} data points in 60 s:\n{}",
                 text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
             );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the collector's exporter has sent every data point its receiver accepted
+    /// (and at least one), at most 60 s: for producers whose point count is not known upfront
+    /// (cumulative temporality re-sends every attribute set at each collection).
+    pub fn wait_drained(&self) {
+        let started = Instant::now();
+        let total = |text: &str, metric: &str| -> f64 {
+            text.lines().filter(|l| l.starts_with(metric)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        };
+        loop {
+            let text = self.telemetry();
+            let (accepted, sent) = (total(&text, "otelcol_receiver_accepted_metric_points{"), total(&text, "otelcol_exporter_sent_metric_points{"));
+            if accepted > 0.0 && sent >= accepted {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the collector sent {sent} of the {accepted} data points it accepted in 60 s");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
