@@ -835,7 +835,7 @@ struct Shown {
 /// float32 value as `{:?}` of f64)].
 type Expected = BTreeMap<(String, String), Vec<(i64, String)>>;
 
-/// One generated case through decode (twice), cadence, the TensorBoard exporter into `logdir`
+/// One generated case through decode (twice, as a collector's retry), cadence, the TensorBoard exporter into `logdir`
 /// and the MLflow request builder, with every check; returns what TensorBoard should show.
 fn pipeline_case(
     req: &ExportMetricsServiceRequest,
@@ -855,7 +855,7 @@ fn pipeline_case(
     let mut windows = Windows::new(cadence, Instant::now());
     let mut decoder = Decoder::new(decode);
     let mut keys: BTreeMap<String, MlflowKeys> = BTreeMap::new();
-    let (mut accepted, mut late, mut written) = (0u64, 0u64, 0u64);
+    let (mut accepted, mut late, mut written, mut duplicate) = (0u64, 0u64, 0u64, 0u64);
     let mut shown = Shown::default();
     for _ in 0..2 {
         let out = decoder.decode(req);
@@ -865,6 +865,8 @@ fn pipeline_case(
             tb.observe_run(&rp.run);
             late += windows.push(rp, Instant::now());
         }
+        // The second decode is a retried request: its points repeat the first's.
+        duplicate += windows.take_duplicates();
     }
     for batch in windows.take_ready(Instant::now(), Close::All) {
         written += batch.inputs();
@@ -940,7 +942,7 @@ fn pipeline_case(
         }
         prop_assert_eq!(sent, n);
     }
-    prop_assert_eq!(written + late, accepted, "every accepted point is written or counted late");
+    prop_assert_eq!(written + late + duplicate, accepted, "every accepted point is written or counted late or duplicate");
     tb.end_runs(RunOutcome::Finished, Duration::from_secs(10)).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let records = check_event_files(logdir);
     prop_assert!(written == 0 || records > 0, "{} points written but no event records", written);
