@@ -130,7 +130,8 @@ fn case_013_collector_replay_after_a_30_s_outage_of_serve_lands_every_point_in_o
     collector.wait_sent(32 * 5_000);
     collector.stop();
     let second = svc.stop();
-    eprintln!("case 013 replay, after the outage:\n{second}");
+    let refusals = std::fs::read_to_string(&log_path).unwrap_or_default().matches("has no room").count();
+    eprintln!("case 013 replay, after the outage ({refusals} refusals in the collector's log):\n{second}");
     for exporter in ["tensorboard", "mlflow"] {
         let (received, delivered, dropped, pending) = counts(&second, exporter);
         assert_eq!(received, delivered + dropped + pending, "{second}");
