@@ -20,6 +20,12 @@
 //!
 //! With `reorder_window: T`, a window is not written before T has passed since its first point
 //! arrived, so points of a series that arrive out of step order within T are written in order.
+//! A series' windows are written in step order: one still inside its reorder window holds back
+//! every later window of that series.
+//!
+//! No release is larger than [`MAX_BATCH_POINTS`]: a run's ready points (a 5 s hold can release
+//! hundreds of thousands at once) are cut into batches of at most that many, in (step, series)
+//! order; `resumed_at` is on the first of them, `idle` on the last.
 //!
 //! A data point at or below the step last written for its series is `late`: counted, not
 //! written, because TensorBoard discards points newer than a step that goes back.
@@ -83,6 +89,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Histogram, Point, PointValue, RunInfo, RunPoints};
+
+/// Most points in one [`OutBatch`] (see the module docs): one release of held points is cut
+/// into batches of at most this many, so no single export call, spool record or allocation
+/// grows with the length of a hold. 10 000 points are about 2.5 MB in memory and one MLflow
+/// exporter call of 10 `log-batch` requests.
+pub const MAX_BATCH_POINTS: usize = 10_000;
 
 /// How a window's data points become one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -603,6 +615,13 @@ impl Windows {
         self.pending
     }
 
+    /// Open windows (accumulators) held, over every run and series: what the windows cost in
+    /// memory. A window of `every_steps: 100` is one entry whatever its inputs; at every-step
+    /// cadence an entry is a point.
+    pub fn held_entries(&self) -> u64 {
+        self.runs.values().flat_map(|r| r.series.values()).map(|s| s.windows.len() as u64).sum()
+    }
+
     /// When `take_ready(Close::Due)` may next have something to do without new input: the
     /// interval's end, or the end of a series' `linger`. Never an instant already past, so a
     /// caller waiting for it never spins.
@@ -677,7 +696,17 @@ impl Windows {
             if !points.is_empty() || idle {
                 points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
                 let resumed_at = state.announce_resume.take();
-                out.push(OutBatch { run: state.run.clone(), points, resumed_at, idle });
+                // Cut into pieces of at most MAX_BATCH_POINTS, in order (see the module docs).
+                let pieces = points.len().div_ceil(MAX_BATCH_POINTS).max(1);
+                let mut rest = points.into_iter();
+                for i in 0..pieces {
+                    out.push(OutBatch {
+                        run: state.run.clone(),
+                        points: rest.by_ref().take(MAX_BATCH_POINTS).collect(),
+                        resumed_at: if i == 0 { resumed_at } else { None },
+                        idle: idle && i + 1 == pieces,
+                    });
+                }
             }
         }
         out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
@@ -1045,5 +1074,41 @@ mod tests {
         let out = w.take_ready(t, Close::All);
         assert_eq!(out[0].resumed_at, Some(5));
         assert_eq!(flat(out), vec![("c".into(), 5, 50.0, 1)]);
+    }
+
+    /// A 5 s hold of 500 000 points (50 series x 10 000 steps, every step) is released in
+    /// batches of at most MAX_BATCH_POINTS, in (step, series) order, every point once; the
+    /// pending resume is announced on the first batch only, `idle` only on the last.
+    #[test]
+    fn a_release_of_500_000_held_points_comes_out_in_bounded_batches_in_order() {
+        let t = Instant::now();
+        let s = CadenceSettings {
+            reorder_window: Duration::from_secs(5),
+            idle_after: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let mut w = Windows::new(s, t);
+        // A resume at step 0 (step 20 000, then step 0 newer in time), so a resume is pending.
+        w.push(timed("s00", [(20_000, 100, 1.0)]), t);
+        w.push(timed("s00", [(0, 200, 0.5)]), t);
+        assert_eq!(w.take_superseded(), 1);
+        for i in 0..50 {
+            w.push(timed(&format!("s{i:02}"), (1..=10_000).map(|step| (step, 1000 + step as u64, step as f64 + i as f64 / 64.0))), t);
+        }
+        assert_eq!(w.held_entries(), 500_001);
+        assert!(w.take_ready(t + Duration::from_secs(4), Close::Due).is_empty(), "held for the reorder window");
+        let out = w.take_ready(t + Duration::from_secs(5), Close::Due);
+        assert_eq!(out.len(), 51, "500 001 points in pieces of {MAX_BATCH_POINTS}");
+        assert!(out.iter().all(|b| !b.points.is_empty() && b.points.len() <= MAX_BATCH_POINTS));
+        assert_eq!(out.iter().map(|b| b.resumed_at).filter(Option::is_some).collect::<Vec<_>>(), vec![Some(0)]);
+        assert_eq!(out[0].resumed_at, Some(0));
+        assert_eq!(out.iter().map(|b| b.idle).collect::<Vec<_>>(), (0..51).map(|i| i == 50).collect::<Vec<_>>());
+        let got: Vec<(i64, String, f64)> = out.into_iter().flat_map(|b| b.points).map(|p| (p.step, p.series, p.scalar)).collect();
+        let want: Vec<(i64, String, f64)> = std::iter::once((0, "s00".to_string(), 0.5))
+            .chain((1..=10_000).flat_map(|step| (0..50).map(move |i| (step, format!("s{i:02}"), step as f64 + i as f64 / 64.0))))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "every point once, in (step, series) order");
+        assert_eq!((w.pending_inputs(), w.held_entries()), (0, 0));
     }
 }

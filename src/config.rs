@@ -159,12 +159,14 @@ pub struct QueueConfig {
     /// Requests the queue holds; default 1000.
     #[serde(default)]
     pub queue_size: Option<usize>,
-    /// MiB of requests (protobuf size) the queue holds; default 256. Past it the request is
-    /// refused like a full queue (the service answers 503 / UNAVAILABLE so the sender retries).
+    /// MiB of requests (protobuf size) the queue holds, plus 256 bytes per held point
+    /// ([`crate::delivery::HELD_POINT_BYTES`]); default 256. Past it the request is refused like
+    /// a full queue (the service answers 503 / UNAVAILABLE so the sender retries).
     #[serde(default)]
     pub max_queued_mib: Option<u64>,
-    /// Aggregated points that may await delivery in memory; default 100000. With a spool, batches
-    /// past it move to disk instead of being dropped.
+    /// Data points the exporter may hold in memory (queued, open windows, batches), checked
+    /// before a request is taken (see [`crate::delivery`], "Admission"); default 100000. With a
+    /// spool, batches past half of it move to disk.
     #[serde(default)]
     pub max_pending_points: Option<usize>,
     /// The on-disk part of the queue.

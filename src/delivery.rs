@@ -5,6 +5,28 @@
 //! never blocks: a full queue drops the request and counts it (`queue_full`), so the trainer's
 //! hot path and the SDK's reader thread never wait on disk or network.
 //!
+//! # Admission: room is checked before a request is taken
+//! [`Delivery::room`] is the one check, made before a request is taken (by the service before it
+//! answers, by [`Delivery::submit`] in process). It counts what the exporter holds in memory:
+//! - requests in the queue (`queue_size`), and their data points;
+//! - open windows: one entry per window and series, whatever its inputs (a window of
+//!   `every_steps: 100` is one accumulator), so aggregation windows stay small;
+//! - points of output batches in memory (a spooled batch whose memory was freed does not count).
+//!
+//! The points must stay within `max_pending_points`, and the queued requests' bytes plus
+//! [`HELD_POINT_BYTES`] per held point within `max_queued_mib`. An exporter with an empty queue
+//! and no batch in memory takes one request whatever its size (while its windows hold less than
+//! the limit), so no request is refused forever. Points of reorder windows drain by time,
+//! batches by delivery or, with a spool, by going to disk: the worker keeps the batches in
+//! memory below half the limit by spooling the oldest, so a spool takes a backlog instead of the
+//! door refusing it; a full spool leaves them in memory and the door refuses. A request whose
+//! points are all at or below steps its run already brought (data a collector's consumer had in
+//! flight, older than what was taken) gets twice the limits: refusing it would make it `late`.
+//! Fairness between runs is first come, first served: no run has a reserved share.
+//! After admission nothing is dropped for room (with `spool.when_full: drop_oldest`, a full spool
+//! still drops its oldest batch, `spool_full`, as configured); the in-process route counts a
+//! refused collection at the door (`queue_full`, `pending_full` or `spool_full`).
+//!
 //! With a spool ([`crate::spool`], `sending_queue.spool`), batches also go to disk: every batch of a
 //! run whose backend is failing (write-ahead, so a crash in an outage loses nothing), batches past
 //! `max_pending_points` (their memory is freed; they are read back when their turn comes), and at
@@ -41,8 +63,9 @@ pub struct DeliverySettings {
     /// so a slow backend cannot make it hold `queue_size` requests of the largest size. A
     /// request is always admitted into an empty queue. Default 256 MiB.
     pub max_queued_bytes: u64,
-    /// Aggregated points that may wait for delivery (`sending_queue.max_pending_points`); past
-    /// it the oldest batch is dropped (`pending_full`). Default 100 000.
+    /// Data points the exporter may hold in memory (`sending_queue.max_pending_points`): queued,
+    /// in open windows (one per window and series) and in output batches; see the module docs'
+    /// "Admission". Default 100 000.
     pub max_pending_points: usize,
     /// Bound of one export call (`timeout`). Default 10 s.
     pub timeout: Duration,
@@ -80,6 +103,45 @@ pub enum SubmitError {
     /// The exporter has shut down; the data points were counted `queue_full`.
     #[error("the exporter has shut down")]
     Closed,
+    /// The exporter holds too much (see [`NoRoom`]); the data points were counted with
+    /// [`NoRoom::drop_reason`].
+    #[error("{0}")]
+    NoRoom(NoRoom),
+}
+
+/// Estimated memory of one held data point, bytes: a window accumulator or an output point with
+/// its share of map and vector overhead (about 200 to 250 bytes for a scalar). Histograms cost
+/// 16 bytes more per bucket, which this does not count.
+pub const HELD_POINT_BYTES: u64 = 256;
+
+/// Why an exporter cannot take a request now ([`Delivery::room`]). The service answers
+/// `UNAVAILABLE` / 503 with a retry delay; in process the request is dropped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    /// `queue_size` requests wait in the queue.
+    #[error("its queue holds sending_queue.queue_size requests")]
+    Requests,
+    /// Queued request bytes plus held points ([`HELD_POINT_BYTES`] each) would pass
+    /// `max_queued_mib`.
+    #[error("it would hold more than sending_queue.max_queued_mib")]
+    Bytes,
+    /// Queued, windowed and batched points would pass `max_pending_points`.
+    #[error("it would hold more than sending_queue.max_pending_points data points")]
+    Points,
+    /// As `Points`, and its spool, which takes batches out of memory, is full.
+    #[error("it would hold more than sending_queue.max_pending_points data points and its spool is full")]
+    Spool,
+}
+
+impl NoRoom {
+    /// The reason a refused request's points are counted under on the in-process route.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            NoRoom::Requests | NoRoom::Bytes => DropReason::QueueFull,
+            NoRoom::Points => DropReason::PendingFull,
+            NoRoom::Spool => DropReason::SpoolFull,
+        }
+    }
 }
 
 /// Why [`Delivery::flush`] did not complete.
@@ -109,6 +171,9 @@ pub struct Delivery {
     name: String,
     queue_size: usize,
     max_queued_bytes: u64,
+    max_pending_points: u64,
+    /// The spool's size limit, when there is one.
+    spool_max_bytes: Option<u64>,
     tx: SyncSender<Msg>,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -135,6 +200,10 @@ struct Shared {
     spooled: AtomicU64,
     /// Bytes of the spool on disk.
     spool_bytes: AtomicU64,
+    /// Open windows (entries, not inputs) the worker holds.
+    window_entries: AtomicU64,
+    /// Points of output batches in memory.
+    batch_points: AtomicU64,
 }
 
 impl Delivery {
@@ -144,6 +213,8 @@ impl Delivery {
     pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
         let queue_size = settings.queue_size;
         let max_queued_bytes = settings.max_queued_bytes;
+        let max_pending_points = settings.max_pending_points as u64;
+        let spool_max_bytes = settings.spool.as_ref().map(|s| s.max_bytes);
         let spooled_at_shutdown = settings.spool.is_some();
         let (tx, rx) = mpsc::sync_channel(queue_size.max(1));
         let stats = Arc::new(ExporterStats::default());
@@ -173,6 +244,8 @@ impl Delivery {
             name: name.to_string(),
             queue_size: queue_size.max(1),
             max_queued_bytes: max_queued_bytes.max(1),
+            max_pending_points: max_pending_points.max(1),
+            spool_max_bytes,
             tx,
             stats,
             shared,
@@ -188,16 +261,30 @@ impl Delivery {
     }
 
     /// Hands a request to the exporter without blocking. Its data points count as received; if
-    /// the queue is full or closed they also count as dropped (`queue_full`).
+    /// the exporter has no room ([`Delivery::room`]) or is closed they also count as dropped
+    /// (`queue_full`, `pending_full` or `spool_full`; see [`NoRoom::drop_reason`]).
     pub fn submit(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
         let n = count_data_points(&req);
         let bytes = prost::Message::encoded_len(req.as_ref()) as u64;
-        self.stats.add_received(n);
-        if self.is_full(bytes) && self.shared.queued_requests.load(Ordering::Relaxed) < self.queue_size as u64 {
-            // Over the byte budget (the request count is checked by the channel itself).
-            self.stats.add_dropped(DropReason::QueueFull, n);
-            return Err(SubmitError::QueueFull);
+        if let Err(why) = self.room(n, bytes, false) {
+            self.stats.add_received(n);
+            self.stats.add_dropped(why.drop_reason(), n);
+            return Err(if why == NoRoom::Requests { SubmitError::QueueFull } else { SubmitError::NoRoom(why) });
         }
+        self.enqueue(req, n, bytes)
+    }
+
+    /// Hands over a request the caller found room for with [`Delivery::room`] (the receiver,
+    /// which serialises check and hand-over): no second check, which could refuse a request
+    /// already promised.
+    pub(crate) fn submit_admitted(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
+        let n = count_data_points(&req);
+        let bytes = prost::Message::encoded_len(req.as_ref()) as u64;
+        self.enqueue(req, n, bytes)
+    }
+
+    fn enqueue(&self, req: Arc<ExportMetricsServiceRequest>, n: u64, bytes: u64) -> Result<(), SubmitError> {
+        self.stats.add_received(n);
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
         self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.shared.queued_requests.fetch_add(1, Ordering::Relaxed);
@@ -213,13 +300,32 @@ impl Delivery {
         Err(err)
     }
 
-    /// Whether a request of `bytes` (protobuf size) submitted now would find the queue full, by
-    /// count or by bytes (a receiver answers "unavailable" instead, so the sender retries rather
-    /// than losing data).
-    pub fn is_full(&self, bytes: u64) -> bool {
+    /// Whether the exporter can take a request of `points` data points and `bytes` (protobuf
+    /// size) now, by the rules of the module docs' "Admission". `older` says every point of the
+    /// request is at or below a step its run already brought (the limits are doubled for it).
+    pub fn room(&self, points: u64, bytes: u64, older: bool) -> Result<(), NoRoom> {
         let requests = self.shared.queued_requests.load(Ordering::Relaxed);
-        requests >= self.queue_size as u64
-            || (requests > 0 && self.shared.queued_bytes.load(Ordering::Relaxed).saturating_add(bytes) > self.max_queued_bytes)
+        if requests >= self.queue_size as u64 {
+            return Err(NoRoom::Requests);
+        }
+        let windows = self.shared.window_entries.load(Ordering::Relaxed);
+        let batches = self.shared.batch_points.load(Ordering::Relaxed);
+        if requests == 0 && batches == 0 && windows < self.max_pending_points {
+            // Nothing waits for delivery: one request of any size, so none is refused forever.
+            return Ok(());
+        }
+        let scale = if older { 2 } else { 1 };
+        let held = self.shared.queued.load(Ordering::Relaxed) + windows + batches;
+        let held_bytes = self.shared.queued_bytes.load(Ordering::Relaxed) + (windows + batches) * HELD_POINT_BYTES;
+        if held_bytes.saturating_add(bytes) > self.max_queued_bytes.saturating_mul(scale) {
+            return Err(NoRoom::Bytes);
+        }
+        if held.saturating_add(points) > self.max_pending_points.saturating_mul(scale) {
+            let spool_full =
+                self.spool_max_bytes.is_some_and(|max| self.shared.spool_bytes.load(Ordering::Relaxed) >= max);
+            return Err(if spool_full { NoRoom::Spool } else { NoRoom::Points });
+        }
+        Ok(())
     }
 
     /// Delivers what the cadence has made ready, waiting at most `timeout`. Windows that are
@@ -434,6 +540,8 @@ impl<E: Exporter> Worker<E> {
     fn publish_held(&self) {
         let held = self.windows.pending_inputs() + self.out.iter().map(|q| q.inputs).sum::<u64>();
         self.shared.held.store(held, Ordering::Relaxed);
+        self.shared.window_entries.store(self.windows.held_entries(), Ordering::Relaxed);
+        self.shared.batch_points.store(self.out_points as u64, Ordering::Relaxed);
         let spooled = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
         self.shared.spooled.store(spooled, Ordering::Relaxed);
         self.shared.spool_bytes.store(self.spool.as_ref().map_or(0, Spool::bytes), Ordering::Relaxed);
@@ -575,23 +683,34 @@ impl<E: Exporter> Worker<E> {
             let failing = self.failing.contains_key(&key);
             self.out.push_back(Queued { key, inputs: b.inputs(), batch: Some(b), spooled: None });
             if failing && self.spool.is_some() {
-                // Write-ahead while the backend is down: a crash now loses nothing.
+                // Write-ahead while the backend is down: a crash now loses nothing. A full spool
+                // keeps the batch in memory (the door refuses once memory is full), unless the
+                // user chose to trade the oldest batch for it.
                 if let Err(SpoolError::Full { .. }) = self.persist(self.out.len() - 1) {
-                    self.spool_full_newest();
+                    if self.drops_oldest() {
+                        self.spool_full_newest();
+                    }
                 }
             }
         }
         self.fit_memory();
     }
 
-    /// Keeps the points in memory within `max_pending_points`: spooled batches give up their
-    /// memory first, then the oldest batches are spooled; without a spool (or with a full one)
-    /// a batch is dropped per policy.
+    /// With a spool, keeps the batches in memory (with the windows' entries) below half of
+    /// `max_pending_points`, so the door keeps room: spooled batches give up their memory
+    /// first, then the oldest batches are spooled (oldest first keeps the spool in queue order
+    /// for a replay). Without a spool, or with a full one, nothing is dropped here: admission
+    /// bounds memory (see the module docs' "Admission"), except that `when_full: drop_oldest`
+    /// drops the oldest batch when the spool is full, as configured.
     fn fit_memory(&mut self) {
-        let max = self.settings.max_pending_points;
+        if self.spool.is_none() {
+            return;
+        }
+        let target = self.settings.max_pending_points / 2;
+        let windows = self.windows.held_entries() as usize;
         let mut i = 0;
-        while self.out_points > max && i < self.out.len() {
-            if self.out[i].spooled.is_none() && self.spool.is_some() && self.persist(i).is_err() {
+        while self.out_points + windows > target && i < self.out.len() {
+            if self.out[i].spooled.is_none() && self.persist(i).is_err() {
                 break;
             }
             if self.out[i].spooled.is_some() {
@@ -600,16 +719,15 @@ impl<E: Exporter> Worker<E> {
             }
             i += 1;
         }
-        while self.out_points > max {
-            if self.spool.is_none() {
-                let Some(old) = self.out.pop_front() else { break };
-                self.out_points -= old.points_in_memory();
-                self.stats.add_dropped(DropReason::PendingFull, old.inputs);
-                tracing::warn!(exporter = %self.name, dropped = old.inputs, "too many points wait for delivery; oldest dropped");
-            } else if !self.spool_full_newest() {
+        while self.drops_oldest() && self.out_points + windows > self.settings.max_pending_points {
+            if !self.spool_full_newest() {
                 break;
             }
         }
+    }
+
+    fn drops_oldest(&self) -> bool {
+        self.settings.spool.as_ref().is_some_and(|s| s.when_full == WhenFull::DropOldest)
     }
 
     /// The spool is full: applies `when_full` once (drops one batch, counted `spool_full`).
@@ -824,5 +942,7 @@ impl<E: Exporter> Worker<E> {
         self.shared.queued.store(0, Ordering::Relaxed);
         self.shared.queued_requests.store(0, Ordering::Relaxed);
         self.shared.queued_bytes.store(0, Ordering::Relaxed);
+        self.shared.window_entries.store(0, Ordering::Relaxed);
+        self.shared.batch_points.store(0, Ordering::Relaxed);
     }
 }

@@ -4,8 +4,10 @@
 //! - `validate --config FILE [--set …]`: check a config, list every problem at once.
 //!
 //! Without `--config`, `serve` runs a default config: OTLP on 127.0.0.1:14317 (gRPC) and
-//! 127.0.0.1:14318 (HTTP), self-telemetry on 127.0.0.1:14319, TensorBoard into `./runs`, and
-//! MLflow at `MLFLOW_TRACKING_URI` when that is set.
+//! 127.0.0.1:14318 (HTTP), self-telemetry on 127.0.0.1:14319, TensorBoard into `./runs` every
+//! step, and MLflow at `MLFLOW_TRACKING_URI` when that is set, every 100 steps; both with
+//! `reorder_window: 5s` (as `collector-config/trainmetrics.yaml`), so the batches of a
+//! collector's parallel consumers and its retries are still written in step order.
 //!
 //! Neither command prints a secret: tokens and passwords are shown only by where they come
 //! from, MLflow URIs without their credentials.
@@ -28,8 +30,8 @@ struct Cli {
 enum Command {
     /// Receive OTLP and deliver to TensorBoard and MLflow until SIGTERM/SIGINT.
     Serve {
-        /// YAML config file (default: the built-in config: TensorBoard into ./runs, MLflow at
-        /// MLFLOW_TRACKING_URI if set).
+        /// YAML config file (default: the built-in config: TensorBoard into ./runs every step,
+        /// MLflow at MLFLOW_TRACKING_URI if set every 100 steps, both with reorder_window 5s).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a key, e.g. --set exporters.tensorboard.logdir=/tmp/x (repeatable).
@@ -51,7 +53,7 @@ enum Command {
 fn default_config_text() -> String {
     let mut text = String::from("exporters:\n  tensorboard:\n    logdir: runs\n    reorder_window: 5s\n");
     if std::env::var("MLFLOW_TRACKING_URI").is_ok_and(|v| !v.is_empty()) {
-        text.push_str("  mlflow:\n    every_steps: 100\n");
+        text.push_str("  mlflow:\n    every_steps: 100\n    reorder_window: 5s\n");
     }
     text
 }

@@ -7,7 +7,8 @@
 //! the same MLflow runs, which it finds again by their run key tag. Ending runs is the trainer's
 //! (or issue 4's idle policy's) business.
 //!
-//! At startup it logs the effective configuration (exporters and where they write, each
+//! At startup it logs the effective configuration (exporters and where they write, with their
+//! cadence, `reorder_window` and limits; each
 //! receiver's endpoint with TLS, rate limit and authentication on or off, the telemetry
 //! endpoint); never a secret (MLflow URIs are logged without credentials, tokens only by where
 //! they come from). The self-telemetry listener ([`crate::telemetry`]) stays up until the
@@ -111,12 +112,19 @@ fn log_summary(settings: &PipelineSettings) {
                 m.experiment
             ),
         };
+        let d = &e.delivery;
+        let every = c.every_steps.map_or("-".to_string(), |n| n.to_string());
+        let interval = c.interval.map_or("-".to_string(), |i| humantime::format_duration(i).to_string());
         tracing::info!(
-            "exporter {}: {target}; every_steps {:?}, interval {:?}, aggregation {:?}",
+            "exporter {}: {target}; every_steps {every}, interval {interval}, aggregation {:?}, reorder_window {}, linger {}; holds at most {} data points and {} MiB (queue {} requests){}",
             e.name,
-            c.every_steps,
-            c.interval,
-            c.aggregation
+            c.aggregation,
+            humantime::format_duration(c.reorder_window),
+            humantime::format_duration(c.linger),
+            d.max_pending_points,
+            d.max_queued_bytes >> 20,
+            d.queue_size,
+            d.spool.as_ref().map_or(String::new(), |s| format!(", spool {} ({} MiB)", s.directory.display(), s.max_bytes >> 20)),
         );
     }
 }

@@ -5,8 +5,10 @@
 //! Answers follow what the OpenTelemetry Collector's OTLP exporters retry (its `otlp.go`):
 //! - accepted → OK / 200, with `partial_success` counting data points that cannot be used
 //!   (invalid step, value, histogram; unsupported type) and the first reason;
-//! - an exporter's queue is full → `UNAVAILABLE` with `RetryInfo` / 503 with `Retry-After`, so the
-//!   collector retries from its own queue instead of losing data;
+//! - an exporter has no room ([`Delivery::room`]: its queue, or what it holds in windows and
+//!   batches, is at its limit) → `UNAVAILABLE` with `RetryInfo` / 503 with `Retry-After`, so the
+//!   collector retries from its own queue instead of losing data. This is decided before the
+//!   request is handed to any exporter: an acknowledged request is never dropped for room;
 //! - an undecodable payload → `INVALID_ARGUMENT` / 400 with a message (the collector drops it);
 //! - a missing or wrong bearer token (when `auth` is configured) → `UNAUTHENTICATED` / 401 with
 //!   `WWW-Authenticate: Bearer`; nothing reaches the exporters;
@@ -28,20 +30,25 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest};
 
-use crate::batch::{DecodeSettings, Decoder};
-use crate::delivery::Delivery;
+use crate::batch::{count_data_points, DecodeSettings, Decoder};
+use crate::delivery::{Delivery, NoRoom};
 
-/// How long a sender is asked to wait when a queue is full.
+/// How long a sender is asked to wait when an exporter has no room. Short: held points drain
+/// within a reorder window, and a retry must come back within it to be written in order.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs whose newest step [`Fanout`] remembers (to tell older data, see [`Fanout::accept`]);
+/// past it the memory is cleared and starts again.
+const NEWEST_STEPS: usize = 10_000;
 
 /// The exporters a received request goes to.
 #[derive(Debug, Clone)]
 pub struct Fanout {
     deliveries: Arc<Vec<Arc<Delivery>>>,
     decode: DecodeSettings,
-    /// Serialises check-and-submit, so a request that passed the "not full" check is never
-    /// dropped by a queue that another request filled in between.
-    gate: Arc<std::sync::Mutex<()>>,
+    /// Serialises check-and-submit, so a request that passed the room check is never dropped
+    /// by a queue that another request filled in between. Holds the newest step taken per run.
+    gate: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// Runs whose decoder notices (e.g. cumulative temporality) were logged: once per run for
     /// the whole service, not once per exporter (at most [`NOTICED_RUNS`] remembered).
     noticed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -50,10 +57,15 @@ pub struct Fanout {
 /// Most runs [`Fanout`] remembers as noticed; runs past it get no notice (the log stays bounded).
 const NOTICED_RUNS: usize = 100_000;
 
-/// A request was not taken because an exporter's queue is full; the sender should retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("an exporter's queue is full; retry after {RETRY_AFTER:?}")]
-pub struct Busy;
+/// A request was not taken because an exporter has no room; the sender should retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("exporter {exporter} has no room: {reason}; retry after {RETRY_AFTER:?}")]
+pub struct Busy {
+    /// The exporter that refused.
+    pub exporter: String,
+    /// Which of its limits.
+    pub reason: NoRoom,
+}
 
 impl Fanout {
     /// Fans out to `deliveries`; `decode` (step key, identity keys) is used to find the data
@@ -63,8 +75,12 @@ impl Fanout {
     }
 
     /// Hands `req` to every exporter. Returns the partial success to answer with (`None` when
-    /// every data point is usable), or [`Busy`] when a queue is full (nothing is handed over
-    /// then, so the sender's retry does not duplicate data).
+    /// every data point is usable), or [`Busy`] when an exporter has no room (nothing is handed
+    /// over then, so the sender's retry does not duplicate data).
+    ///
+    /// A request whose points are all at or below the newest step already taken for their run
+    /// is checked with [`Delivery::room`]'s doubled limits: it is data a collector's other
+    /// consumer had in flight, and refusing it while newer data is taken would make it `late`.
     pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Option<ExportMetricsPartialSuccess>, Busy> {
         // The exporters decode again (with their own state); this pass only counts for the answer.
         let decoded = Decoder::new(self.decode.clone()).decode(&req);
@@ -78,15 +94,34 @@ impl Fanout {
             }
         }
         let bytes = prost::Message::encoded_len(&req) as u64;
+        let points = count_data_points(&req);
+        let mut newest: Vec<(&str, i64)> = Vec::new();
+        for rp in &decoded.runs {
+            let Some(max) = rp.points.iter().map(|p| p.step).max() else { continue };
+            match newest.iter_mut().find(|(k, _)| *k == rp.run.key) {
+                Some((_, m)) => *m = (*m).max(max),
+                None => newest.push((rp.run.key.as_str(), max)),
+            }
+        }
         let req = Arc::new(req);
         {
-            let _gate = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if self.deliveries.iter().any(|d| d.is_full(bytes)) {
-                return Err(Busy);
+            let mut seen = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let older = !newest.is_empty() && newest.iter().all(|(k, step)| seen.get(*k).is_some_and(|m| step <= m));
+            for d in self.deliveries.iter() {
+                if let Err(reason) = d.room(points, bytes, older) {
+                    return Err(Busy { exporter: d.name().to_string(), reason });
+                }
             }
             for d in self.deliveries.iter() {
-                // Only the workers empty the queues meanwhile, so this cannot find one full.
-                let _ = d.submit(req.clone());
+                // Only the workers empty the queues meanwhile, so none can have lost its room.
+                let _ = d.submit_admitted(req.clone());
+            }
+            if seen.len() > NEWEST_STEPS {
+                seen.clear();
+            }
+            for (k, step) in newest {
+                let m = seen.entry(k.to_string()).or_insert(step);
+                *m = (*m).max(step);
             }
         }
         Ok((rejected > 0).then(|| ExportMetricsPartialSuccess {
@@ -136,7 +171,7 @@ pub enum Outcome {
     Throttled,
     /// Refused: undecodable, too large, or an unsupported encoding or content type.
     Invalid,
-    /// Refused: an exporter's queue was full (the sender retries).
+    /// Refused: an exporter had no room (the sender retries).
     Unavailable,
 }
 
@@ -240,11 +275,11 @@ impl Guard {
         let cause = match (self.protocol, outcome) {
             (Protocol::Grpc, Outcome::Unauthenticated) => "OTLP/gRPC unauthenticated",
             (Protocol::Grpc, Outcome::Throttled) => "OTLP/gRPC over the rate limit",
-            (Protocol::Grpc, Outcome::Unavailable) => "OTLP/gRPC exporter queue full",
+            (Protocol::Grpc, Outcome::Unavailable) => "OTLP/gRPC exporter has no room",
             (Protocol::Grpc, _) => "OTLP/gRPC invalid request",
             (Protocol::Http, Outcome::Unauthenticated) => "OTLP/HTTP unauthenticated",
             (Protocol::Http, Outcome::Throttled) => "OTLP/HTTP over the rate limit",
-            (Protocol::Http, Outcome::Unavailable) => "OTLP/HTTP exporter queue full",
+            (Protocol::Http, Outcome::Unavailable) => "OTLP/HTTP exporter has no room",
             (Protocol::Http, _) => "OTLP/HTTP invalid request",
         };
         self.log.reject(cause, detail);
