@@ -173,6 +173,47 @@ pub struct OutBatch {
     /// The run has been quiet for the cadence's `idle_after`: these are its last open windows
     /// (see the module docs' "Idle runs").
     pub idle: bool,
+    /// The run's process ended the run while this batch's run still had batches undelivered: an
+    /// end record the delivery wrote into the spool at shutdown, after the run's last batch (see
+    /// [`crate::spool`]). Whoever replays it ends the run so (MLflow status and end time), as
+    /// the process would have done. `None` on every batch the cadence makes.
+    pub ended: Option<RunEnd>,
+}
+
+/// How and when a run's process ended it ([`OutBatch::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunEnd {
+    /// The status.
+    pub status: EndStatus,
+    /// When the process ended, ns since the Unix epoch.
+    pub time_unix_nano: u64,
+}
+
+/// A final run status, as MLflow's `RunStatus` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndStatus {
+    /// `FINISHED`: a clean end.
+    Finished,
+    /// `FAILED`: the trainer reported failure or panicked.
+    Failed,
+    /// `KILLED`.
+    Killed,
+}
+
+impl EndStatus {
+    /// The MLflow `RunStatus` name (`FINISHED`, `FAILED`, `KILLED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndStatus::Finished => "FINISHED",
+            EndStatus::Failed => "FAILED",
+            EndStatus::Killed => "KILLED",
+        }
+    }
+
+    /// The status named by [`EndStatus::as_str`]; `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        [EndStatus::Finished, EndStatus::Failed, EndStatus::Killed].into_iter().find(|e| e.as_str() == s)
+    }
 }
 
 impl OutBatch {
@@ -524,7 +565,7 @@ impl Windows {
             if !points.is_empty() || idle {
                 points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
                 let resumed_at = state.announce_resume.take();
-                out.push(OutBatch { run: state.run.clone(), points, resumed_at, idle });
+                out.push(OutBatch { run: state.run.clone(), points, resumed_at, idle, ended: None });
             }
         }
         out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
