@@ -205,6 +205,47 @@ pub struct OutBatch {
     /// The run has been quiet for the cadence's `idle_after`: these are its last open windows
     /// (see the module docs' "Idle runs").
     pub idle: bool,
+    /// The run's process ended the run while this batch's run still had batches undelivered: an
+    /// end record the delivery wrote into the spool at shutdown, after the run's last batch (see
+    /// [`crate::spool`]). Whoever replays it ends the run so (MLflow status and end time), as
+    /// the process would have done. `None` on every batch the cadence makes.
+    pub ended: Option<RunEnd>,
+}
+
+/// How and when a run's process ended it ([`OutBatch::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunEnd {
+    /// The status.
+    pub status: EndStatus,
+    /// When the process ended, ns since the Unix epoch.
+    pub time_unix_nano: u64,
+}
+
+/// A final run status, as MLflow's `RunStatus` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndStatus {
+    /// `FINISHED`: a clean end.
+    Finished,
+    /// `FAILED`: the trainer reported failure or panicked.
+    Failed,
+    /// `KILLED`.
+    Killed,
+}
+
+impl EndStatus {
+    /// The MLflow `RunStatus` name (`FINISHED`, `FAILED`, `KILLED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndStatus::Finished => "FINISHED",
+            EndStatus::Failed => "FAILED",
+            EndStatus::Killed => "KILLED",
+        }
+    }
+
+    /// The status named by [`EndStatus::as_str`]; `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        [EndStatus::Finished, EndStatus::Failed, EndStatus::Killed].into_iter().find(|e| e.as_str() == s)
+    }
 }
 
 impl OutBatch {
@@ -705,6 +746,7 @@ impl Windows {
                         points: rest.by_ref().take(MAX_BATCH_POINTS).collect(),
                         resumed_at: if i == 0 { resumed_at } else { None },
                         idle: idle && i + 1 == pieces,
+                        ended: None,
                     });
                 }
             }

@@ -36,7 +36,10 @@
 //!
 //! Shutdown closes every window, delivers within its timeout, spools what could not be delivered
 //! (or, without a spool, counts it `shutdown_timeout`), ends the exporter's runs, and returns a
-//! report. It is idempotent: a second call returns the first report.
+//! report. It is idempotent: a second call returns the first report. A run of this process with
+//! batches left in the spool also gets an end record there ([`OutBatch::ended`]: FINISHED or
+//! FAILED; none for `Running`), so whoever delivers the batches later (the next start,
+//! `trainmetrics sync`) ends the run as this process meant to.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +51,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
 use crate::batch::{count_data_points, DecodeSettings, Decoder};
-use crate::cadence::{CadenceSettings, Close, OutBatch, Windows};
+use crate::cadence::{CadenceSettings, Close, EndStatus, OutBatch, RunEnd, Windows};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::retry::RetrySettings;
@@ -232,6 +235,7 @@ impl Delivery {
             spool: None,
             rejections: Default::default(),
             spooling_logged: false,
+            own_runs: Default::default(),
             settings,
             stats: stats.clone(),
             shared: shared.clone(),
@@ -474,6 +478,9 @@ struct Worker<E: Exporter> {
     rejections: crate::receiver::security::RejectionLog,
     /// Whether "spooling to disk" was logged for the current stretch of spooling.
     spooling_logged: bool,
+    /// With a spool: run keys whose data this process received (not only adopted), the runs
+    /// whose end this process's outcome decides.
+    own_runs: std::collections::HashSet<String>,
     settings: DeliverySettings,
     stats: Arc<ExporterStats>,
     shared: Arc<Shared>,
@@ -643,6 +650,9 @@ impl<E: Exporter> Worker<E> {
         }
         let now = Instant::now();
         for rp in decoded.runs {
+            if self.spool.is_some() && !self.own_runs.contains(&rp.run.key) {
+                self.own_runs.insert(rp.run.key.clone());
+            }
             self.exporter.observe_run(&rp.run);
             let late = self.windows.push(rp, now);
             if late > 0 {
@@ -873,6 +883,41 @@ impl<E: Exporter> Worker<E> {
         }
     }
 
+    /// At shutdown, after the last batches went to the spool: one end record per run that still
+    /// has batches there, so whoever delivers them later (the next start, `trainmetrics sync`)
+    /// also ends the run as this process would have (`Running`: none, the run goes on).
+    fn spool_run_ends(&mut self, outcome: RunOutcome) {
+        let status = match outcome {
+            RunOutcome::Finished => EndStatus::Finished,
+            RunOutcome::Failed => EndStatus::Failed,
+            RunOutcome::Running => return,
+        };
+        let Some(spool) = self.spool.as_mut() else { return };
+        let time_unix_nano = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let mut done = std::collections::HashSet::new();
+        for q in self.out.iter().rev() {
+            let Some(at) = q.spooled else { continue };
+            // Batches adopted from an earlier process carry that process's own end record.
+            if !self.own_runs.contains(&q.key) || !done.insert(q.key.clone()) {
+                continue;
+            }
+            let run = match q.batch.as_ref() {
+                Some(b) => b.run.clone(),
+                None => match spool.read(at) {
+                    Ok(b) => b.run,
+                    Err(e) => {
+                        tracing::warn!(exporter = %self.name, run = %q.key, "could not spool the run's end: {e}");
+                        continue;
+                    }
+                },
+            };
+            let end = OutBatch { run, ended: Some(RunEnd { status, time_unix_nano }), ..Default::default() };
+            if let Err(e) = spool.append(&end) {
+                tracing::warn!(exporter = %self.name, run = %q.key, "could not spool the run's end ({}): {e}", status.as_str());
+            }
+        }
+    }
+
     fn finish(&mut self, rx: &Receiver<Msg>, outcome: RunOutcome, deadline: Instant) {
         self.drain_queue(rx);
         for m in self.control.drain(..) {
@@ -906,6 +951,7 @@ impl<E: Exporter> Worker<E> {
                 lost += self.out[i].inputs;
             }
         }
+        self.spool_run_ends(outcome);
         if let Some(Err(e)) = self.spool.as_mut().map(Spool::sync) {
             tracing::warn!(exporter = %self.name, "spool: {e}");
             self.stats.set_last_error(e.to_string());

@@ -49,6 +49,7 @@ pub mod sdk;
 pub mod serve;
 pub mod spool;
 pub mod stats;
+pub mod sync;
 pub mod telemetry;
 
 pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};

@@ -1,7 +1,11 @@
 //! The `trainmetrics` command:
 //! - `serve [--config FILE] [--set key.path=value]…`: receive OTLP (from OpenTelemetry
 //!   Collectors or SDKs) and deliver to the configured exporters until SIGTERM/SIGINT;
-//! - `validate --config FILE [--set …]`: check a config, list every problem at once.
+//! - `validate --config FILE [--set …]`: check a config, list every problem at once;
+//! - `sync [--dir DIR] [--tracking-uri URI | --all] [--dry-run] [--timeout D]`: deliver what
+//!   processes that have ended left in a spool ([`trainmetrics::sync`]); exits 1 if anything
+//!   stays;
+//! - `spool [--dir DIR]`: list what waits in a spool, per exporter directory, target and run.
 //!
 //! Without `--config`, `serve` runs a default config: OTLP on 127.0.0.1:14317 (gRPC) and
 //! 127.0.0.1:14318 (HTTP), self-telemetry on 127.0.0.1:14319, TensorBoard into `./runs` every
@@ -47,6 +51,77 @@ enum Command {
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         set: Vec<String>,
     },
+    /// Deliver what processes that have ended left in a spool (as `wandb sync` does for offline
+    /// runs); exits 1 if anything stays in the spool.
+    Sync {
+        /// Spool root, or one exporter's spool directory (default: the library's default spool
+        /// root: $TRAINMETRICS_SPOOL_DIR, else $XDG_STATE_HOME/trainmetrics/spool, else
+        /// ~/.local/state/trainmetrics/spool).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Deliver what waits for this MLflow server (default: MLFLOW_TRACKING_URI). Credentials
+        /// in it (user:password@) are used and never printed.
+        #[arg(long, value_name = "URI", conflicts_with = "all")]
+        tracking_uri: Option<String>,
+        /// Deliver what waits for every target found (MLflow servers and TensorBoard logdirs).
+        #[arg(long)]
+        all: bool,
+        /// List what would be delivered; deliver nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to deliver per target before leaving the rest in the spool.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: std::time::Duration,
+    },
+    /// List what waits in a spool: per exporter directory and target, per run: batches, points,
+    /// bytes, oldest point time; segments held by live processes are listed as skipped.
+    Spool {
+        /// Spool root, or one exporter's spool directory (default: as for sync).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn spool_root(dir: Option<&Path>) -> PathBuf {
+    dir.map_or_else(trainmetrics::config::default_spool_root, Path::to_path_buf)
+}
+
+fn spool(dir: Option<&Path>) -> anyhow::Result<bool> {
+    print!("{}", trainmetrics::sync::list(&spool_root(dir), None)?);
+    Ok(true)
+}
+
+fn sync(dir: Option<&Path>, tracking_uri: Option<&str>, all: bool, dry_run: bool, timeout: std::time::Duration) -> anyhow::Result<bool> {
+    use trainmetrics::sync::Selection;
+    let root = spool_root(dir);
+    let env_uri = std::env::var("MLFLOW_TRACKING_URI").ok().filter(|v| !v.is_empty());
+    let selection = match (tracking_uri, all) {
+        (_, true) => Selection::All,
+        (Some(u), false) => Selection::TrackingUri(u.to_string()),
+        (None, false) => match env_uri {
+            Some(u) => Selection::TrackingUri(u),
+            None => {
+                let found = trainmetrics::sync::list(&root, None)?;
+                let targets: Vec<&str> = found.targets.iter().map(|t| t.target.as_str()).collect();
+                anyhow::bail!(
+                    "say which target to deliver: --tracking-uri URI (or MLFLOW_TRACKING_URI) or --all; {} waits for: {}",
+                    root.display(),
+                    if targets.is_empty() { "nothing".to_string() } else { targets.join(", ") }
+                );
+            }
+        },
+    };
+    if dry_run {
+        let only = match &selection {
+            Selection::TrackingUri(u) => Some(trainmetrics::sync::mlflow_target(u)?),
+            Selection::All => None,
+        };
+        print!("{}", trainmetrics::sync::list(&root, only.as_deref())?);
+        return Ok(true);
+    }
+    let report = trainmetrics::sync::sync(&root, &selection, timeout)?;
+    print!("{report}");
+    Ok(!report.anything_left())
 }
 
 /// The config used when `serve` gets no file.
@@ -160,11 +235,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Serve { config, set } => serve(config.as_deref(), set),
-        Command::Validate { config, set } => validate(config, set),
+        Command::Serve { config, set } => serve(config.as_deref(), set).map(|()| true),
+        Command::Validate { config, set } => validate(config, set).map(|()| true),
+        Command::Sync { dir, tracking_uri, all, dry_run, timeout } => sync(dir.as_deref(), tracking_uri.as_deref(), *all, *dry_run, *timeout),
+        Command::Spool { dir } => spool(dir.as_deref()),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command ran and said what is wrong (e.g. batches stay in the spool).
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

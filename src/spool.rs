@@ -55,7 +55,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prost::Message;
 
 use crate::batch::{Histogram, RunInfo};
-use crate::cadence::{OutBatch, OutPoint};
+use crate::cadence::{EndStatus, OutBatch, OutPoint, RunEnd};
 
 /// Format version written in every segment header; a segment of another version is not replayed.
 const VERSION: u32 = 1;
@@ -490,6 +490,12 @@ pub struct SpoolBatch {
     /// [`OutBatch::idle`].
     #[prost(bool, tag = "4")]
     pub idle: bool,
+    /// [`OutBatch::ended`]: the status (`FINISHED`, `FAILED`, `KILLED`) of an end record.
+    #[prost(string, optional, tag = "5")]
+    pub ended: Option<String>,
+    /// [`OutBatch::ended`]: when the process ended the run, ns since the Unix epoch.
+    #[prost(fixed64, tag = "6")]
+    pub ended_unix_nano: u64,
 }
 
 /// [`RunInfo`] on disk.
@@ -594,6 +600,8 @@ impl SpoolBatch {
                 .collect(),
             resumed_at: b.resumed_at,
             idle: b.idle,
+            ended: b.ended.map(|e| e.status.as_str().to_string()),
+            ended_unix_nano: b.ended.map_or(0, |e| e.time_unix_nano),
         }
     }
 
@@ -629,6 +637,8 @@ impl SpoolBatch {
                 .collect(),
             resumed_at: self.resumed_at,
             idle: self.idle,
+            // A status this version does not know is not an end it can apply.
+            ended: self.ended.as_deref().and_then(EndStatus::parse).map(|status| RunEnd { status, time_unix_nano: self.ended_unix_nano }),
         }
     }
 }
@@ -663,6 +673,98 @@ pub fn directory_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// One segment file as [`scan`] found it.
+#[derive(Debug)]
+pub struct ScannedSegment {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its header: `None` when the first record is not a readable header.
+    pub header: Option<SegmentHeader>,
+    /// Whether a live process holds the segment's lock (it writes or replays it): replay skips
+    /// it, and so does `trainmetrics sync`.
+    pub locked: bool,
+    /// Its batches in write order, each with the bytes its record takes (framing included).
+    pub batches: Vec<(OutBatch, u64)>,
+    /// Bytes after the last readable record (a torn or damaged tail; for a locked segment, also
+    /// a record being written right now).
+    pub corrupt_bytes: u64,
+}
+
+impl ScannedSegment {
+    /// Whether replay by an exporter of `target` would adopt it (this format version, that
+    /// target, no live holder).
+    pub fn adoptable_by(&self, target: &str) -> bool {
+        !self.locked && self.header.as_ref().is_some_and(|h| h.version == VERSION && h.target == target)
+    }
+}
+
+/// What [`scan`] found in a spool directory.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Segment files in write order.
+    pub segments: Vec<ScannedSegment>,
+    /// `*.spool` entries that are not read as segments (symlinks, FIFOs, unreadable or oversized
+    /// files), with why: replay skips them too.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Reads every segment of a spool directory without taking it over: each is read under a shared
+/// `flock` (released at once) or, when a live process holds it, read as it is and marked
+/// [`ScannedSegment::locked`]. The same files are skipped as in replay. A missing directory is
+/// an empty scan.
+///
+/// Errors: the directory exists but cannot be listed.
+pub fn scan(dir: &Path) -> Result<Scan, SpoolError> {
+    let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(it) => it.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "spool")).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan::default()),
+        Err(source) => return Err(SpoolError::Io { path: dir.to_path_buf(), source }),
+    };
+    names.sort();
+    let mut out = Scan::default();
+    for path in names {
+        match scan_segment(&path) {
+            Ok(seg) => out.segments.push(seg),
+            Err(why) => out.skipped.push((path, why)),
+        }
+    }
+    Ok(out)
+}
+
+fn scan_segment(path: &Path) -> Result<ScannedSegment, String> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > SEGMENT_BYTES + u64::from(MAX_RECORD) {
+        return Err("larger than any segment this format writes".into());
+    }
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    let locked = match file.try_lock_shared() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.to_string()),
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    drop(file);
+    let mut frames = Frames { bytes: &bytes, at: 0 };
+    let header = frames.next().and_then(|(_, p)| SegmentHeader::decode(p).ok());
+    let mut batches = Vec::new();
+    if header.is_some() {
+        for (offset, payload) in frames.by_ref() {
+            let Ok(record) = SpoolBatch::decode(payload) else {
+                frames.at = offset as usize;
+                break;
+            };
+            batches.push((record.into_batch(), FRAME + payload.len() as u64));
+        }
+    }
+    Ok(ScannedSegment { path: path.to_path_buf(), bytes: bytes.len() as u64, header, locked, batches, corrupt_bytes: (bytes.len() - frames.at) as u64 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +780,7 @@ mod tests {
             points: vec![OutPoint { series: "loss".into(), step, time_unix_nano: 7, scalar: v, histogram: None, inputs: 3 }],
             resumed_at: (step == 2).then_some(2),
             idle: step == 2,
+            ended: None,
         }
     }
 

@@ -60,7 +60,7 @@ use super::request_builder::{
     key_value, metric, split_log_batch, truncate_chars, MAX_PARAM_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
 };
 use crate::batch::RunInfo;
-use crate::cadence::OutBatch;
+use crate::cadence::{OutBatch, RunEnd};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{mlflow_key, mlflow_run_name, MlflowKeys};
 use crate::stats::{DropReason, ExporterStats};
@@ -447,6 +447,42 @@ impl MlflowExporter {
         Ok(())
     }
 
+    /// Ends `run`'s MLflow run as an end record says (see [`OutBatch::ended`]): the status and
+    /// end time its process would have set. A run this exporter has not used is looked up by
+    /// its run key tag (its batches may have been delivered by an earlier replay); one that
+    /// does not exist in MLflow is left alone.
+    fn end_recorded(&mut self, run: &RunInfo, end: RunEnd, budget: &Budget) -> Result<(), ExportError> {
+        let run_id = match self.runs.get(&run.key) {
+            Some(state) => Some(state.mlflow_run_id.clone()),
+            None => match self.settings.run_id.clone() {
+                Some(id) => Some(id),
+                None => {
+                    let experiment = match run.experiment.as_deref() {
+                        Some(e) if !e.is_empty() => e.to_string(),
+                        _ if !self.settings.experiment.is_empty() => self.settings.experiment.clone(),
+                        _ => "Default".to_string(),
+                    };
+                    let exp_id = self.experiment_id(&experiment, budget)?;
+                    self.find_run(&exp_id, &run.key, budget)?.map(|(id, _)| id)
+                }
+            },
+        };
+        let Some(run_id) = run_id else {
+            tracing::info!(run = %run.key, "end record of a run MLflow does not have: nothing to end");
+            return Ok(());
+        };
+        let status = end.status.as_str();
+        let end_ms = i64::try_from(end.time_unix_nano / 1_000_000).unwrap_or(i64::MAX);
+        let body = json!({"run_id": run_id, "status": status, "end_time": end_ms});
+        self.client.post("runs/update", &body, budget.left()?)?;
+        tracing::info!(run = %run.key, mlflow_run_id = %run_id, status, "ended the MLflow run as its process had (end record)");
+        if let Some(s) = self.runs.get_mut(&run.key) {
+            // As after an idle end: a later batch of the run sets it RUNNING again.
+            s.ended_idle = true;
+        }
+        Ok(())
+    }
+
     /// Logs params and tags of `run` not logged yet (see the module docs for conflicts).
     fn sync_params_and_tags(&mut self, run: &RunInfo, budget: &Budget) -> Result<(), ExportError> {
         let Some(state) = self.runs.get_mut(&run.key) else { return Ok(()) };
@@ -536,6 +572,9 @@ impl Exporter for MlflowExporter {
             if batch.idle && self.runs.get(&batch.run.key).is_some_and(|s| !s.ended_idle) {
                 self.end_idle(&batch.run.key, &budget)?;
             }
+            if let Some(end) = batch.ended {
+                self.end_recorded(&batch.run, end, &budget)?;
+            }
             return Ok(Exported::default());
         }
         let first_ms = batch.points.iter().map(|p| p.time_unix_nano / 1_000_000).min().and_then(|t| i64::try_from(t).ok());
@@ -576,6 +615,9 @@ impl Exporter for MlflowExporter {
         }
         if batch.idle {
             self.end_idle(&batch.run.key, &budget)?;
+        }
+        if let Some(end) = batch.ended {
+            self.end_recorded(&batch.run, end, &budget)?;
         }
         Ok(Exported { refused })
     }
