@@ -7,6 +7,26 @@
 //! params; every other resource attribute becomes a run tag. A run is keyed by its id, else its
 //! name, else `service.name`/`service.instance.id`, else `default`.
 //!
+//! # Ranks
+//! The processes of one distributed job (one process per GPU under `torchrun`, DeepSpeed or
+//! Lightning's DDP) share the run's identity and tell themselves apart by a rank: an integer
+//! attribute (key configurable, default `rank`; `ml.rank` or `RANK` are common alternatives) on
+//! the resource or on a data point (a data point's wins). It is an int, or a string or a whole
+//! double holding one; any other value is not a rank and stays an ordinary attribute (a run tag
+//! or part of the series name). A rank is not a tag of the run: it is [`RunInfo::rank`], and
+//! [`RunInfo::process_key`] (`<run key>#rank-<N>`) is what a process's steps, windows and files
+//! hang on, so the ranks of one job are never taken for resumes of each other. The job (one
+//! MLflow run) keeps the run key; see [`crate::jobs`] for how its ranks are shown.
+//!
+//! # Run end
+//! A trainer ends its run by recording, once at its end, a gauge (or a sum) named
+//! [`RUN_END_METRIC`] (`trainmetrics.run.end`) with the attribute `status` = `FINISHED`,
+//! `FAILED` or `KILLED` (any letter case; no attribute means `FINISHED`); its value is not
+//! used, its time is the end time, and a rank attribute on it ends that rank's process. Any
+//! OTel SDK can send it through any collector. Its data points are not metric points: they are
+//! not counted as received, and they become [`Decoded::ends`]. A `status` of any other value
+//! ends nothing and is logged ([`Decoded::end_errors`]).
+//!
 //! # Steps
 //! Every data point carries its step as the attribute `step` (key configurable). Accepted forms,
 //! as other SDKs send them: an int, a double with no fractional part inside the int64 range, or
@@ -113,6 +133,10 @@ pub const NAME_ATTRIBUTE: &str = "trainmetrics.name";
 pub const TIME_ATTRIBUTE: &str = "trainmetrics.time_unix_nano";
 /// The OTel SDK's attribute on its cardinality overflow series (OTel metrics SDK spec).
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
+/// Name of the gauge a trainer records once at its end (see the module docs' "Run end").
+pub const RUN_END_METRIC: &str = "trainmetrics.run.end";
+/// Attribute of [`RUN_END_METRIC`] with the run's final status (`FINISHED`, `FAILED`, `KILLED`).
+pub const RUN_END_STATUS_ATTRIBUTE: &str = "status";
 
 /// Which resource attributes identify a run (defaults in [`Default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +149,8 @@ pub struct IdentityKeys {
     pub run_id: String,
     /// Prefix of param keys; default `ml.param.`.
     pub param_prefix: String,
+    /// Rank key, on the resource or a data point (see the module docs' "Ranks"); default `rank`.
+    pub rank: String,
 }
 
 impl Default for IdentityKeys {
@@ -134,7 +160,45 @@ impl Default for IdentityKeys {
             run_name: "ml.run.name".into(),
             run_id: "ml.run.id".into(),
             param_prefix: "ml.param.".into(),
+            rank: "rank".into(),
         }
+    }
+}
+
+/// How and when a run ended: by its process at shutdown ([`crate::cadence::OutBatch::ended`]) or
+/// by the trainer's run-end gauge ([`RUN_END_METRIC`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunEnd {
+    /// The status.
+    pub status: EndStatus,
+    /// When the process ended, ns since the Unix epoch.
+    pub time_unix_nano: u64,
+}
+
+/// A final run status, as MLflow's `RunStatus` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndStatus {
+    /// `FINISHED`: a clean end.
+    Finished,
+    /// `FAILED`: the trainer reported failure or panicked.
+    Failed,
+    /// `KILLED`.
+    Killed,
+}
+
+impl EndStatus {
+    /// The MLflow `RunStatus` name (`FINISHED`, `FAILED`, `KILLED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndStatus::Finished => "FINISHED",
+            EndStatus::Failed => "FAILED",
+            EndStatus::Killed => "KILLED",
+        }
+    }
+
+    /// The status named by [`EndStatus::as_str`], in any letter case; `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        [EndStatus::Finished, EndStatus::Failed, EndStatus::Killed].into_iter().find(|e| e.as_str().eq_ignore_ascii_case(s.trim()))
     }
 }
 
@@ -153,12 +217,31 @@ pub struct RunInfo {
     pub params: BTreeMap<String, String>,
     /// Every other resource attribute, as text.
     pub tags: BTreeMap<String, String>,
+    /// The process's rank in a distributed job, if it has one (see the module docs' "Ranks").
+    pub rank: Option<i64>,
 }
 
 impl RunInfo {
     /// A display name: the run name, else the key.
     pub fn display_name(&self) -> &str {
         self.run_name.as_deref().unwrap_or(&self.key)
+    }
+
+    /// The key of this process of the run: the run key, with `#rank-<N>` appended for a rank.
+    /// Windows, steps and TensorBoard files hang on it; the job (MLflow run) on [`RunInfo::key`].
+    pub fn process_key(&self) -> std::borrow::Cow<'_, str> {
+        match self.rank {
+            Some(r) => format!("{}#rank-{r}", self.key).into(),
+            None => self.key.as_str().into(),
+        }
+    }
+
+    /// This run as its job: the same description without a rank.
+    pub fn job(self: &Arc<Self>) -> Arc<Self> {
+        if self.rank.is_none() {
+            return self.clone();
+        }
+        Arc::new(RunInfo { rank: None, ..(**self).clone() })
     }
 }
 
@@ -220,6 +303,11 @@ pub struct Point {
     /// `None` for delta and gauge points (and cumulative series without a step, which the
     /// decoder turns into per-collection deltas; see the module docs' "Temporality").
     pub cumulative: Option<u64>,
+    /// The point is a gauge's without a record time ([`TIME_ATTRIBUTE`]): its time is the
+    /// collection's. An SDK with cumulative temporality re-sends a synchronous gauge's last
+    /// value at every collection with a new time (the OTel Python SDK does), so such a point's
+    /// identity is its step and value (see [`crate::cadence`], "Duplicates").
+    pub collected: bool,
 }
 
 /// The points of one run from one request.
@@ -248,6 +336,11 @@ pub struct Decoded {
     /// Things to log once per run (not drops), e.g. the first cumulative point of a run
     /// ([`CUMULATIVE_NOTICE`]): (run key, message).
     pub notices: Vec<(String, String)>,
+    /// Run ends the request carries ([`RUN_END_METRIC`]), per process, in request order.
+    pub ends: Vec<(Arc<RunInfo>, RunEnd)>,
+    /// Run-end data points that could not be read (a `status` of another value): one message
+    /// per request, for the log. They end nothing.
+    pub end_errors: Vec<String>,
 }
 
 impl Decoded {
@@ -298,7 +391,7 @@ pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
     let mut n = 0u64;
     for rm in &req.resource_metrics {
         for sm in &rm.scope_metrics {
-            for m in &sm.metrics {
+            for m in sm.metrics.iter().filter(|m| m.name != RUN_END_METRIC) {
                 n += match &m.data {
                     Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
                     Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
@@ -529,6 +622,7 @@ fn now_unix_nano() -> u64 {
 /// A data point's attributes, split by meaning.
 struct Split {
     step: Option<i64>,
+    rank: Option<i64>,
     rest: Vec<(String, String)>,
     nonfinite: Option<f64>,
     overflow: bool,
@@ -538,12 +632,16 @@ struct Split {
 
 /// A data point on its way through decoding, before its step is final.
 struct Pending {
+    /// The data point's own rank attribute (it beats the resource's).
+    rank: Option<i64>,
     metric: String,
     series: String,
     step: Option<i64>,
     time_unix_nano: u64,
     value: PointValue,
     cumulative: Option<Cumulative>,
+    /// A gauge's point whose time is the collection time (see [`Point::collected`]).
+    collected: bool,
 }
 
 /// What a cumulative data point says about its series (OTLP `aggregation_temporality`).
@@ -622,6 +720,8 @@ impl Decoder {
                 info.run_id = Some(text);
             } else if let Some(p) = kv.key.strip_prefix(keys.param_prefix.as_str()) {
                 info.params.insert(p.to_string(), text);
+            } else if let Some(rank) = (kv.key == keys.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
+                info.rank = Some(rank);
             } else {
                 if kv.key == "service.name" {
                     service.0 = Some(text.clone());
@@ -639,12 +739,13 @@ impl Decoder {
             _ => "default".to_string(),
         };
         info.key = bounded_name(&info.key).into_owned();
-        if !self.run_admitted(&info.key) {
+        let process = info.process_key().into_owned();
+        if !self.run_admitted(&process) {
             // Not tracked: its points are all dropped, so nothing may be kept for it.
             return Arc::new(info);
         }
         // The run takes its slot under `max_runs` now, so `runs` and `steps` hold the same keys.
-        let state = self.steps.entry(info.key.clone()).or_default();
+        let state = self.steps.entry(process.clone()).or_default();
         let refused = bound_run_attributes(&mut info, state);
         if refused > 0 && !state.attributes_reported {
             state.attributes_reported = true;
@@ -655,14 +756,35 @@ impl Decoder {
             );
         }
         // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
-        match self.runs.get(&info.key) {
+        match self.runs.get(&process) {
             Some(existing) if **existing == info => existing.clone(),
             _ => {
                 let arc = Arc::new(info);
-                self.runs.insert(arc.key.clone(), arc.clone());
+                self.runs.insert(process, arc.clone());
                 arc
             }
         }
+    }
+
+    /// `run` as the process of `rank` (a data point's rank attribute), admitted under
+    /// `max_runs` like a resource of its own; `None` when it is not admitted.
+    fn with_rank(&mut self, run: &Arc<RunInfo>, rank: i64) -> Option<Arc<RunInfo>> {
+        if run.rank == Some(rank) {
+            return Some(run.clone());
+        }
+        let info = RunInfo { rank: Some(rank), ..(**run).clone() };
+        let process = info.process_key().into_owned();
+        match self.runs.get(&process) {
+            Some(existing) if **existing == info => return Some(existing.clone()),
+            _ => {}
+        }
+        if !self.run_admitted(&process) {
+            return None;
+        }
+        self.steps.entry(process.clone()).or_default();
+        let arc = Arc::new(info);
+        self.runs.insert(process, arc.clone());
+        Some(arc)
     }
 
     /// Splits attributes into step, name override, non-finite override, overflow and the rest.
@@ -671,6 +793,7 @@ impl Decoder {
         attrs: &[KeyValue],
     ) -> Result<Split, (DropReason, String)> {
         let mut step = None;
+        let mut rank = None;
         let mut name = None;
         let mut time = None;
         let mut rest = Vec::with_capacity(attrs.len());
@@ -681,6 +804,8 @@ impl Decoder {
                 step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
                     (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
                 })?);
+            } else if let Some(r) = (kv.key == self.settings.identity.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
+                rank = Some(r);
             } else if kv.key == NONFINITE_ATTRIBUTE {
                 nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
                     "NaN" => Some(f64::NAN),
@@ -703,7 +828,7 @@ impl Decoder {
                 rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
             }
         }
-        Ok(Split { step, rest, nonfinite, overflow, name, time })
+        Ok(Split { step, rank, rest, nonfinite, overflow, name, time })
     }
 
     /// Decodes one request. Never fails: unusable data points are counted in
@@ -718,27 +843,92 @@ impl Decoder {
             let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let run = self.run_info(attrs);
             let mut pending: Vec<Pending> = Vec::new();
+            let mut ends: Vec<(Option<i64>, RunEnd)> = Vec::new();
             for sm in &rm.scope_metrics {
                 for m in &sm.metrics {
-                    self.decode_metric(m, received_at, &mut pending, &mut out);
+                    if m.name == RUN_END_METRIC {
+                        self.run_ends(m, received_at, &mut ends, &mut out);
+                    } else {
+                        self.decode_metric(m, received_at, &mut pending, &mut out);
+                    }
                 }
             }
-            if pending.is_empty() {
-                continue;
-            }
-            let Some(pending) = self.admit(&run.key, pending, &mut out) else {
-                continue;
-            };
-            let points = self.assign_steps(&run.key, pending, &mut out);
-            match index.get(&run.key) {
-                Some(&i) => out.runs[i].points.extend(points),
-                None => {
-                    index.insert(run.key.clone(), out.runs.len());
-                    out.runs.push(RunPoints { run, points });
+            // Points of one resource may carry ranks of their own: each rank is a process.
+            let mut by_rank: Vec<(Option<i64>, Vec<Pending>)> = Vec::new();
+            for p in pending {
+                let rank = p.rank.or(run.rank);
+                match by_rank.iter_mut().find(|(r, _)| *r == rank) {
+                    Some((_, v)) => v.push(p),
+                    None => by_rank.push((rank, vec![p])),
                 }
+            }
+            for (rank, pending) in by_rank {
+                let process = match rank {
+                    Some(r) => self.with_rank(&run, r),
+                    None => Some(run.clone()),
+                };
+                let Some(process) = process else {
+                    out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
+                    continue;
+                };
+                let key = process.process_key().into_owned();
+                let Some(pending) = self.admit(&key, pending, &mut out) else {
+                    continue;
+                };
+                let points = self.assign_steps(&key, pending, &mut out);
+                match index.get(&key) {
+                    Some(&i) => out.runs[i].points.extend(points),
+                    None => {
+                        index.insert(key, out.runs.len());
+                        out.runs.push(RunPoints { run: process, points });
+                    }
+                }
+            }
+            for (rank, end) in ends {
+                let process = match rank.or(run.rank) {
+                    Some(r) => self.with_rank(&run, r).unwrap_or_else(|| Arc::new(RunInfo { rank: Some(r), ..(*run).clone() })),
+                    None => run.clone(),
+                };
+                out.ends.push((process, end));
             }
         }
         out
+    }
+
+    /// Reads the data points of a [`RUN_END_METRIC`] (see the module docs' "Run end").
+    fn run_ends(
+        &self,
+        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+        received_at: u64,
+        ends: &mut Vec<(Option<i64>, RunEnd)>,
+        out: &mut Decoded,
+    ) {
+        let points: Vec<(&[KeyValue], u64)> = match &m.data {
+            Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
+            Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
+            _ => {
+                out.end_errors.push(format!("{RUN_END_METRIC} must be a gauge or a sum; this one ends nothing"));
+                return;
+            }
+        };
+        for (attrs, time) in points {
+            let rank = attrs
+                .iter()
+                .find(|kv| kv.key == self.settings.identity.rank)
+                .and_then(|kv| parse_step(kv.value.as_ref()));
+            let status = match attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE) {
+                None => Some(EndStatus::Finished),
+                Some(kv) => EndStatus::parse(&any_value_text(kv.value.as_ref())),
+            };
+            match status {
+                Some(status) => ends.push((rank, RunEnd { status, time_unix_nano: if time == 0 { received_at } else { time } })),
+                None if out.end_errors.is_empty() => out.end_errors.push(format!(
+                    "{RUN_END_METRIC} has {RUN_END_STATUS_ATTRIBUTE}={:?}, not FINISHED, FAILED or KILLED; it ends nothing",
+                    attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE).map(|kv| short(&any_value_text(kv.value.as_ref())).into_owned()).unwrap_or_default()
+                )),
+                None => {}
+            }
+        }
     }
 
     fn decode_metric(
@@ -751,6 +941,7 @@ impl Decoder {
         let prefix = self.settings.prefix.as_deref();
         // Bounded once per metric: its name is shared by all its data points (see `names`).
         let metric_name = bounded_name(&m.name);
+        let gauge = matches!(m.data, Some(metric::Data::Gauge(_)));
         let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
             if flags & NO_RECORDED_VALUE != 0 {
                 return;
@@ -763,7 +954,7 @@ impl Decoder {
                         short(&m.name)
                     )
                 }),
-                Ok(Split { step, rest, nonfinite, name, time: recorded_at, .. }) => {
+                Ok(Split { step, rank, rest, nonfinite, name, time: recorded_at, .. }) => {
                     let time = recorded_at.unwrap_or(time);
                     let value = match (value, nonfinite) {
                         (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
@@ -793,12 +984,14 @@ impl Decoder {
                         return;
                     }
                     pending.push(Pending {
+                        rank,
                         series: series_name(prefix, &metric, &rest),
                         metric,
                         step,
                         time_unix_nano: if time == 0 { received_at } else { time },
                         value,
                         cumulative,
+                        collected: gauge && recorded_at.is_none(),
                     });
                 }
             }
@@ -952,7 +1145,7 @@ impl Decoder {
                         s
                     }
                 };
-                Point { metric: p.metric, series: p.series, step, time_unix_nano: p.time_unix_nano, value: p.value, cumulative }
+                Point { metric: p.metric, series: p.series, step, time_unix_nano: p.time_unix_nano, value: p.value, cumulative, collected: p.collected }
             })
             .collect()
     }
@@ -1121,6 +1314,59 @@ pub(crate) mod tests {
                 ..Default::default()
             }],
         }
+    }
+
+    #[test]
+    fn ranks_make_processes_of_one_run_and_leave_the_names_alone() {
+        let i = any_value::Value::IntValue;
+        let mut req = gauge_request(
+            "train.loss",
+            vec![
+                (vec![kv("step", i(1))], 1.0),
+                (vec![kv("step", i(1)), kv("rank", i(2))], 2.0),
+                (vec![kv("step", i(1)), kv("rank", s("x"))], 3.0),
+            ],
+        );
+        let res = req.resource_metrics[0].resource.as_mut().expect("resource");
+        res.attributes.push(kv("rank", s("1")));
+        let d = Decoder::new(DecodeSettings::default()).decode(&req);
+        let got: Vec<(Option<i64>, String, Vec<String>)> = d
+            .runs
+            .iter()
+            .map(|r| (r.run.rank, r.run.process_key().into_owned(), r.points.iter().map(|p| p.series.clone()).collect()))
+            .collect();
+        // The resource's rank 1, a data point's own rank 2; a rank that is no integer is an
+        // ordinary attribute.
+        assert_eq!(
+            got,
+            [
+                (Some(1), "r1#rank-1".to_string(), vec!["train.loss".to_string(), "train.loss/rank=x".to_string()]),
+                (Some(2), "r1#rank-2".to_string(), vec!["train.loss".to_string()]),
+            ]
+        );
+        assert!(d.runs.iter().all(|r| r.run.key == "r1" && !r.run.tags.contains_key("rank")));
+        assert_eq!(d.accounted(), count_data_points(&req));
+    }
+
+    #[test]
+    fn the_run_end_gauge_ends_and_is_no_metric_point() {
+        let i = any_value::Value::IntValue;
+        let mut req = gauge_request(
+            RUN_END_METRIC,
+            vec![(vec![kv("status", s("failed")), kv("rank", i(3))], 1.0), (vec![], 1.0), (vec![kv("status", s("DONE"))], 1.0)],
+        );
+        assert_eq!(count_data_points(&req), 0);
+        let other = gauge_request("train.loss", vec![(vec![kv("step", i(1))], 1.0)]);
+        req.resource_metrics[0].scope_metrics[0].metrics.extend(other.resource_metrics[0].scope_metrics[0].metrics.clone());
+        assert_eq!(count_data_points(&req), 1);
+        let d = Decoder::new(DecodeSettings::default()).decode(&req);
+        let ends: Vec<(String, EndStatus, u64)> = d.ends.iter().map(|(r, e)| (r.process_key().into_owned(), e.status, e.time_unix_nano)).collect();
+        let t = 1_700_000_000_000_000_000;
+        assert_eq!(ends, [("r1#rank-3".to_string(), EndStatus::Failed, t), ("r1".to_string(), EndStatus::Finished, t)]);
+        assert_eq!(d.end_errors.len(), 1, "{:?}", d.end_errors);
+        assert!(d.end_errors[0].contains("\"DONE\""), "{:?}", d.end_errors);
+        assert_eq!(d.accounted(), 1);
+        assert!(d.dropped.is_empty());
     }
 
     #[test]

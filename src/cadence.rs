@@ -38,6 +38,13 @@
 //! A repeated point whose window was already written is `late` like any point at a written step
 //! (for a delta point the two cannot be told apart without keeping every written point).
 //!
+//! A gauge's point without a record time ([`Point::collected`]) is stamped with the collection
+//! time, and an SDK with cumulative temporality re-sends a synchronous gauge's last value at
+//! every collection (the OTel Python SDK does): its identity is (step, value), so a re-send is
+//! `duplicate` in an open window and, like a cumulative point, at the last
+//! [`WRITTEN_CUMULATIVE_STEPS`] written steps. The same value set twice at one step is one
+//! point, as a gauge's last value is.
+//!
 //! # Cumulative points
 //! A point of cumulative temporality with a step ([`Point::cumulative`]) is the producer's total
 //! for that series and step so far, re-sent at every collection. Its identity is (step, start
@@ -75,6 +82,16 @@
 //! - the run's next [`OutBatch`] carries `resumed_at: Some(S)`, so exporters start a new
 //!   session (TensorBoard: a new event file beginning with `SessionLog START` at `S`).
 //!
+//! # Run end
+//! A run end ([`RunEnd`], from the trainer's `trainmetrics.run.end` gauge, see
+//! [`crate::batch`]) is held for the cadence's `reorder_window` after it arrives, so points a
+//! collector's other consumers still had in flight are taken; then every open window of the
+//! process is written (stamped as on shutdown: the partial window at its largest step) and the
+//! last batch carries [`OutBatch::ended`] (an empty batch when nothing was open). The same end
+//! arriving again (a retry, or a cumulative SDK re-sending its gauge) with no point taken in
+//! between ends nothing more. Windows are keyed by [`RunInfo::process_key`]: each rank of a job
+//! has its own steps, windows, resumes and end.
+//!
 //! # Idle runs
 //! With `idle_after: T`, a run that received no data point for `T` has every open window
 //! written (stamped as on shutdown) in one batch flagged `idle` (also when it is empty), once
@@ -88,6 +105,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::batch::{EndStatus, RunEnd};
 use crate::batch::{Histogram, Point, PointValue, RunInfo, RunPoints};
 
 /// Most points in one [`OutBatch`] (see the module docs): one release of held points is cut
@@ -205,47 +223,13 @@ pub struct OutBatch {
     /// The run has been quiet for the cadence's `idle_after`: these are its last open windows
     /// (see the module docs' "Idle runs").
     pub idle: bool,
-    /// The run's process ended the run while this batch's run still had batches undelivered: an
-    /// end record the delivery wrote into the spool at shutdown, after the run's last batch (see
-    /// [`crate::spool`]). Whoever replays it ends the run so (MLflow status and end time), as
-    /// the process would have done. `None` on every batch the cadence makes.
+    /// The run (this process of it) ended after these points: the exporter ends it so (MLflow:
+    /// status and end time; TensorBoard: the event file is synced and closed). Set by the
+    /// cadence on the last batch of a run whose end gauge arrived (see the module docs' "Run
+    /// end"), and on the end record the delivery writes into the spool at shutdown after a
+    /// run's last spooled batch (see [`crate::spool`]), so whoever replays it ends the run as
+    /// the process would have.
     pub ended: Option<RunEnd>,
-}
-
-/// How and when a run's process ended it ([`OutBatch::ended`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunEnd {
-    /// The status.
-    pub status: EndStatus,
-    /// When the process ended, ns since the Unix epoch.
-    pub time_unix_nano: u64,
-}
-
-/// A final run status, as MLflow's `RunStatus` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndStatus {
-    /// `FINISHED`: a clean end.
-    Finished,
-    /// `FAILED`: the trainer reported failure or panicked.
-    Failed,
-    /// `KILLED`.
-    Killed,
-}
-
-impl EndStatus {
-    /// The MLflow `RunStatus` name (`FINISHED`, `FAILED`, `KILLED`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndStatus::Finished => "FINISHED",
-            EndStatus::Failed => "FAILED",
-            EndStatus::Killed => "KILLED",
-        }
-    }
-
-    /// The status named by [`EndStatus::as_str`]; `None` for any other text.
-    pub fn parse(s: &str) -> Option<Self> {
-        [EndStatus::Finished, EndStatus::Failed, EndStatus::Killed].into_iter().find(|e| e.as_str() == s)
-    }
 }
 
 impl OutBatch {
@@ -264,6 +248,9 @@ struct Acc {
     /// Cumulative points by step: (time, identity, value). A later one for the same step
     /// replaces the earlier; they are folded into the aggregate when the window is written.
     cumulative: BTreeMap<i64, (u64, u64, PointValue)>,
+    /// (step, identity) of each gauge point stamped with its collection time, remembered
+    /// like cumulative steps once written (a cumulative SDK re-sends them).
+    collected: Vec<(i64, u64)>,
     inputs: u64,
     n: u64,
     sum: f64,
@@ -284,6 +271,7 @@ impl Acc {
             opened,
             seen: Seen::None,
             cumulative: BTreeMap::new(),
+            collected: Vec::new(),
             inputs: 0,
             n: 0,
             sum: 0.0,
@@ -303,6 +291,9 @@ impl Acc {
         if p.cumulative.is_none() {
             if !self.seen.insert(id) {
                 return Taken::Duplicate;
+            }
+            if p.collected {
+                self.collected.push((p.step, id));
             }
             self.inputs += 1;
             self.add(p.step, p.time_unix_nano, &p.value);
@@ -442,6 +433,8 @@ fn identity(p: &Point) -> u64 {
     p.step.hash(&mut h);
     match p.cumulative {
         Some(start) => (1u8, start).hash(&mut h),
+        // A gauge stamped with the collection time is re-sent with a new one.
+        None if p.collected => 2u8.hash(&mut h),
         None => (0u8, p.time_unix_nano).hash(&mut h),
     }
     match &p.value {
@@ -485,9 +478,27 @@ struct RunState {
     last_arrival: Instant,
     /// An idle batch was emitted and no point arrived since.
     idle_reported: bool,
+    /// An end that arrived, and when it may be written (after the reorder window).
+    ending: Option<(RunEnd, Instant)>,
+    /// The run's end was written and no point was taken since: the same end again is a repeat.
+    ended: bool,
 }
 
 impl RunState {
+    fn new(run: Arc<RunInfo>, now: Instant) -> Self {
+        RunState {
+            run,
+            max_step: i64::MIN,
+            series: HashMap::new(),
+            resumed: None,
+            announce_resume: None,
+            last_arrival: now,
+            idle_reported: false,
+            ending: None,
+            ended: false,
+        }
+    }
+
     /// Starts a new session at `step` (see the module docs' "Resume"); returns the data points
     /// of open windows it superseded.
     fn resume(&mut self, step: i64, time: u64) -> u64 {
@@ -575,15 +586,7 @@ impl Windows {
     /// superseded by a resume are counted in [`Windows::take_superseded`].
     pub fn push(&mut self, rp: RunPoints, now: Instant) -> u64 {
         let settings = &self.settings;
-        let state = self.runs.entry(rp.run.key.clone()).or_insert_with(|| RunState {
-            run: rp.run.clone(),
-            max_step: i64::MIN,
-            series: HashMap::new(),
-            resumed: None,
-            announce_resume: None,
-            last_arrival: now,
-            idle_reported: false,
-        });
+        let state = self.runs.entry(rp.run.process_key().into_owned()).or_insert_with(|| RunState::new(rp.run.clone(), now));
         state.run = rp.run.clone();
         state.last_arrival = now;
         state.idle_reported = false;
@@ -613,7 +616,7 @@ impl Windows {
             s.max_time = s.max_time.max(p.time_unix_nano);
             let id = identity(p);
             if s.written_upto.is_some_and(|w| p.step <= w) {
-                if p.cumulative.is_some() && s.written_cumulative.get(&p.step) == Some(&id) {
+                if (p.cumulative.is_some() || p.collected) && s.written_cumulative.get(&p.step) == Some(&id) {
                     self.duplicates += 1;
                 } else {
                     late += 1;
@@ -632,11 +635,27 @@ impl Windows {
             let agg = settings.aggregation_for(&p.metric, &p.series);
             let acc = s.windows.entry(settings.window_end(p.step)).or_insert_with(|| Acc::new(agg, now));
             match acc.take(p, id) {
-                Taken::Added => self.pending += 1,
+                Taken::Added => {
+                    self.pending += 1;
+                    state.ended = false;
+                }
                 Taken::Duplicate => self.duplicates += 1,
             }
         }
         late
+    }
+
+    /// Takes the end of a run's process (see the module docs' "Run end"). Returns false when it
+    /// is a repeat of an end already taken, with no point taken since.
+    pub fn end(&mut self, run: Arc<RunInfo>, end: RunEnd, now: Instant) -> bool {
+        let reorder = self.settings.reorder_window;
+        let state = self.runs.entry(run.process_key().into_owned()).or_insert_with(|| RunState::new(run.clone(), now));
+        if state.ended || state.ending.is_some() {
+            return false;
+        }
+        state.run = run;
+        state.ending = Some((end, now.checked_add(reorder).unwrap_or(now)));
+        true
     }
 
     /// Data points dropped as `duplicate` since the last call (see the module docs'
@@ -676,6 +695,7 @@ impl Windows {
             .filter_map(|s| Some((s, s.windows.first_key_value()?.1)))
             .flat_map(|(s, first)| [s.last_arrival.checked_add(self.settings.linger), first.opened.checked_add(reorder)])
             .flatten()
+            .chain(self.runs.values().filter_map(|r| r.ending.map(|(_, at)| at)))
             .filter(|t| *t > now)
             .min();
         match (interval, linger) {
@@ -700,7 +720,8 @@ impl Windows {
             let run_max = state.max_step;
             let idle = !state.idle_reported
                 && self.settings.idle_after.is_some_and(|t| now.saturating_duration_since(state.last_arrival) >= t);
-            let all = all || idle;
+            let ending = state.ending.filter(|(_, at)| now >= *at || close == Close::All).map(|(end, _)| end);
+            let all = all || idle || ending.is_some();
             let mut points = Vec::new();
             for (series, s) in state.series.iter_mut() {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
@@ -711,7 +732,7 @@ impl Windows {
                         break;
                     }
                     let Some((_, mut acc)) = s.windows.pop_first() else { break };
-                    for (step, (_, id, _)) in &acc.cumulative {
+                    for (step, id) in acc.cumulative.iter().map(|(step, (_, id, _))| (step, id)).chain(acc.collected.iter().map(|(s, i)| (s, i))) {
                         s.written_cumulative.insert(*step, *id);
                     }
                     while s.written_cumulative.len() > WRITTEN_CUMULATIVE_STEPS {
@@ -734,7 +755,13 @@ impl Windows {
             if idle {
                 state.idle_reported = true;
             }
-            if !points.is_empty() || idle {
+            if ending.is_some() {
+                state.ending = None;
+                state.ended = true;
+                // Ended, not idle: an idle end must not overwrite the status the trainer gave.
+                state.idle_reported = true;
+            }
+            if !points.is_empty() || idle || ending.is_some() {
                 points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
                 let resumed_at = state.announce_resume.take();
                 // Cut into pieces of at most MAX_BATCH_POINTS, in order (see the module docs).
@@ -745,13 +772,13 @@ impl Windows {
                         run: state.run.clone(),
                         points: rest.by_ref().take(MAX_BATCH_POINTS).collect(),
                         resumed_at: if i == 0 { resumed_at } else { None },
-                        idle: idle && i + 1 == pieces,
-                        ended: None,
+                        idle: idle && ending.is_none() && i + 1 == pieces,
+                        ended: if i + 1 == pieces { ending } else { None },
                     });
                 }
             }
         }
-        out.sort_by(|a, b| a.run.key.cmp(&b.run.key));
+        out.sort_by(|a, b| a.run.process_key().cmp(&b.run.process_key()));
         out
     }
 }
@@ -776,6 +803,7 @@ mod tests {
                     time_unix_nano: step as u64 * 1000,
                     value: PointValue::Scalar(v),
                     cumulative: None,
+                    collected: false,
                 })
                 .collect(),
         }
@@ -791,6 +819,34 @@ mod tests {
             .flat_map(|b| b.points)
             .map(|p| (p.series, p.step, p.scalar, p.inputs))
             .collect()
+    }
+
+    #[test]
+    fn a_run_end_writes_the_partial_window_after_the_reorder_window_once() {
+        let mut w = Windows::new(CadenceSettings { reorder_window: Duration::from_secs(5), ..settings(Some(100), Aggregation::Mean) }, Instant::now());
+        let t = Instant::now();
+        w.push(pts("loss", (1..=250).map(|s| (s, s as f64))), t);
+        let end = RunEnd { status: EndStatus::Finished, time_unix_nano: 7 };
+        assert!(w.end(run(), end, t));
+        assert!(!w.end(run(), end, t), "a repeat while it waits");
+        // Within the reorder window: 100 and 200 are due (later steps arrived), 250 waits.
+        let first = w.take_ready(t + Duration::from_secs(1), Close::Due);
+        assert!(first.is_empty(), "nothing settled before the reorder window");
+        // A point still in flight when the end came is taken.
+        w.push(pts("loss", [(251, 251.0)]), t + Duration::from_secs(2));
+        let out = w.take_ready(t + Duration::from_secs(5), Close::Due);
+        assert_eq!(out.iter().filter(|b| b.ended.is_some()).count(), 1);
+        assert_eq!(out.last().and_then(|b| b.ended), Some(end));
+        assert_eq!(flat(out), [("loss".to_string(), 100, 50.5, 100), ("loss".to_string(), 200, 150.5, 100), ("loss".to_string(), 251, 226.0, 51)]);
+        assert_eq!(w.pending_inputs(), 0);
+        // The same end again (a cumulative SDK re-sends its gauge) ends nothing more.
+        assert!(!w.end(run(), end, t + Duration::from_secs(6)));
+        // An end with nothing open still ends the run: an empty batch.
+        let other = Arc::new(RunInfo { key: "q".into(), rank: Some(1), ..Default::default() });
+        assert!(w.end(other, end, t));
+        let out = w.take_ready(t + Duration::from_secs(5), Close::Due);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].points.is_empty() && out[0].ended == Some(end) && out[0].run.process_key() == "q#rank-1");
     }
 
     #[test]
@@ -885,6 +941,7 @@ mod tests {
                 time_unix_nano: 1,
                 value: PointValue::Histogram(hist),
                 cumulative: None,
+                collected: false,
             });
         }
         w.push(rp, t);
@@ -933,6 +990,7 @@ mod tests {
                 time_unix_nano: time,
                 value: PointValue::Scalar(v),
                 cumulative: None,
+                collected: false,
             });
         }
         rp
@@ -1057,7 +1115,7 @@ mod tests {
     fn cumulative(metric: &str, start: u64, pts: impl IntoIterator<Item = (i64, u64, PointValue)>) -> RunPoints {
         let mut rp = pts_empty();
         for (step, time, value) in pts {
-            rp.points.push(Point { metric: metric.into(), series: metric.into(), step, time_unix_nano: time, value, cumulative: Some(start) });
+            rp.points.push(Point { metric: metric.into(), series: metric.into(), step, time_unix_nano: time, value, cumulative: Some(start), collected: false });
         }
         rp
     }

@@ -27,6 +27,7 @@
 //!   run_name: ml.run.name
 //!   run_id: ml.run.id
 //!   param_prefix: ml.param.
+//!   rank: rank               # a distributed job's rank (resource or data point attribute)
 //! cardinality_limit: 20000   # SDK attribute sets per instrument per collection (in process)
 //! shutdown_timeout: 10s      # bound of Pipeline::shutdown, for all exporters together
 //! exporters:                 # "<type>" or "<type>/<name>"; types: tensorboard, mlflow
@@ -41,6 +42,8 @@
 //!     metrics: {train.loss: mean}   # per metric or series name
 //!     resume: log_again      # mlflow only: log_again | skip_logged; default log_again
 //!     end_idle_runs: {enabled: true, after: 1h, status: KILLED}   # mlflow only; defaults
+//!     ranks: {view: rank0, metrics: {train.loss: mean}, wait: 10s}  # mlflow only: a job's
+//!                            # ranks (rank0 | mean | min | max | each); see crate::jobs
 //! ```
 //! Every exporter also takes: `prefix` (series name prefix, default none), `linger` (2s),
 //! `reorder_window` (0s; how long windows wait for out-of-order points),
@@ -125,12 +128,15 @@ pub struct IdentityConfig {
     pub run_id: String,
     /// Default `ml.param.`.
     pub param_prefix: String,
+    /// The rank of a process in a distributed job, on the resource or a data point (see
+    /// [`crate::batch`] "Ranks"); default `rank` (`ml.rank`, `RANK` are usual alternatives).
+    pub rank: String,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
         let k = IdentityKeys::default();
-        Self { experiment: k.experiment, run_name: k.run_name, run_id: k.run_id, param_prefix: k.param_prefix }
+        Self { experiment: k.experiment, run_name: k.run_name, run_id: k.run_id, param_prefix: k.param_prefix, rank: k.rank }
     }
 }
 
@@ -286,6 +292,11 @@ pub struct ExporterConfig {
     /// `series_limit`; default 1000.
     #[serde(default)]
     pub max_runs: Option<usize>,
+    /// mlflow: what the job's run shows of a distributed job's ranks (`view`: rank0 | mean |
+    /// min | max | each, default rank0; `metrics` per series; `wait` 10s; see [`crate::jobs`]).
+    /// TensorBoard writes one run directory per rank instead.
+    #[serde(default)]
+    pub ranks: Option<crate::jobs::RanksConfig>,
 }
 
 /// `receivers.otlp.protocols.grpc` (service only).
@@ -754,7 +765,7 @@ impl PipelineConfig {
         }
         let security = self.receiver_security(&mut p);
         let id = &self.identity;
-        for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix)] {
+        for (k, v) in [("experiment", &id.experiment), ("run_name", &id.run_name), ("run_id", &id.run_id), ("param_prefix", &id.param_prefix), ("rank", &id.rank)] {
             if v.is_empty() {
                 p.add(format!("identity.{k}"), "must not be empty");
             }
@@ -766,6 +777,7 @@ impl PipelineConfig {
                 run_name: id.run_name.clone(),
                 run_id: id.run_id.clone(),
                 param_prefix: id.param_prefix.clone(),
+                rank: id.rank.clone(),
             },
             prefix: None,
             max_series_per_run: usize::MAX,
@@ -890,6 +902,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             p.reject_key(&path, "password_file", c.password_file.is_some(), "an mlflow key");
             p.reject_key(&path, "resume", c.resume.is_some(), "an mlflow key");
             p.reject_key(&path, "end_idle_runs", c.end_idle_runs != Default::default(), "an mlflow key");
+            p.reject_key(&path, "ranks", c.ranks.is_some(), "an mlflow key (TensorBoard writes one run directory per rank)");
             (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1)
         }
         "mlflow" => {
@@ -983,6 +996,7 @@ fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p:
             ..decode.clone()
         },
         spool,
+        jobs: (kind == "mlflow").then(|| c.ranks.clone().unwrap_or_default().settings(&path, p)),
     };
     Some(ExporterSettings {
         name: name.to_string(),

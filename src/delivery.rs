@@ -54,6 +54,7 @@ use crate::batch::{count_data_points, DecodeSettings, Decoder};
 use crate::cadence::{CadenceSettings, Close, EndStatus, OutBatch, RunEnd, Windows};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
+use crate::jobs::{JobSettings, JobView};
 use crate::retry::RetrySettings;
 use crate::stats::{DropReason, ExporterReport, ExporterStats};
 
@@ -80,6 +81,9 @@ pub struct DeliverySettings {
     pub decode: DecodeSettings,
     /// The on-disk spool (`sending_queue.spool`); `None`: memory only.
     pub spool: Option<SpoolSettings>,
+    /// The job view of distributed jobs ([`crate::jobs`]); `None`: each rank is a run of its
+    /// own (TensorBoard: `<run>/rank-N`).
+    pub jobs: Option<JobSettings>,
 }
 
 impl Default for DeliverySettings {
@@ -93,6 +97,7 @@ impl Default for DeliverySettings {
             cadence: CadenceSettings::default(),
             decode: DecodeSettings::default(),
             spool: None,
+            jobs: None,
         }
     }
 }
@@ -228,6 +233,7 @@ impl Delivery {
             exporter,
             decoder: Decoder::new(settings.decode.clone()),
             windows: Windows::new(settings.cadence.clone(), Instant::now()),
+            jobs: settings.jobs.clone().map(JobView::new),
             out: VecDeque::new(),
             out_points: 0,
             failing: HashMap::new(),
@@ -465,6 +471,8 @@ struct Worker<E: Exporter> {
     exporter: E,
     decoder: Decoder,
     windows: Windows,
+    /// The job view between the cadence and the exporter, if the exporter shows jobs whole.
+    jobs: Option<JobView>,
     out: VecDeque<Queued>,
     /// Points of the batches in `out` that are in memory (what `max_pending_points` bounds).
     out_points: usize,
@@ -534,6 +542,9 @@ impl<E: Exporter> Worker<E> {
         if let Some(due) = self.windows.next_due(now) {
             wake = wake.min(due);
         }
+        if let Some(due) = self.jobs.as_ref().and_then(|j| j.next_due(now)) {
+            wake = wake.min(due);
+        }
         for b in &self.out {
             match self.failing.get(&b.key) {
                 Some(f) => wake = wake.min(f.next_at.max(now)),
@@ -545,9 +556,10 @@ impl<E: Exporter> Worker<E> {
     }
 
     fn publish_held(&self) {
-        let held = self.windows.pending_inputs() + self.out.iter().map(|q| q.inputs).sum::<u64>();
+        let (job_inputs, job_entries) = self.jobs.as_ref().map_or((0, 0), |j| (j.pending_inputs(), j.held_entries()));
+        let held = self.windows.pending_inputs() + job_inputs + self.out.iter().map(|q| q.inputs).sum::<u64>();
         self.shared.held.store(held, Ordering::Relaxed);
-        self.shared.window_entries.store(self.windows.held_entries(), Ordering::Relaxed);
+        self.shared.window_entries.store(self.windows.held_entries() + job_entries, Ordering::Relaxed);
         self.shared.batch_points.store(self.out_points as u64, Ordering::Relaxed);
         let spooled = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
         self.shared.spooled.store(spooled, Ordering::Relaxed);
@@ -586,7 +598,7 @@ impl<E: Exporter> Worker<E> {
             if keep {
                 self.out_points += points;
             }
-            self.out.push_back(Queued { key: r.batch.run.key.clone(), inputs: n, batch: keep.then_some(r.batch), spooled: Some(r.at) });
+            self.out.push_back(Queued { key: r.batch.run.process_key().into_owned(), inputs: n, batch: keep.then_some(r.batch), spooled: Some(r.at) });
         }
         if inputs > 0 {
             self.stats.add_received(inputs);
@@ -648,16 +660,30 @@ impl<E: Exporter> Worker<E> {
         for (reason, message) in &decoded.messages {
             self.rejections.reject(reason.as_str(), &format_args!("exporter {}: {message}", self.name));
         }
+        for message in &decoded.end_errors {
+            self.rejections.reject("run_end", &format_args!("exporter {}: {message}", self.name));
+        }
         let now = Instant::now();
         for rp in decoded.runs {
-            if self.spool.is_some() && !self.own_runs.contains(&rp.run.key) {
-                self.own_runs.insert(rp.run.key.clone());
+            if self.spool.is_some() {
+                // Batches are queued under the process (a rank) or, after a job view, the job.
+                for key in [rp.run.process_key().into_owned(), rp.run.key.clone()] {
+                    if !self.own_runs.contains(&key) {
+                        self.own_runs.insert(key);
+                    }
+                }
             }
             self.exporter.observe_run(&rp.run);
             let late = self.windows.push(rp, now);
             if late > 0 {
                 self.stats.add_dropped(DropReason::Late, late);
                 tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
+            }
+        }
+        for (run, end) in decoded.ends {
+            let key = run.process_key().into_owned();
+            if self.windows.end(run, end, now) {
+                tracing::info!(exporter = %self.name, run = %key, status = end.status.as_str(), "the trainer ended its run; its open windows are written after the reorder window");
             }
         }
         let duplicates = self.windows.take_duplicates();
@@ -687,9 +713,17 @@ impl<E: Exporter> Worker<E> {
     }
 
     fn close_windows(&mut self, close: Close) {
-        for b in self.windows.take_ready(Instant::now(), close) {
+        let now = Instant::now();
+        let mut batches = self.windows.take_ready(now, close);
+        if let Some(jobs) = self.jobs.as_mut() {
+            batches = jobs.process(batches, now, close);
+            for (reason, n) in jobs.take_dropped() {
+                self.stats.add_dropped(reason, n);
+            }
+        }
+        for b in batches {
             self.out_points += b.points.len();
-            let key = b.run.key.clone();
+            let key = b.run.process_key().into_owned();
             let failing = self.failing.contains_key(&key);
             self.out.push_back(Queued { key, inputs: b.inputs(), batch: Some(b), spooled: None });
             if failing && self.spool.is_some() {

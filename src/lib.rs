@@ -42,6 +42,7 @@ pub mod cadence;
 pub mod config;
 pub mod delivery;
 pub mod exporter;
+pub mod jobs;
 pub mod names;
 pub mod receiver;
 pub mod retry;

@@ -590,6 +590,17 @@ impl StepRecorder {
         }
     }
 
+    /// Ends the run by the run-end convention (see [`crate::batch`] "Run end"): records the
+    /// gauge [`crate::batch::RUN_END_METRIC`] once, with the attribute `status`. Made for the
+    /// OTLP route (a collector and `trainmetrics serve` end the run when it arrives, FINISHED,
+    /// FAILED or KILLED); a [`Pipeline`] in process takes it the same way, and also ends its
+    /// runs at shutdown.
+    pub fn record_run_end(&self, status: crate::batch::EndStatus) {
+        if let Some(g) = self.gauge(crate::batch::RUN_END_METRIC) {
+            g.record(1.0, &[KeyValue::new(crate::batch::RUN_END_STATUS_ATTRIBUTE, status.as_str())]);
+        }
+    }
+
     /// Records `value` for metric `name` at `step`.
     pub fn record(&self, step: i64, name: &str, value: f64) {
         self.record_with(step, name, value, &[]);

@@ -519,6 +519,9 @@ pub struct SpoolRun {
     /// [`RunInfo::tags`].
     #[prost(btree_map = "string, string", tag = "6")]
     pub tags: BTreeMap<String, String>,
+    /// [`RunInfo::rank`] (absent in records of versions before ranks: no rank).
+    #[prost(int64, optional, tag = "7")]
+    pub rank: Option<i64>,
 }
 
 /// [`OutPoint`] on disk.
@@ -578,6 +581,7 @@ impl SpoolBatch {
                 run_id: r.run_id.clone(),
                 params: r.params.clone(),
                 tags: r.tags.clone(),
+                rank: r.rank,
             }),
             points: b
                 .points
@@ -615,6 +619,7 @@ impl SpoolBatch {
                 run_id: r.run_id,
                 params: r.params,
                 tags: r.tags,
+                rank: r.rank,
             }),
             points: self
                 .points
@@ -774,7 +779,7 @@ mod tests {
     }
 
     fn batch(step: i64, v: f64) -> OutBatch {
-        let run = RunInfo { key: "r".into(), experiment: Some("e".into()), run_name: None, run_id: Some("id".into()), params: BTreeMap::new(), tags: BTreeMap::new() };
+        let run = RunInfo { key: "r".into(), experiment: Some("e".into()), run_name: None, run_id: Some("id".into()), params: BTreeMap::new(), tags: BTreeMap::new(), rank: Some(3) };
         OutBatch {
             run: Arc::new(run),
             points: vec![OutPoint { series: "loss".into(), step, time_unix_nano: 7, scalar: v, histogram: None, inputs: 3 }],

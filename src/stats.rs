@@ -53,11 +53,14 @@ pub enum DropReason {
     /// The metric name is empty or maps to no name (only `/` and white space): no TensorBoard
     /// tag or MLflow key can stand for it (see [`crate::batch`]).
     InvalidName,
+    /// A point of a rank that the exporter's job view does not show (`ranks: rank0` shows rank
+    /// 0 of a distributed job; see [`crate::jobs`]).
+    OtherRank,
 }
 
 impl DropReason {
     /// Every reason, in report order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::QueueFull,
         DropReason::CardinalityOverflow,
         DropReason::InvalidStep,
@@ -75,6 +78,7 @@ impl DropReason {
         DropReason::Superseded,
         DropReason::Duplicate,
         DropReason::InvalidName,
+        DropReason::OtherRank,
     ];
 
     /// The snake_case name used in reports and logs.
@@ -97,6 +101,7 @@ impl DropReason {
             DropReason::Superseded => "superseded",
             DropReason::Duplicate => "duplicate",
             DropReason::InvalidName => "invalid_name",
+            DropReason::OtherRank => "other_rank",
         }
     }
 

@@ -95,18 +95,20 @@ impl Fanout {
         }
         let bytes = prost::Message::encoded_len(&req) as u64;
         let points = count_data_points(&req);
-        let mut newest: Vec<(&str, i64)> = Vec::new();
+        // Per process: the ranks of a job each have their own steps.
+        let mut newest: Vec<(std::borrow::Cow<'_, str>, i64)> = Vec::new();
         for rp in &decoded.runs {
             let Some(max) = rp.points.iter().map(|p| p.step).max() else { continue };
-            match newest.iter_mut().find(|(k, _)| *k == rp.run.key) {
+            let key = rp.run.process_key();
+            match newest.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, m)) => *m = (*m).max(max),
-                None => newest.push((rp.run.key.as_str(), max)),
+                None => newest.push((key, max)),
             }
         }
         let req = Arc::new(req);
         {
             let mut seen = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let older = !newest.is_empty() && newest.iter().all(|(k, step)| seen.get(*k).is_some_and(|m| step <= m));
+            let older = !newest.is_empty() && newest.iter().all(|(k, step)| seen.get(k.as_ref()).is_some_and(|m| step <= m));
             for d in self.deliveries.iter() {
                 if let Err(reason) = d.room(points, bytes, older) {
                     return Err(Busy { exporter: d.name().to_string(), reason });

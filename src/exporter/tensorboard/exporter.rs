@@ -44,6 +44,12 @@
 //! - Nothing is written through a symlink: a run directory candidate that is a symlink, or whose
 //!   marker is a symlink, counts as taken (the run gets the next name, with a warning); event files are created exclusively, and an existing one (or its directory) that
 //!   has become a symlink is refused with an error.
+//! - Ranks of a distributed job ([`RunInfo::rank`]) share the job's run directory, claimed by the
+//!   run key as above, and each writes its own event files in `<run dir>/rank-<N>`
+//!   ([`rank_dir_name`]), which TensorBoard shows as the run `<run dir>/rank-<N>`: every rank's
+//!   curve is whole, and a rank's steps never look like a resume of another's.
+//! - A batch that ends its run ([`OutBatch::ended`]: the trainer's run-end gauge) has its event
+//!   file synced and closed after its points are written.
 //! - A resumed run ([`OutBatch::resumed_at`]: a trainer restarted from a checkpoint at step S
 //!   while this exporter ran on) starts a new event file whose session begins with a
 //!   `SessionLog START` at S: TensorBoard's Python loader purges the run's points at S and above
@@ -344,9 +350,15 @@ impl TensorBoardExporter {
     /// The directory a run writes to: the one it claimed, or before its first write the first
     /// it will try (`<logdir>/<run dir name>`; see the module docs).
     pub fn run_dir(&self, run: &RunInfo) -> PathBuf {
-        match self.runs.get(&run.key).and_then(|rf| rf.dir.clone()) {
+        match self.runs.get(run.process_key().as_ref()).and_then(|rf| rf.dir.clone()) {
             Some(dir) => dir,
-            None => self.settings.logdir.join(run_dir_name(run.display_name())),
+            None => {
+                let dir = self.settings.logdir.join(run_dir_name(run.display_name()));
+                match run.rank {
+                    Some(r) => dir.join(rank_dir_name(r)),
+                    None => dir,
+                }
+            }
         }
     }
 
@@ -362,29 +374,55 @@ impl TensorBoardExporter {
 
     /// The run's claimed directory, claiming one on first use.
     fn claimed_dir(&mut self, run: &RunInfo) -> Result<PathBuf, ExportError> {
-        if let Some(dir) = self.runs.get(&run.key).and_then(|rf| rf.dir.clone()) {
+        let key = run.process_key();
+        if let Some(dir) = self.runs.get(key.as_ref()).and_then(|rf| rf.dir.clone()) {
             return Ok(dir);
         }
         let name = run_dir_name(run.display_name());
-        let dir = claim_run_dir(&self.settings.logdir, &name, &run.key)?;
+        // The ranks of a job share the job's directory (claimed by the job's key), each in a
+        // directory of its own inside it.
+        let mut dir = claim_run_dir(&self.settings.logdir, &name, &run.key)?;
         if dir.file_name().is_some_and(|n| n != name.as_str()) {
             tracing::info!(run = %run.key, dir = %dir.display(), "run name taken by another run; using a suffixed directory");
         }
-        self.runs.entry(run.key.clone()).or_default().dir = Some(dir.clone());
+        if let Some(rank) = run.rank {
+            dir = dir.join(rank_dir_name(rank));
+            if is_symlink(&dir) {
+                return Err(ExportError::Retryable { message: format!("{} is a symlink; not written through", dir.display()), retry_after: None });
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| io_error("creating", &dir, e))?;
+        }
+        self.runs.entry(key.to_string()).or_default().dir = Some(dir.clone());
         if let Ok(mut dirs) = self.run_dirs.lock() {
-            dirs.insert(run.key.clone(), dir.clone());
+            dirs.insert(key.into_owned(), dir.clone());
         }
         Ok(dir)
+    }
+
+    /// Syncs and closes the event file of the process `key` (its run ended): the next write
+    /// of that process appends to the same file.
+    fn close_run(&mut self, key: &str) -> Result<(), ExportError> {
+        let Some(rf) = self.runs.get_mut(key) else { return Ok(()) };
+        let open = self.open.close(key);
+        let Some(path) = rf.path.as_ref().filter(|_| rf.unsynced) else { return Ok(()) };
+        let synced = match open {
+            Some(f) => f.sync_all(),
+            None => open_event_file(path, false).and_then(|f| f.sync_all()),
+        };
+        synced.map_err(|e| io_error("syncing", path, e))?;
+        rf.unsynced = false;
+        Ok(())
     }
 
     /// Appends `buf` to the run's current file, or to a new one in its directory. On error the
     /// file is abandoned (and removed if this call created it).
     fn write(&mut self, run: &RunInfo, buf: &[u8]) -> Result<(), ExportError> {
         let dir = self.claimed_dir(run)?;
-        let rf = self.runs.entry(run.key.clone()).or_default();
+        let key = run.process_key();
+        let rf = self.runs.entry(key.to_string()).or_default();
         let created = rf.path.is_none();
         let path = rf.path.take().unwrap_or_else(|| dir.join(new_file_name()));
-        let file = match self.open.get_or_open(&run.key, || open_event_file(&path, created)) {
+        let file = match self.open.get_or_open(&key, || open_event_file(&path, created)) {
             Ok(f) => f,
             Err(e) => {
                 rf.dir = None;
@@ -396,7 +434,7 @@ impl TensorBoardExporter {
             // A partial record would end the file for every reader: cut it off, and the file
             // goes on (a full disk still lets a file shrink). If that fails, it is abandoned.
             let cut = !created && len_before != u64::MAX && file.set_len(len_before).is_ok();
-            drop(self.open.close(&run.key));
+            drop(self.open.close(&key));
             if cut {
                 rf.path = Some(path.clone());
             }
@@ -507,7 +545,8 @@ fn encode_step(
 impl TensorBoardExporter {
     /// Writes `points` (indices from `base` in their batch) of `run`; the refused ones.
     fn export_points(&mut self, run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>) -> Result<Vec<(usize, DropReason)>, ExportError> {
-        let rf = self.runs.entry(run.key.clone()).or_default();
+        let key = run.process_key();
+        let rf = self.runs.entry(key.to_string()).or_default();
         let new_file = rf.path.is_none();
         let params = self.params.get(&run.key).unwrap_or(&run.params);
         let p = encode(run, points, base, start_at, rf, params);
@@ -515,7 +554,7 @@ impl TensorBoardExporter {
             return Ok(p.refused);
         }
         self.write(run, &p.buf)?;
-        let rf = self.runs.entry(run.key.clone()).or_default();
+        let rf = self.runs.entry(key.into_owned()).or_default();
         rf.tags_in_file = p.tags_in_file;
         rf.written = p.written;
         rf.session_started = p.session_started;
@@ -549,32 +588,11 @@ impl TensorBoardExporter {
 
 impl Exporter for TensorBoardExporter {
     fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
-        let Some(resumed) = batch.resumed_at else {
-            return Ok(Exported { refused: self.export_points(&batch.run, &batch.points, 0, None)? });
-        };
-        // Points below the resume step (windows of the old session closing now) end the old
-        // file; the rest starts the new session (batches are sorted by step).
-        let split = batch.points.partition_point(|p| p.step < resumed);
-        let (old, new) = batch.points.split_at(split);
-        let mut refused = if old.is_empty() || self.runs.get(&batch.run.key).is_some_and(|rf| rf.resumed_at == Some(resumed)) {
-            Vec::new()
-        } else {
-            self.export_points(&batch.run, old, 0, None)?
-        };
-        if self.runs.get(&batch.run.key).is_some_and(|rf| rf.path.is_some()) {
-            self.break_session(&batch.run.key, resumed);
-        } else {
-            // Nothing written yet by this exporter (or a file just failed): the next file is
-            // new anyway; its session starts at the resume step.
-            let rf = self.runs.entry(batch.run.key.clone()).or_default();
-            if rf.resumed_at != Some(resumed) {
-                rf.session_started = false;
-                rf.written.values_mut().for_each(|w| *w = (*w).min(resumed.saturating_sub(1)));
-                rf.resumed_at = Some(resumed);
-            }
+        let exported = self.export_batch(batch)?;
+        if batch.ended.is_some() {
+            self.close_run(&batch.run.process_key())?;
         }
-        refused.extend(self.export_points(&batch.run, new, split, Some(resumed))?);
-        Ok(Exported { refused })
+        Ok(exported)
     }
 
     fn observe_run(&mut self, run: &RunInfo) {
@@ -589,6 +607,44 @@ impl Exporter for TensorBoardExporter {
             None => Ok(()),
         }
     }
+}
+
+impl TensorBoardExporter {
+    /// Writes a batch's points, starting a new session on a resume (see the module docs).
+    fn export_batch(&mut self, batch: &OutBatch) -> Result<Exported, ExportError> {
+        let Some(resumed) = batch.resumed_at else {
+            return Ok(Exported { refused: self.export_points(&batch.run, &batch.points, 0, None)? });
+        };
+        let key = batch.run.process_key();
+        // Points below the resume step (windows of the old session closing now) end the old
+        // file; the rest starts the new session (batches are sorted by step).
+        let split = batch.points.partition_point(|p| p.step < resumed);
+        let (old, new) = batch.points.split_at(split);
+        let mut refused = if old.is_empty() || self.runs.get(key.as_ref()).is_some_and(|rf| rf.resumed_at == Some(resumed)) {
+            Vec::new()
+        } else {
+            self.export_points(&batch.run, old, 0, None)?
+        };
+        if self.runs.get(key.as_ref()).is_some_and(|rf| rf.path.is_some()) {
+            self.break_session(&key, resumed);
+        } else {
+            // Nothing written yet by this exporter (or a file just failed): the next file is
+            // new anyway; its session starts at the resume step.
+            let rf = self.runs.entry(key.to_string()).or_default();
+            if rf.resumed_at != Some(resumed) {
+                rf.session_started = false;
+                rf.written.values_mut().for_each(|w| *w = (*w).min(resumed.saturating_sub(1)));
+                rf.resumed_at = Some(resumed);
+            }
+        }
+        refused.extend(self.export_points(&batch.run, new, split, Some(resumed))?);
+        Ok(Exported { refused })
+    }
+}
+
+/// The directory of a rank inside its job's run directory: `rank-<N>`.
+pub fn rank_dir_name(rank: i64) -> String {
+    format!("rank-{rank}")
 }
 
 #[cfg(test)]
