@@ -49,6 +49,9 @@
 //! every 2000 steps (on its thread: one gRPC round trip, reported as `flush_time_ms`, not in
 //! `step_time_ms`), so no step can fold into the SDK's overflow series whatever the export
 //! timing (the SDK keeps a delta collection's sets until the next one: 2 × 2000 < 20 000).
+//! At its end the trainer records the run-end gauge `trainmetrics.run.end` with `status`
+//! FINISHED (FAILED when training failed; [`StepRecorder::record_run_end`]), so `serve` writes
+//! the last partial windows and ends the MLflow run at once (README "Run end").
 //! The tonic exporter needs a Tokio runtime: a one-worker runtime lives until after the
 //! provider's shutdown. Every export's result is counted; any failed export makes the exit
 //! status non-zero.
@@ -95,7 +98,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::EnvFilter;
-use trainmetrics::batch::IdentityKeys;
+use trainmetrics::batch::{EndStatus, IdentityKeys};
 use trainmetrics::cadence::Aggregation;
 use trainmetrics::config::{default_run_name, ExporterConfig};
 use trainmetrics::{Pipeline, StepRecorder};
@@ -802,6 +805,10 @@ fn run_otlp(args: &Args, url: &str, data: &Data, model: &Mlp, csv: Option<BufWri
         flush: Some(provider.clone()),
     };
     let trained = train(args, data, model, &mut rec);
+    // The run-end convention (README "Run end"): `serve` ends the MLflow run on it.
+    rec.rec.record_run_end(if trained.is_ok() { EndStatus::Finished } else { EndStatus::Failed });
+    // One OTLP data point of its own (which `serve` takes as the end, not as a metric point).
+    rec.recorded += 1;
     let csv_done = rec.finish();
     // Whatever happened, what was recorded goes out: a last collection, then the shutdown
     // (which collects once more, finds nothing, and shuts the exporter down).

@@ -120,6 +120,9 @@ NONFINITE_ATTRIBUTE = "trainmetrics.nonfinite"
 NAME_ATTRIBUTE = "trainmetrics.name"
 NAMED_GAUGE = "trainmetrics.named"
 OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
+# The gauge a trainer records once at its end, with the attribute `status` (FINISHED, FAILED,
+# KILLED): the run-end convention of `trainmetrics serve` (README "Run end").
+RUN_END_METRIC = "trainmetrics.run.end"
 # The OTel API's instrument name rule (the Python API checks the same expression).
 INSTRUMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-/]{0,254}")
 
@@ -579,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if csv_file is not None:
             csv_file.close()
+        # The run-end convention of trainmetrics (README "Run end"): one gauge at the end,
+        # with the status, so `serve` ends the MLflow run now rather than by idle time.
+        provider.get_meter("trainmetrics-python-example").create_gauge(RUN_END_METRIC).set(
+            1, {"status": "FINISHED" if failure is None else "FAILED"}
+        )
         # What was recorded goes out even when training failed: flush, then shut down (the
         # reader's last collection and the exporter's channel).
         t_flush = time.perf_counter()
