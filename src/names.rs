@@ -205,6 +205,21 @@ pub struct MappedKey {
 }
 
 impl MlflowKeys {
+    /// Records that `name` already holds `key` in this run (read back from the server when a
+    /// run is continued), so [`MlflowKeys::key_for`] gives it the same key and never gives that
+    /// key to another name. Returns false, changing nothing, when `key` is held by another name
+    /// or `name` by another key: the first claim read stands.
+    pub fn restore(&mut self, name: &str, key: &str) -> bool {
+        let key_free = self.claimed.get(key).is_none_or(|owner| owner == name);
+        let name_free = self.by_name.get(name).is_none_or(|k| k == key);
+        if !(key_free && name_free) {
+            return false;
+        }
+        self.claimed.insert(key.to_string(), name.to_string());
+        self.by_name.insert(name.to_string(), key.to_string());
+        true
+    }
+
     /// Returns the key for `name` in this run, claiming it on first use.
     pub fn key_for(&mut self, name: &str) -> MappedKey {
         if let Some(k) = self.by_name.get(name) {
@@ -392,6 +407,27 @@ mod tests {
         let mut keys = MlflowKeys::default();
         let plain = keys.key_for("loss");
         assert_eq!(plain, MappedKey { key: "loss".into(), renamed: false, first_use: true });
+    }
+
+    #[test]
+    fn restored_claims_survive_a_new_arrival_order() {
+        // Before a restart `a@b` claimed `a_b` and the name `a_b` got the suffixed key; after
+        // it `a_b` arrives first and must not take the plain key back.
+        let mut before = MlflowKeys::default();
+        let ab = before.key_for("a@b").key;
+        let plain = before.key_for("a_b").key;
+        assert_eq!(ab, "a_b");
+        assert_ne!(plain, "a_b");
+        let mut after = MlflowKeys::default();
+        assert!(after.restore("a@b", &ab));
+        assert!(after.restore("a_b", &plain));
+        assert!(!after.restore("other", &ab), "a key held by one name is not given to another");
+        assert!(!after.restore("a@b", "elsewhere"), "a name keeps the key it had");
+        let again = after.key_for("a_b");
+        assert_eq!(again.key, plain);
+        assert!(!again.first_use);
+        assert_eq!(after.key_for("a@b").key, "a_b");
+        assert_ne!(after.key_for("a#b").key, "a_b");
     }
 
     #[test]

@@ -47,6 +47,15 @@
 //! the next request that has a point of that key, so a failed request never loses one. The
 //! timestamp is the data point's time in ms, assigned before the first attempt, so a retried
 //! request carries the same points and the server's SQL store deduplicates them.
+//!
+//! Restarts: which name holds which key depends on arrival order (who claimed a plain key
+//! first), and a new process sees a new order. So before it writes to a run it continues (found
+//! by its run key tag, or `run_id`), the exporter reads the run (`runs/get`) and restores the
+//! claims: a key with a name tag belongs to the tagged name, every other key to the name equal
+//! to it. A name that arrives first after the restart then gets the key it had, and no key ever
+//! holds values of two names (case 017: `a@b` → `a_b`, `a_b` → `a_b-<hash>`, before and after).
+//! Param and tag keys are not restored: MLflow refuses a changed param value (counted
+//! `param_conflict`), and two resource attributes that map to one tag key are rare.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -112,6 +121,21 @@ pub fn run_key_tag_value(key: &str) -> String {
     }
 }
 
+/// Each metric key's largest step in a `runs/get` answer (`data.metrics` holds each key's latest
+/// value, ordered by step first).
+fn latest_steps_of(v: &Value) -> HashMap<String, i64> {
+    let metrics = v.pointer("/run/data/metrics").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    metrics
+        .iter()
+        .filter_map(|m| {
+            let key = m.get("key")?.as_str()?.to_string();
+            // int64 fields may come as JSON strings (proto3 JSON mapping).
+            let step = m.get("step").and_then(|s| s.as_i64().or_else(|| s.as_str()?.parse().ok())).unwrap_or(0);
+            Some((key, step))
+        })
+        .collect()
+}
+
 /// The tag recording the original name of a renamed metric key.
 fn name_tag_key(metric_key: &str) -> String {
     mlflow_key(&format!("{RESERVED_TAG_PREFIX}name/{metric_key}"))
@@ -142,6 +166,18 @@ struct RunState {
     skip_upto: HashMap<String, i64>,
     /// Ended for being idle; set RUNNING again on its next points.
     ended_idle: bool,
+    /// For a continued run: each metric key's largest step on the server when it was continued
+    /// (read with the key mapping; taken by the first batch's resume check).
+    server_latest: Option<HashMap<String, i64>>,
+}
+
+/// What a continued run already holds on the server: the claims of its metric keys and the
+/// name tags already there (module docs, "Restarts").
+#[derive(Debug, Default)]
+struct OnServer {
+    keys: MlflowKeys,
+    logged_name_tags: HashSet<String>,
+    latest: HashMap<String, i64>,
 }
 
 /// Params of a run as they arrived: the first value of each name wins, as on the server.
@@ -347,42 +383,90 @@ impl MlflowExporter {
                 }
             }
         };
+        // Before anything is written to a continued run, its key mapping comes back from the
+        // server: otherwise a name arriving first after a restart could take a key that holds
+        // another name's values.
+        let on_server = if continued { Some(self.read_on_server(&run.key, &mlflow_run_id, budget)?) } else { None };
         if let Ok(mut ids) = self.run_ids.lock() {
             ids.insert(run.key.clone(), MlflowRunRef { experiment_id: exp_id, run_id: mlflow_run_id.clone() });
         }
+        let (keys, logged_name_tags, server_latest) = match on_server {
+            Some(o) => (o.keys, o.logged_name_tags, Some(o.latest)),
+            None => (MlflowKeys::default(), HashSet::new(), None),
+        };
         self.runs.insert(
             run.key.clone(),
             RunState {
                 mlflow_run_id,
-                keys: MlflowKeys::default(),
+                keys,
                 tag_keys: MlflowKeys::default(),
                 params: HashMap::new(),
                 tags: BTreeMap::new(),
-                logged_name_tags: HashSet::new(),
+                logged_name_tags,
                 reserved_skipped: HashSet::new(),
                 continued_unchecked: continued,
                 resumed_at: None,
                 skip_upto: HashMap::new(),
                 ended_idle: false,
+                server_latest,
             },
         );
         Ok(())
     }
 
-    /// Largest step per metric key that the server holds for `run_id` (`runs/get`
-    /// `data.metrics` is each key's latest value, ordered by step first).
-    fn latest_steps(&self, run_id: &str, budget: &Budget) -> Result<HashMap<String, i64>, ExportError> {
+    /// Reads a continued run's metric keys and name tags (`runs/get`) into the claims of its
+    /// keys: a key with a tag `trainmetrics.name/<key>` belongs to the name in that tag, any other
+    /// key to the name equal to it. Name tags are read first, so when an older version let two
+    /// names share a key, the tagged name keeps it and the other gets a new key from now on
+    /// (logged, counted `name_mapping_conflict`).
+    fn read_on_server(&self, run_key: &str, run_id: &str, budget: &Budget) -> Result<OnServer, ExportError> {
         let v = self.client.get("runs/get", &[("run_id", run_id)], budget.left()?)?;
-        let metrics = v.pointer("/run/data/metrics").and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(metrics
+        let mut out = OnServer { latest: latest_steps_of(&v), ..Default::default() };
+        let tags = v.pointer("/run/data/tags").and_then(Value::as_array).cloned().unwrap_or_default();
+        let name_prefix = format!("{RESERVED_TAG_PREFIX}name/");
+        let mut conflicts = 0u64;
+        let mut tagged = HashSet::new();
+        for t in &tags {
+            let (Some(tag), Some(name)) = (t.get("key").and_then(Value::as_str), t.get("value").and_then(Value::as_str)) else {
+                continue;
+            };
+            let Some(key) = tag.strip_prefix(&name_prefix) else { continue };
+            // Long keys have a shortened tag key; those are matched from the metric keys below.
+            if name_tag_key(key) != tag {
+                continue;
+            }
+            tagged.insert(key.to_string());
+            if out.keys.restore(name, key) {
+                out.logged_name_tags.insert(tag.to_string());
+            } else {
+                conflicts += 1;
+            }
+        }
+        let by_tag: HashMap<&str, &str> = tags
             .iter()
-            .filter_map(|m| {
-                let key = m.get("key")?.as_str()?.to_string();
-                // int64 fields may come as JSON strings (proto3 JSON mapping).
-                let step = m.get("step").and_then(|s| s.as_i64().or_else(|| s.as_str()?.parse().ok())).unwrap_or(0);
-                Some((key, step))
-            })
-            .collect())
+            .filter_map(|t| Some((t.get("key")?.as_str()?, t.get("value")?.as_str()?)))
+            .collect();
+        let mut metric_keys: Vec<&String> = out.latest.keys().filter(|k| !tagged.contains(*k)).collect();
+        metric_keys.sort();
+        for key in metric_keys {
+            let tag = name_tag_key(key);
+            let restored = match by_tag.get(tag.as_str()) {
+                Some(name) => out.keys.restore(name, key) && out.logged_name_tags.insert(tag),
+                None => out.keys.restore(key, key),
+            };
+            conflicts += u64::from(!restored);
+        }
+        if conflicts > 0 {
+            tracing::warn!(run = %run_key, mlflow_run_id = %run_id, conflicts, "the run already has metric keys shared by two names (written by an older version); new points of the later names get keys of their own");
+            self.event("name_mapping_conflict", conflicts);
+        }
+        tracing::info!(run = %run_key, mlflow_run_id = %run_id, keys = out.latest.len(), renamed = out.logged_name_tags.len(), "restored the metric key mapping of the continued run");
+        Ok(out)
+    }
+
+    /// Largest step per metric key that the server holds for `run_id` ([`latest_steps_of`]).
+    fn latest_steps(&self, run_id: &str, budget: &Budget) -> Result<HashMap<String, i64>, ExportError> {
+        Ok(latest_steps_of(&self.client.get("runs/get", &[("run_id", run_id)], budget.left()?)?))
     }
 
     /// Applies the resume rules of the module docs before `batch` is logged: sets the run
@@ -403,7 +487,11 @@ impl MlflowExporter {
         let mut latest = None;
         if continued_unchecked && resumed_at.is_none() {
             if let Some(first) = first_step {
-                let l = self.latest_steps(&run_id, budget)?;
+                let known = self.runs.get_mut(&batch.run.key).and_then(|s| s.server_latest.take());
+                let l = match known {
+                    Some(l) => l,
+                    None => self.latest_steps(&run_id, budget)?,
+                };
                 if l.values().any(|s| *s >= first) {
                     resumed_at = Some(first);
                 }
@@ -481,6 +569,21 @@ impl MlflowExporter {
             s.ended_idle = true;
         }
         Ok(())
+    }
+
+    /// After MLflow refused the credentials: reads the credential file again (when they come
+    /// from one), so a fixed or rotated file is taken up without a restart. A file that cannot
+    /// be read now keeps the credentials in use.
+    fn reload_credentials(&mut self) {
+        let Some(file) = &self.settings.credential_file else { return };
+        match file.authorization() {
+            Ok(a) => {
+                if self.client.set_authorization(Some(a)) {
+                    tracing::info!(file = %file.path().display(), "MLflow refused the credentials; using the new ones from their file");
+                }
+            }
+            Err(e) => tracing::warn!("MLflow refused the credentials and their file gives none: {e}"),
+        }
     }
 
     /// Logs params and tags of `run` not logged yet (see the module docs for conflicts).
@@ -567,6 +670,9 @@ impl MlflowExporter {
 impl Exporter for MlflowExporter {
     fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError> {
         let budget = Budget(Instant::now() + timeout);
+        if self.client.credentials_refused() {
+            self.reload_credentials();
+        }
         if batch.points.is_empty() {
             // An idle batch with nothing left to log: end the run if this exporter has one.
             if batch.idle && self.runs.get(&batch.run.key).is_some_and(|s| !s.ended_idle) {
