@@ -163,6 +163,7 @@ fn mlflow_delivery(experiment: &str) -> Delivery {
         authorization: None,
         experiment: experiment.to_string(),
         run_id: None,
+        credential_file: None,
     };
     let d = DeliverySettings {
         cadence: trainmetrics::cadence::CadenceSettings { linger: Duration::from_millis(200), ..Default::default() },

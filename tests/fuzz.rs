@@ -1031,7 +1031,7 @@ fn generated_requests_land_in_mlflow() {
         let (req, (decode, cadence)) = strategy.new_tree(&mut runner).expect("value").current();
         let experiment = common::unique(&format!("fuzz-{i}"));
         let mut exporter =
-            MlflowExporter::new(MlflowSettings { tracking_uri: uri.clone(), authorization: None, experiment, run_id: None });
+            MlflowExporter::new(MlflowSettings { tracking_uri: uri.clone(), authorization: None, experiment, run_id: None, credential_file: None });
         let mut windows = Windows::new(cadence, Instant::now());
         let mut decoder = Decoder::new(decode);
         for _ in 0..2 {

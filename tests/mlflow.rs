@@ -20,7 +20,7 @@ use trainmetrics::stats::ExporterReport;
 
 fn delivery(uri: &str, experiment: &str) -> Delivery {
     let settings =
-        MlflowSettings { tracking_uri: uri.into(), authorization: None, experiment: experiment.into(), run_id: None };
+        MlflowSettings { tracking_uri: uri.into(), authorization: None, experiment: experiment.into(), run_id: None, credential_file: None };
     let d = DeliverySettings {
         cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
         retry: RetrySettings { initial_interval: Duration::from_millis(50), ..Default::default() },

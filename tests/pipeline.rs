@@ -226,7 +226,7 @@ fn fake_mlflow(script: Vec<(u16, Option<&'static str>)>) -> FakeMlflow {
 }
 
 fn fake_delivery(uri: &str) -> Delivery {
-    let settings = MlflowSettings { tracking_uri: uri.into(), authorization: None, experiment: "e".into(), run_id: None };
+    let settings = MlflowSettings { tracking_uri: uri.into(), authorization: None, experiment: "e".into(), run_id: None, credential_file: None };
     let d = DeliverySettings {
         cadence: CadenceSettings { linger: Duration::from_millis(1), ..Default::default() },
         retry: RetrySettings { initial_interval: Duration::from_millis(50), ..Default::default() },

@@ -50,12 +50,23 @@ pub struct MlflowServer {
 impl MlflowServer {
     /// Starts one and waits until it answers `/health`.
     pub fn start(port: u16, dir: &Path) -> MlflowServer {
+        Self::start_args(port, dir, &[])
+    }
+
+    /// As [`MlflowServer::start`], running MLflow's basic-auth app: every API call needs HTTP
+    /// Basic credentials; the user `admin` has `password`.
+    pub fn start_basic_auth(port: u16, dir: &Path, password: &str) -> MlflowServer {
+        Self::start_args(port, dir, &["--admin-password", password])
+    }
+
+    fn start_args(port: u16, dir: &Path, extra: &[&str]) -> MlflowServer {
         let mut child = Command::new(python())
             .arg(root().join("tests/support/mlflow_server.py"))
             .args(["--port", &port.to_string()])
             .arg("--dir")
             .arg(dir)
             .args(["--parent-pid", &std::process::id().to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -111,8 +122,26 @@ pub fn mlflow_uri() -> String {
         .clone()
 }
 
+/// `uri` without userinfo, and the HTTP Basic header of its `user:password@`, if it has one: the
+/// readers below take `http://admin:pw@127.0.0.1:P` for a server running the basic-auth app.
+fn split_auth(uri: &str) -> (String, Option<String>) {
+    use base64::Engine;
+    let Some((scheme, rest)) = uri.split_once("://") else { return (uri.to_string(), None) };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(userinfo));
+            (format!("{scheme}://{host}"), Some(header))
+        }
+        None => (uri.to_string(), None),
+    }
+}
+
 fn get(uri: &str, endpoint: &str, query: &[(&str, &str)]) -> Value {
+    let (uri, auth) = split_auth(uri);
     let mut req = ureq::get(format!("{uri}/api/2.0/mlflow/{endpoint}"));
+    if let Some(a) = &auth {
+        req = req.header("Authorization", a);
+    }
     for (k, v) in query {
         req = req.query(*k, *v);
     }
@@ -122,7 +151,12 @@ fn get(uri: &str, endpoint: &str, query: &[(&str, &str)]) -> Value {
 }
 
 fn post(uri: &str, endpoint: &str, body: &Value) -> Value {
-    let mut resp = ureq::post(format!("{uri}/api/2.0/mlflow/{endpoint}"))
+    let (uri, auth) = split_auth(uri);
+    let mut req = ureq::post(format!("{uri}/api/2.0/mlflow/{endpoint}"));
+    if let Some(a) = &auth {
+        req = req.header("Authorization", a);
+    }
+    let mut resp = req
         .header("Content-Type", "application/json")
         .send(body.to_string())
         .unwrap_or_else(|e| panic!("POST {endpoint}: {e}"));
@@ -180,7 +214,12 @@ pub fn kv(run: &Value, what: &str) -> BTreeMap<String, String> {
 /// Runs of an experiment by name (empty if the experiment does not exist).
 pub fn runs_of_experiment(uri: &str, experiment: &str) -> Vec<Value> {
     // 404 (RESOURCE_DOES_NOT_EXIST) is an answer here, not a failure.
-    let mut resp = ureq::get(format!("{uri}/api/2.0/mlflow/experiments/get-by-name"))
+    let (base, auth) = split_auth(uri);
+    let mut req = ureq::get(format!("{base}/api/2.0/mlflow/experiments/get-by-name"));
+    if let Some(a) = &auth {
+        req = req.header("Authorization", a);
+    }
+    let mut resp = req
         .query("experiment_name", experiment)
         .config()
         .http_status_as_error(false)
@@ -513,9 +552,14 @@ impl Service {
 
     /// As [`Service::start_with`], its log (stderr) to `log`.
     pub fn start_logged(config: Option<&Path>, logdir: &Path, extra: &[String], log: Stdio) -> Service {
+        Self::start_env(config, logdir, extra, &[], log)
+    }
+
+    /// As [`Service::start_logged`], with extra environment variables.
+    pub fn start_env(config: Option<&Path>, logdir: &Path, extra: &[String], env: &[(&str, &str)], log: Stdio) -> Service {
         let spool = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(trainmetrics_bin());
-        cmd.arg("serve").env("TRAINMETRICS_SPOOL_DIR", spool.path());
+        cmd.arg("serve").env("TRAINMETRICS_SPOOL_DIR", spool.path()).envs(env.iter().copied());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }

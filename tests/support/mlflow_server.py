@@ -2,6 +2,7 @@
 """Run a throwaway MLflow tracking server for one Rust integration test process.
 
     .venv/bin/python tests/support/mlflow_server.py --port P --dir D --parent-pid PID
+        [--admin-password PW]
 
 Starts `mlflow server` on 127.0.0.1:P with a SQLite store in D, in its own
 process group, and prints exactly one line on stdout:
@@ -10,6 +11,10 @@ process group, and prints exactly one line on stdout:
 It then stays alive as a watchdog: when PID is gone, or on SIGTERM/SIGINT/SIGHUP,
 it kills the server's whole process group and exits. That way a test binary
 that panics or is killed never leaves a server (and its port) behind.
+
+With --admin-password the server runs MLflow's basic-auth app (`--app-name
+basic-auth`, its user store in D/basic_auth.db): every API call needs HTTP Basic
+credentials, and the admin user `admin` has the password PW. /health stays open.
 
 Startup takes ~14 s on a fresh D (schema migrations) and ~8 s when D already
 holds a migrated mlflow.db, on the 2-core machine; most of it is importing mlflow.
@@ -27,10 +32,11 @@ import urllib.request
 POLL_SECS = 0.5
 
 
-def server_command(port, data_dir):
+def server_command(port, data_dir, auth):
     db = os.path.join(data_dir, "mlflow.db")
+    app = ["--app-name", "basic-auth"] if auth else []
     return [
-        sys.executable, "-m", "mlflow", "server",
+        sys.executable, "-m", "mlflow", "server", *app,
         "--host", "127.0.0.1",
         "--port", str(port),
         # Four slashes: sqlite:/// + an absolute path.
@@ -40,8 +46,25 @@ def server_command(port, data_dir):
     ]
 
 
-def server_env():
+def auth_config(data_dir, password):
+    """Writes D/basic_auth.ini for MLflow's basic-auth app; returns its path."""
+    path = os.path.join(data_dir, "basic_auth.ini")
+    with open(path, "w") as f:
+        f.write("[mlflow]\n")
+        f.write("default_permission = READ\n")
+        f.write("database_uri = sqlite:///%s\n" % os.path.join(data_dir, "basic_auth.db"))
+        f.write("admin_username = admin\n")
+        f.write("admin_password = %s\n" % password)
+        f.write("authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
+
+
+def server_env(data_dir, password):
     env = dict(os.environ)
+    if password is not None:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = auth_config(data_dir, password)
+        # The auth app signs its sessions; any value does for a throwaway server.
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()
     # The job runner (GenAI evaluation jobs) is not used by the tracking API but
     # costs 8 extra processes (~550 MB) and leaves a temp dir in /dev/shm.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -128,6 +151,7 @@ def main():
     ap.add_argument("--dir", required=True, help="data dir: mlflow.db, artifacts/, server.log")
     ap.add_argument("--parent-pid", type=int, required=True)
     ap.add_argument("--timeout", type=float, default=120, help="seconds to wait for /health")
+    ap.add_argument("--admin-password", help="run the basic-auth app; user admin has this password")
     args = ap.parse_args()
 
     stop = []
@@ -148,9 +172,9 @@ def main():
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            server_command(args.port, data_dir),
+            server_command(args.port, data_dir, args.admin_password is not None),
             cwd=data_dir,  # anything mlflow drops in its cwd stays in D
-            env=server_env(),
+            env=server_env(data_dir, args.admin_password),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,9 @@
 //! HTTP client of the MLflow REST API: JSON in and out, auth header, per-call timeout, and the
 //! classification of failures for the retry policy (source: mlflow's `rest_utils.py` retries
-//! 408, 429, 500, 502, 503, 504 and connection errors; everything else is final).
+//! 408, 429, 500, 502, 503, 504 and connection errors). We also retry 401 and 403: a refused
+//! credential is an outage of the whole backend (a password changed, a token expired), not a
+//! fault of one batch, so batches wait (in the spool) until the credentials are fixed, as they
+//! do while the server is down (case 019). Everything else is final.
 //!
 //! Redirects are not followed: an HTTP client following a 301/302 turns the POST into a GET
 //! (and would carry the `Authorization` header to wherever it points), so the call would fail
@@ -69,13 +72,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether trying again can help: transport errors and HTTP 408, 429, 5xx.
+    /// Whether trying again can help: transport errors and HTTP 401, 403 (credentials: see the
+    /// module docs), 408, 429, 5xx.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
-            ClientError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            ClientError::Status { status, .. } => matches!(status, 401 | 403 | 408 | 429 | 500..=599),
             ClientError::Redirect { .. } | ClientError::Decode { .. } => false,
         }
+    }
+
+    /// Whether the server refused the credentials (HTTP 401 or 403).
+    pub fn is_credentials_refused(&self) -> bool {
+        matches!(self.status(), Some(401 | 403))
     }
 
     /// MLflow's error code, if the server sent one.
@@ -101,7 +110,10 @@ impl From<ClientError> for ExportError {
             ClientError::Status { retry_after, .. } => *retry_after,
             _ => None,
         };
-        if e.is_retryable() {
+        if e.is_credentials_refused() {
+            let message = format!("{e} (MLflow refused the credentials; batches wait until it accepts them)");
+            ExportError::Retryable { message, retry_after }
+        } else if e.is_retryable() {
             ExportError::Retryable { message: e.to_string(), retry_after }
         } else {
             ExportError::Permanent { message: e.to_string() }
@@ -114,6 +126,8 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     authorization: Option<String>,
+    /// The last answer was 401 or 403 (a call since then succeeded: cleared).
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Client {
@@ -166,7 +180,22 @@ impl Client {
             agent: ureq::Agent::new_with_config(config),
             base: format!("{}{}", tracking_uri.trim_end_matches('/'), API_PREFIX),
             authorization,
+            refused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the server refused the credentials at its last answer (HTTP 401 or 403).
+    pub fn credentials_refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends `authorization` as the `Authorization` header from now on; true if it changed.
+    pub fn set_authorization(&mut self, authorization: Option<String>) -> bool {
+        if self.authorization == authorization {
+            return false;
+        }
+        self.authorization = authorization;
+        true
     }
 
     /// `GET <endpoint>?<query>` → the JSON body.
@@ -234,6 +263,7 @@ impl Client {
             message: e.to_string(),
         })?;
         let status = resp.status().as_u16();
+        self.refused.store(matches!(status, 401 | 403), std::sync::atomic::Ordering::Relaxed);
         let retry_after = resp
             .headers()
             .get("retry-after")
@@ -284,6 +314,28 @@ mod tests {
         assert!(!out.contains("pa55word") && !out.contains(&basic[6..]), "{out}");
         let c = Client::new("http://127.0.0.1:1", Some("Bearer tok-123456".into()));
         assert_eq!(c.redact("bad token tok-123456"), "bad token <redacted>");
+    }
+
+    #[test]
+    fn refused_credentials_are_an_outage_and_other_client_errors_are_final() {
+        let status = |status| ClientError::Status {
+            endpoint: "runs/log-batch".into(),
+            status,
+            error_code: String::new(),
+            message: "no".into(),
+            retry_after: None,
+        };
+        for s in [401, 403] {
+            assert!(status(s).is_retryable() && status(s).is_credentials_refused(), "{s}");
+            match ExportError::from(status(s)) {
+                ExportError::Retryable { message, .. } => assert!(message.contains(&format!("HTTP {s}")) && message.contains("credentials"), "{message}"),
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+        for s in [400, 404, 409] {
+            assert!(!status(s).is_retryable() && !status(s).is_credentials_refused(), "{s}");
+        }
+        assert!(status(503).is_retryable() && !status(503).is_credentials_refused());
     }
 
     #[test]

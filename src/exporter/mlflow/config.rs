@@ -7,7 +7,9 @@
 //!   `token_file` / `password_file` keys name files holding the token / password (trimmed of
 //!   surrounding whitespace), so no secret needs to sit in the YAML or the environment; a file
 //!   beats the matching variable, `password_file` needs `MLFLOW_TRACKING_USERNAME`, and at most
-//!   one of the two may be set. Problems name the file, never its content.
+//!   one of the two may be set. Problems name the file, never its content. When MLflow refuses
+//!   the credentials (HTTP 401/403), the exporter reads the file again before its next try, so
+//!   credentials fixed (or rotated) in the file are taken up by the running process;
 //!   Credentials written into the URI (`http://user:pass@host[/prefix]`) are moved into Basic
 //!   auth and removed from the URI every request and message uses ([`parse_tracking_uri`]):
 //!   when the part after `scheme://` has an `@` before its first `?`/`#`, everything up to the
@@ -35,6 +37,69 @@ pub struct MlflowSettings {
     pub experiment: String,
     /// An MLflow run id to continue instead of finding or creating one.
     pub run_id: Option<String>,
+    /// The file `authorization` was read from (`token_file` / `password_file`), read again when
+    /// the server refuses the credentials; `None` when they come from the environment or the URI.
+    pub credential_file: Option<CredentialFile>,
+}
+
+/// A credential file of the MLflow exporter (`token_file` or `password_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFile {
+    /// `token_file`: the file holds a bearer token.
+    Token(std::path::PathBuf),
+    /// `password_file`: the file holds the password of `user` (`MLFLOW_TRACKING_USERNAME`).
+    Password {
+        /// The user name (not a secret).
+        user: String,
+        /// The file.
+        file: std::path::PathBuf,
+    },
+}
+
+/// Why a credential file gave no credentials. Messages name the file, never its content.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialFileError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", file.display())]
+    Unreadable {
+        /// The file.
+        file: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file holds nothing but white space.
+    #[error("{} is empty", file.display())]
+    Empty {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+}
+
+impl CredentialFile {
+    /// The file.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            CredentialFile::Token(f) | CredentialFile::Password { file: f, .. } => f,
+        }
+    }
+
+    /// The `Authorization` header value from the file's current content (trimmed of surrounding
+    /// white space): `Bearer <token>` or HTTP Basic of the user and the password.
+    ///
+    /// Errors: the file cannot be read, or is empty.
+    pub fn authorization(&self) -> Result<String, CredentialFileError> {
+        let file = self.path();
+        let text = std::fs::read_to_string(file)
+            .map_err(|source| CredentialFileError::Unreadable { file: file.to_path_buf(), source })?;
+        let secret = text.trim();
+        if secret.is_empty() {
+            return Err(CredentialFileError::Empty { file: file.to_path_buf() });
+        }
+        Ok(match self {
+            CredentialFile::Token(_) => format!("Bearer {secret}"),
+            CredentialFile::Password { user, .. } => basic(user, secret),
+        })
+    }
 }
 
 impl std::fmt::Debug for MlflowSettings {
@@ -44,6 +109,7 @@ impl std::fmt::Debug for MlflowSettings {
             .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
             .field("experiment", &self.experiment)
             .field("run_id", &self.run_id)
+            .field("credential_file", &self.credential_file)
             .finish()
     }
 }
@@ -151,39 +217,29 @@ pub fn strip_userinfo(uri: &str) -> String {
     }
 }
 
-/// Reads a credential file: trimmed, not empty. Problems name the file, not its content.
-fn read_secret(file: &std::path::Path, at: String, p: &mut Problems) -> Option<String> {
-    match std::fs::read_to_string(file) {
-        Ok(t) if t.trim().is_empty() => {
-            p.add(at, format!("{} is empty", file.display()));
-            None
-        }
-        Ok(t) => Some(t.trim().to_string()),
-        Err(e) => {
-            p.add(at, format!("cannot read {}: {e}", file.display()));
-            None
-        }
-    }
-}
-
-/// The `Authorization` value from `token_file` / `password_file`, if one is set.
-fn credential_files(c: &ExporterConfig, path: &str, p: &mut Problems) -> Option<String> {
-    match (&c.token_file, &c.password_file) {
-        (None, None) => None,
+/// The credential file of `token_file` / `password_file` and the `Authorization` value read
+/// from it now, if one is set and usable.
+fn credential_files(c: &ExporterConfig, path: &str, p: &mut Problems) -> Option<(CredentialFile, String)> {
+    let (file, key) = match (&c.token_file, &c.password_file) {
+        (None, None) => return None,
         (Some(_), Some(_)) => {
             p.add(path, "set one of token_file and password_file, not both");
-            None
+            return None;
         }
-        (Some(f), None) => read_secret(f, format!("{path}.token_file"), p).map(|t| format!("Bearer {t}")),
-        (None, Some(f)) => {
-            let password = read_secret(f, format!("{path}.password_file"), p)?;
-            match env("MLFLOW_TRACKING_USERNAME") {
-                Some(user) => Some(basic(&user, &password)),
-                None => {
-                    p.add(format!("{path}.password_file"), "needs MLFLOW_TRACKING_USERNAME (the user name)");
-                    None
-                }
+        (Some(f), None) => (CredentialFile::Token(f.clone()), "token_file"),
+        (None, Some(f)) => match env("MLFLOW_TRACKING_USERNAME") {
+            Some(user) => (CredentialFile::Password { user, file: f.clone() }, "password_file"),
+            None => {
+                p.add(format!("{path}.password_file"), "needs MLFLOW_TRACKING_USERNAME (the user name)");
+                return None;
             }
+        },
+    };
+    match file.authorization() {
+        Ok(a) => Some((file, a)),
+        Err(e) => {
+            p.add(format!("{path}.{key}"), e.to_string());
+            None
         }
     }
 }
@@ -198,14 +254,18 @@ impl MlflowSettings {
             (Some(u), Some(pw)) => Some(basic(&u, &pw)),
             _ => env("MLFLOW_TRACKING_TOKEN").map(|t| format!("Bearer {t}")),
         };
-        if let Some(a) = credential_files(c, path, p) {
+        let mut credential_file = None;
+        if let Some((file, a)) = credential_files(c, path, p) {
             authorization = Some(a);
+            credential_file = Some(file);
         }
         match parse_tracking_uri(&uri) {
             Ok(parsed) => {
                 tracking_uri = parsed.base;
                 if let Some(basic_auth) = parsed.basic {
+                    // Credentials in the URI win over a file: the file is not read again either.
                     authorization = Some(basic_auth);
+                    credential_file = None;
                 }
             }
             Err(problem) => p.add(format!("{path}.tracking_uri"), problem),
@@ -221,7 +281,7 @@ impl MlflowSettings {
             p.add(format!("{path}.experiment"), "is longer than MLflow's 500 characters");
         }
         let run_id = c.run_id.clone().or_else(|| env("MLFLOW_RUN_ID"));
-        Self { tracking_uri, authorization, experiment, run_id }
+        Self { tracking_uri, authorization, experiment, run_id, credential_file }
     }
 }
 
@@ -327,6 +387,16 @@ mod tests {
         let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(s.authorization.as_deref(), Some("Bearer t0k-s3cret"));
+        // The file is read again when the server refuses the credentials.
+        let file = s.credential_file.clone().expect("the credential file is kept");
+        let _ = std::fs::write(&token, "n3w-t0ken\n");
+        assert_eq!(file.authorization().ok().as_deref(), Some("Bearer n3w-t0ken"));
+        let _ = std::fs::write(&token, " \n");
+        assert!(matches!(file.authorization(), Err(CredentialFileError::Empty { .. })));
+        // Credentials in the URI win, and no file is read again.
+        let in_uri = ExporterConfig { tracking_uri: Some("http://u:p@h".into()), ..c.clone() };
+        let s = MlflowSettings::from_config(&in_uri, "exporters.mlflow", &mut Problems::default());
+        assert_eq!((s.authorization, s.credential_file), (Some(b64("u:p")), None));
         let both = ExporterConfig { password_file: Some(token.clone()), ..c.clone() };
         let missing = ExporterConfig { token_file: Some(dir.join("absent")), ..c };
         let mut p = Problems::default();
