@@ -658,6 +658,25 @@ impl Windows {
         true
     }
 
+    /// Ends every other rank's process of `run`'s job (same run key, another rank, not ended or
+    /// ending) as [`Windows::end`] would: when one rank fails its job ends, so the other ranks'
+    /// open windows are written together with the failed rank's (a combined job view of the
+    /// last step then has every rank's points) and none is left to reopen the job afterwards.
+    /// Returns the process keys it ended.
+    pub fn end_job(&mut self, run: &RunInfo, end: RunEnd, now: Instant) -> Vec<String> {
+        let at = now.checked_add(self.settings.reorder_window).unwrap_or(now);
+        let mut ended = Vec::new();
+        for (key, state) in &mut self.runs {
+            let other_rank = state.run.key == run.key && state.run.rank.is_some() && state.run.rank != run.rank;
+            if other_rank && !state.ended && state.ending.is_none() {
+                state.ending = Some((end, at));
+                ended.push(key.clone());
+            }
+        }
+        ended.sort();
+        ended
+    }
+
     /// Data points dropped as `duplicate` since the last call (see the module docs'
     /// "Duplicates"), resetting the count.
     pub fn take_duplicates(&mut self) -> u64 {

@@ -682,8 +682,14 @@ impl<E: Exporter> Worker<E> {
         }
         for (run, end) in decoded.ends {
             let key = run.process_key().into_owned();
+            // A job view ends the job on its first failed rank: the other ranks end with it.
+            let job_fails = self.jobs.is_some() && end.status == EndStatus::Failed && run.rank.is_some();
+            let others = if job_fails { self.windows.end_job(&run, end, now) } else { Vec::new() };
             if self.windows.end(run, end, now) {
                 tracing::info!(exporter = %self.name, run = %key, status = end.status.as_str(), "the trainer ended its run; its open windows are written after the reorder window");
+            }
+            if !others.is_empty() {
+                tracing::info!(exporter = %self.name, run = %key, ranks = others.len(), "a rank failed: the job ends FAILED; every rank's open windows are written with it");
             }
         }
         let duplicates = self.windows.take_duplicates();

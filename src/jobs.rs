@@ -511,6 +511,47 @@ mod tests {
         assert_eq!(out.last().and_then(|b| b.ended), Some(end(EndStatus::Failed)));
     }
 
+    /// Through the cadence (every 100 steps, mean) as the delivery worker runs them: rank 1 fails
+    /// after step 150 and rank 0 sends no end (DDP kills it). The job's last window holds both
+    /// ranks' points, the job ends FAILED with it, and nothing is left open to reopen the run.
+    #[test]
+    fn a_failed_rank_ends_the_job_with_every_rank_s_last_window() {
+        use crate::batch::{Point, PointValue, RunPoints};
+        use crate::cadence::{Aggregation, CadenceSettings, Windows};
+        let reorder = Duration::from_secs(5);
+        let cadence = CadenceSettings { every_steps: Some(100), aggregation: Aggregation::Mean, reorder_window: reorder, ..Default::default() };
+        let t = Instant::now();
+        let mut w = Windows::new(cadence, t);
+        let mut j = view(RankView::Mean);
+        for rank in [0, 1] {
+            let points = (1..=150)
+                .map(|step| Point {
+                    metric: "loss".into(),
+                    series: "loss".into(),
+                    step,
+                    time_unix_nano: step as u64,
+                    value: PointValue::Scalar(rank as f64 * 1000.0 + step as f64),
+                    cumulative: None,
+                    collected: false,
+                })
+                .collect();
+            w.push(RunPoints { run: run(rank), points }, t);
+        }
+        let failed = RunEnd { status: EndStatus::Failed, time_unix_nano: 9 };
+        assert_eq!(w.end_job(&run(1), failed, t), ["job#rank-0"]);
+        assert!(w.end(run(1), failed, t));
+        let mut out = Vec::new();
+        for now in [t + Duration::from_secs(1), t + reorder, t + reorder + DEFAULT_RANK_WAIT] {
+            out.extend(j.process(w.take_ready(now, Close::Due), now, Close::Due));
+        }
+        // Window 100: mean over both ranks of 1..100 and 1001..1100; window 150: of 101..150 and
+        // 1101..1150, both ranks (not rank 1 alone).
+        assert_eq!(values(&out), [("loss".to_string(), 100, 550.5, 200), ("loss".to_string(), 150, 625.5, 100)]);
+        assert_eq!(out.iter().filter_map(|b| b.ended).collect::<Vec<_>>(), [failed]);
+        assert_eq!((w.pending_inputs(), j.pending_inputs()), (0, 0));
+        assert_eq!(j.take_dropped(), []);
+    }
+
     #[test]
     fn a_resume_drops_the_ranks_waiting_points_and_is_announced_once() {
         let mut j = view(RankView::Mean);
