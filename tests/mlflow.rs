@@ -116,6 +116,34 @@ fn a_restart_finds_the_run_of_a_plain_run_key_with_every_safe_character() {
     restart_continues_the_run(&unique("user@host:exp/run 1_a.b"));
 }
 
+/// Case 017's kind for keys whose name tag key had to be shortened (over 232 characters) and
+/// for series names cut to 1024 bytes: after a restart (a new exporter continuing the run), a
+/// renamed name and the name that collides with it get the keys they had, one name per key.
+#[test]
+fn a_restart_keeps_long_renamed_names_on_their_keys() {
+    let uri = mlflow_uri();
+    let exp = unique("long-renamed");
+    let run_key = unique("long-renamed-run");
+    let attrs = || vec![otlp::s("ml.experiment.name", &exp), otlp::s("ml.run.id", &run_key)];
+    let renamed = format!("w@{}", "q".repeat(238));
+    let plain = format!("w_{}", "q".repeat(238));
+    let huge = format!("h@{}", "é".repeat(800));
+    assert_all_delivered(&deliver(&uri, &exp, attrs, &[(&renamed, 1, 1.0), (&plain, 1, 10.0), (&huge, 1, 100.0)]));
+    // After the restart the colliding name comes first.
+    assert_all_delivered(&deliver(&uri, &exp, attrs, &[(&plain, 2, 20.0), (&renamed, 2, 2.0), (&huge, 2, 200.0)]));
+    let runs = runs_of_experiment(&uri, &exp);
+    assert_eq!(runs.len(), 1);
+    let id = run_id_of(&runs[0]);
+    let r = run(&uri, &id);
+    let mut keys: Vec<String> = r["data"]["metrics"].as_array().expect("metrics").iter().filter_map(|m| m["key"].as_str().map(str::to_string)).collect();
+    keys.sort();
+    assert_eq!(keys.len(), 3, "three names, three keys: {keys:?}");
+    let mut series: Vec<Vec<(i64, f64)>> = keys.iter().map(|k| steps(&uri, &id, k)).collect();
+    series.sort_by(|a, b| a[0].1.total_cmp(&b[0].1));
+    assert_eq!(series, [vec![(1, 1.0), (2, 2.0)], vec![(1, 10.0), (2, 20.0)], vec![(1, 100.0), (2, 200.0)]]);
+    assert_eq!(kv(&r, "tags").values().filter(|v| **v == renamed).count(), 1, "one name tag for the renamed name");
+}
+
 fn post(uri: &str, endpoint: &str, body: &Value) -> Value {
     let mut resp = ureq::post(format!("{uri}/api/2.0/mlflow/{endpoint}"))
         .header("Content-Type", "application/json")

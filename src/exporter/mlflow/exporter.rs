@@ -415,46 +415,40 @@ impl MlflowExporter {
     }
 
     /// Reads a continued run's metric keys and name tags (`runs/get`) into the claims of its
-    /// keys: a key with a tag `trainmetrics.name/<key>` belongs to the name in that tag, any other
-    /// key to the name equal to it. Name tags are read first, so when an older version let two
-    /// names share a key, the tagged name keeps it and the other gets a new key from now on
-    /// (logged, counted `name_mapping_conflict`).
+    /// keys: a metric key with a tag `trainmetrics.name/<key>` (the tag key as [`name_tag_key`]
+    /// makes it, shortened for long keys) belongs to the name in that tag, any other key to the
+    /// name equal to it. Tagged keys are restored first, so when an older version let two names
+    /// share a key, the tagged name keeps it and the other gets a new key from now on (logged,
+    /// counted `name_mapping_conflict`). Name tags of keys that hold no metric are ignored.
     fn read_on_server(&self, run_key: &str, run_id: &str, budget: &Budget) -> Result<OnServer, ExportError> {
         let v = self.client.get("runs/get", &[("run_id", run_id)], budget.left()?)?;
         let mut out = OnServer { latest: latest_steps_of(&v), ..Default::default() };
-        let tags = v.pointer("/run/data/tags").and_then(Value::as_array).cloned().unwrap_or_default();
-        let name_prefix = format!("{RESERVED_TAG_PREFIX}name/");
-        let mut conflicts = 0u64;
-        let mut tagged = HashSet::new();
-        for t in &tags {
-            let (Some(tag), Some(name)) = (t.get("key").and_then(Value::as_str), t.get("value").and_then(Value::as_str)) else {
-                continue;
-            };
-            let Some(key) = tag.strip_prefix(&name_prefix) else { continue };
-            // Long keys have a shortened tag key; those are matched from the metric keys below.
-            if name_tag_key(key) != tag {
-                continue;
-            }
-            tagged.insert(key.to_string());
-            if out.keys.restore(name, key) {
-                out.logged_name_tags.insert(tag.to_string());
-            } else {
-                conflicts += 1;
-            }
-        }
+        let tags = v.pointer("/run/data/tags").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         let by_tag: HashMap<&str, &str> = tags
             .iter()
             .filter_map(|t| Some((t.get("key")?.as_str()?, t.get("value")?.as_str()?)))
             .collect();
-        let mut metric_keys: Vec<&String> = out.latest.keys().filter(|k| !tagged.contains(*k)).collect();
-        metric_keys.sort();
-        for key in metric_keys {
-            let tag = name_tag_key(key);
-            let restored = match by_tag.get(tag.as_str()) {
-                Some(name) => out.keys.restore(name, key) && out.logged_name_tags.insert(tag),
-                None => out.keys.restore(key, key),
-            };
-            conflicts += u64::from(!restored);
+        let mut claims: Vec<(bool, String, String, String)> = out
+            .latest
+            .keys()
+            .map(|key| {
+                let tag = name_tag_key(key);
+                match by_tag.get(tag.as_str()) {
+                    Some(name) => (false, key.clone(), name.to_string(), tag),
+                    None => (true, key.clone(), key.clone(), tag),
+                }
+            })
+            .collect();
+        claims.sort();
+        let mut conflicts = 0u64;
+        for (untagged, key, name, tag) in claims {
+            if out.keys.restore(&name, &key) {
+                if !untagged {
+                    out.logged_name_tags.insert(tag);
+                }
+            } else {
+                conflicts += 1;
+            }
         }
         if conflicts > 0 {
             tracing::warn!(run = %run_key, mlflow_run_id = %run_id, conflicts, "the run already has metric keys shared by two names (written by an older version); new points of the later names get keys of their own");
