@@ -73,7 +73,23 @@ pub enum CredentialFileError {
         /// The file.
         file: std::path::PathBuf,
     },
+    /// Not a regular file (after symlinks): a FIFO would block the exporter on its read, a
+    /// device could be read forever.
+    #[error("{} is not a regular file", file.display())]
+    NotAFile {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+    /// Larger than [`MAX_CREDENTIAL_FILE_BYTES`]: not a credential.
+    #[error("{} is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes", file.display())]
+    TooLarge {
+        /// The file.
+        file: std::path::PathBuf,
+    },
 }
+
+/// Largest credential file read, in bytes (tokens and passwords are far smaller).
+pub const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
 
 impl CredentialFile {
     /// The file.
@@ -86,11 +102,21 @@ impl CredentialFile {
     /// The `Authorization` header value from the file's current content (trimmed of surrounding
     /// white space): `Bearer <token>` or HTTP Basic of the user and the password.
     ///
-    /// Errors: the file cannot be read, or is empty.
+    /// Errors: the file cannot be read, is not a regular file (symlinks are followed: mounted
+    /// secrets are symlinks), is larger than [`MAX_CREDENTIAL_FILE_BYTES`], or is empty.
     pub fn authorization(&self) -> Result<String, CredentialFileError> {
+        use std::io::Read;
         let file = self.path();
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| CredentialFileError::Unreadable { file: file.to_path_buf(), source })?;
+        let unreadable = |source| CredentialFileError::Unreadable { file: file.to_path_buf(), source };
+        // Checked before the open too: opening a FIFO blocks until it has a writer.
+        let regular = |m: std::fs::Metadata| m.is_file().then_some(m.len()).ok_or(CredentialFileError::NotAFile { file: file.to_path_buf() });
+        regular(std::fs::metadata(file).map_err(unreadable)?)?;
+        let mut f = std::fs::File::open(file).map_err(unreadable)?;
+        if regular(f.metadata().map_err(unreadable)?)? > MAX_CREDENTIAL_FILE_BYTES {
+            return Err(CredentialFileError::TooLarge { file: file.to_path_buf() });
+        }
+        let mut text = String::new();
+        f.by_ref().take(MAX_CREDENTIAL_FILE_BYTES).read_to_string(&mut text).map_err(unreadable)?;
         let secret = text.trim();
         if secret.is_empty() {
             return Err(CredentialFileError::Empty { file: file.to_path_buf() });
@@ -393,6 +419,13 @@ mod tests {
         assert_eq!(file.authorization().ok().as_deref(), Some("Bearer n3w-t0ken"));
         let _ = std::fs::write(&token, " \n");
         assert!(matches!(file.authorization(), Err(CredentialFileError::Empty { .. })));
+        // A FIFO is refused without blocking on it; so is a file too large to be a credential.
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()), "mkfifo");
+        assert!(matches!(CredentialFile::Token(fifo).authorization(), Err(CredentialFileError::NotAFile { .. })));
+        let big = dir.join("big");
+        let _ = std::fs::write(&big, vec![b'x'; MAX_CREDENTIAL_FILE_BYTES as usize + 1]);
+        assert!(matches!(CredentialFile::Token(big).authorization(), Err(CredentialFileError::TooLarge { .. })));
         // Credentials in the URI win, and no file is read again.
         let in_uri = ExporterConfig { tracking_uri: Some("http://u:p@h".into()), ..c.clone() };
         let s = MlflowSettings::from_config(&in_uri, "exporters.mlflow", &mut Problems::default());
