@@ -357,7 +357,9 @@ impl Delivery {
 
     /// A live snapshot of the counters.
     pub fn report(&self) -> ExporterReport {
-        if let Ok(r) = self.report.lock() {
+        // `try_lock`: a shutdown in progress holds the lock until it is done, and `/health` and
+        // `/metrics` must answer meanwhile, with the live counts.
+        if let Ok(r) = self.report.try_lock() {
             if let Some(r) = r.as_ref() {
                 return r.clone();
             }

@@ -203,6 +203,9 @@ fn health_is_200_while_serving_and_503_during_shutdown() {
     let body = answer.unwrap_or_else(|| panic!("the listener closed before answering 503 (saw {seen:?})"));
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["status"], "shutting_down", "{body}");
+    // Answered while the shutdown still waits on the stuck export, not after it gave up (then
+    // the exporter would show the timeout as its last error).
+    assert_eq!(v["exporters"]["mlflow"]["last_error"], Value::Null, "answered only once the shutdown was over: {body}");
     assert!(seen.iter().all(|s| *s == 200), "{seen:?}");
     let report = svc.stop();
     assert!(report.contains("tensorboard: received 1 delivered 1 dropped 0"), "{report}");
