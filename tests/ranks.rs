@@ -209,3 +209,47 @@ fn case_018_a_trainer_ends_its_run_through_the_collector() {
     assert_eq!(only_run(&uri, &exp_ok)["info"]["status"], "FINISHED");
     assert_eq!(only_run(&uri, &exp_fail)["info"]["status"], "FAILED");
 }
+
+/// The first failed rank ends its job (issue 7, item 5), as a DDP job fails: rank 1 raises after
+/// step 150 (`FAILED`), rank 0 is torn down without an end. MLflow (every 100 steps, `mean` of
+/// the ranks) gets window 100 and the partial window at 150 with both ranks' points (not rank
+/// 1's alone), and the run is FAILED and stays FAILED through `serve`'s shutdown (no window of
+/// rank 0 is left to reopen it). TensorBoard has each rank's steps 1..150.
+#[test]
+fn a_failed_rank_ends_the_job_failed_with_every_rank_s_last_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logdir = dir.path().join("runs");
+    let uri = mlflow_uri();
+    let exp = unique("rank-failed");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "exporters:\n  tensorboard:\n    logdir: {logdir}\n    reorder_window: 5s\n\
+             \x20 mlflow:\n    tracking_uri: {uri}\n    every_steps: 100\n    reorder_window: 5s\n    aggregation: mean\n    ranks: {{view: mean}}\n",
+            logdir = logdir.display()
+        ),
+    );
+    let svc = Service::start_with(Some(&config), &logdir, &["exporters.tensorboard.reorder_window=5s".into()]);
+    let collector = Collector::start(&svc.grpc, &dir.path().join("queue"), Stdio::null());
+    let failing = trainer(&collector.grpc, "rank-failed", &exp, &["--rank", "1", "--steps", "150", "--fail-after", "150"]);
+    let torn_down = trainer(&collector.grpc, "rank-failed", &exp, &["--rank", "0", "--steps", "150", "--no-end"]);
+    let (ok, err) = finish(failing);
+    assert!(!ok && err.contains("injected failure after step 150"), "rank 1 fails: {err}");
+    assert!(finish(torn_down).0, "rank 0 ends its loop");
+    collector.wait_drained();
+    let r = wait_status(&uri, &exp, "FAILED");
+    let id = r["info"]["run_id"].as_str().expect("run id").to_string();
+    collector.stop();
+    let report = svc.stop();
+    // Window means per rank: 50.5 / 1050.5 and 125.5 / 1125.5; the job view averages the ranks.
+    assert_eq!(values(&uri, &id, "train.loss"), vec![(100, 550.5), (150, 625.5)], "{report}");
+    assert_eq!(only_run(&uri, &exp)["info"]["status"], "FAILED", "still FAILED after serve's shutdown");
+    assert_adds_up(&report, "mlflow", &["duplicate"]);
+    for loader in [Loader::Python, Loader::Rust] {
+        let tb = read_tb(&logdir, loader);
+        for r in 0..2 {
+            let loss = &tb.scalars[&format!("rank-failed/rank-{r}")]["train.loss"];
+            assert_eq!(loss, &(1..=150).map(|s| (s, s as f64 + r as f64 * 1000.0)).collect::<Vec<_>>(), "{loader:?} rank {r}");
+        }
+    }
+}
