@@ -106,7 +106,7 @@ fn log_summary(settings: &PipelineSettings) {
         let target = match &e.backend {
             Backend::TensorBoard(t) => format!("logdir {}", t.logdir.display()),
             Backend::Mlflow(m) => format!(
-                "tracking URI {} ({}), experiment {}",
+                "tracking URI {} ({}), experiment {} for runs that name none (ml.experiment.name)",
                 m.tracking_uri,
                 if m.authorization.is_some() { "credentials set" } else { "no credentials" },
                 m.experiment
