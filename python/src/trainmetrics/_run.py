@@ -1,0 +1,707 @@
+"""`init()` and `Run`: one training run's metrics through an OTel `MeterProvider` of its own.
+
+The provider is never the global one (MLflow tracing and other libraries set that). Its
+resource is the run (`ml.experiment.name`, `ml.run.name`, `ml.run.id`, `ml.param.*`, the tags,
+and the rank of a distributed job); every value is a gauge point with the attributes `step` and
+`trainmetrics.time_unix_nano`, following the conventions of `_conventions.py`. The reader
+(`_reader.QueuedReader`) collects and exports off the trainer's thread with delta temporality.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider, _Gauge
+from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint, Metric, MetricExporter
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.metrics.view import View
+from opentelemetry.sdk.resources import Resource
+
+from . import _conventions as c
+from . import _embedded
+from ._reader import Delivery, QueuedReader
+from .errors import ConfigError
+
+log = logging.getLogger("trainmetrics")
+
+#: Attribute sets one stream may hold per collection. The collect thread collects every
+#: `collect_every` new steps (default 2000), a tenth of this.
+CARDINALITY_LIMIT = 20_000
+#: OTLP requests of at most this many points (the gRPC default message limit is 4 MiB; a gauge
+#: point with its attributes is under 100 bytes).
+MAX_EXPORT_BATCH_POINTS = 8192
+
+
+@dataclass
+class RunSummary:
+    """What `finish()` reports: the run, its end status, and what happened to its points.
+
+    `recorded` counts values given to `log`/`histogram`; `sent` the data points the endpoint
+    accepted; `dropped` points not sent, by reason (`queue_full`, `shutdown_timeout`,
+    `overflow`) and values refused before they became points (`invalid_value`,
+    `invalid_step`, `invalid_name`, `after_finish`). `tensorboard_dir` and `mlflow_url` are
+    filled when known (the embedded default knows its logdir; MLflow needs its tracking URI).
+    `serve_report` is the embedded serve's shutdown report when this run stopped it.
+    """
+
+    run_id: str
+    run_name: str
+    experiment: str | None
+    status: str
+    endpoint: str
+    recorded: int
+    sent: int
+    dropped: dict[str, int]
+    tensorboard_dir: Path | None = None
+    mlflow_url: str | None = None
+    serve_report: str | None = None
+    finish_seconds: float = 0.0
+
+    def text(self) -> str:
+        """The lines `finish()` prints."""
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "0"
+        lines = [
+            f"trainmetrics: run {self.run_name} (id {self.run_id}) {self.status} in {self.finish_seconds:.2f}s; "
+            f"{self.recorded} values recorded, {self.sent} data points sent to {self.endpoint}, dropped {dropped}",
+        ]
+        if self.tensorboard_dir is not None:
+            lines.append(f"  tensorboard: {self.tensorboard_dir} (view: tensorboard --logdir {self.tensorboard_dir.parent})")
+        if self.mlflow_url is not None:
+            lines.append(f"  mlflow: {self.mlflow_url}")
+        if self.serve_report:
+            lines.extend("  " + line for line in self.serve_report.splitlines())
+        return "\n".join(lines)
+
+
+@dataclass
+class _Instrument:
+    gauge: Any
+    named: bool
+
+
+@dataclass
+class _Refusals:
+    counts: dict[str, int] = field(default_factory=dict)
+    warned: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, reason: str, subject: str, message: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if (reason, subject) not in self.warned and len(self.warned) < 100:
+            self.warned.add((reason, subject))
+            log.warning("trainmetrics: %s (counted %s)", message, reason)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings become dotted keys; values become text as MLflow stores params (floats by
+    `repr`, the shortest form that reads back exactly)."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, float):
+            out[key] = repr(v)
+        elif isinstance(v, (str, int, bool)) or v is None:
+            out[key] = str(v)
+        else:
+            try:
+                out[key] = json.dumps(v, default=str)
+            except (TypeError, ValueError):
+                out[key] = str(v)
+    return out
+
+
+def _finite_values(name: str, values: Iterable[Any], refused: _Refusals) -> list[float]:
+    flat: Any = values
+    for method in ("detach", "cpu", "numpy"):
+        if hasattr(flat, method) and not isinstance(flat, (list, tuple)):
+            flat = getattr(flat, method)()
+    if hasattr(flat, "ravel") and hasattr(flat, "tolist"):
+        flat = flat.ravel().tolist()
+    out: list[float] = []
+    for value in flat:
+        if isinstance(value, (str, bytes)):
+            refused.add("invalid_value", name, f"{name}: a histogram value {value!r} is not a number")
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            refused.add("invalid_value", name, f"{name}: a histogram value {value!r} is not a number")
+            continue
+        if math.isfinite(v):
+            out.append(v)
+        else:
+            refused.add("nonfinite_histogram_value", name, f"{name}: NaN/Inf histogram values are left out")
+    return out
+
+
+def _histogram_point(name: str, values: Iterable[Any], step: int, buckets: int, refused: _Refusals) -> HistogramDataPoint | None:
+    """One OTLP explicit-bucket histogram point of `values`: bucket i holds (bounds[i-1],
+    bounds[i]] as OTLP defines them, the bounds splitting [min, max] into `buckets` equal parts."""
+    vs = _finite_values(name, values, refused)
+    if not vs:
+        return None
+    lo, hi = min(vs), max(vs)
+    bounds = [lo + (hi - lo) * k / buckets for k in range(1, buckets)] if hi > lo else []
+    counts = [0] * (len(bounds) + 1)
+    for v in vs:
+        counts[bisect.bisect_left(bounds, v)] += 1
+    now = time.time_ns()
+    attrs: dict[str, Any] = {c.STEP_ATTRIBUTE: step, c.TIME_ATTRIBUTE: now}
+    if c.INSTRUMENT_NAME.fullmatch(name) is None:
+        attrs[c.NAME_ATTRIBUTE] = name
+    return HistogramDataPoint(
+        attributes=attrs, start_time_unix_nano=now, time_unix_nano=now, count=len(vs), sum=math.fsum(vs),
+        bucket_counts=counts, explicit_bounds=bounds, min=lo, max=hi,
+    )  # fmt: skip
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun, DeepSpeed, Lightning, SLURM
+    via torchrun all set `RANK` and `WORLD_SIZE`); (0, 1) outside a distributed job."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE are not integers: {e}") from e
+    return rank, world
+
+
+def _shared_identity(run_id: str | None, run_name: str | None) -> tuple[str, str]:
+    """The run id and name every rank of a job must share: broadcast from rank 0 when
+    `torch.distributed` is initialized, else derived from torchrun's `TORCHELASTIC_RUN_ID`."""
+    name = run_name or "run-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if run_id is not None:
+        return run_id, name
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        box: list[Any] = [(uuid.uuid4().hex, name)]
+        dist.broadcast_object_list(box, src=0)
+        rid, rname = box[0]
+        return str(rid), str(rname)
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if elastic and elastic != "none":
+        return elastic, run_name or f"run-{elastic[:8]}"
+    raise ConfigError(
+        "a distributed job (WORLD_SIZE > 1) needs one run id for every rank: call init() after "
+        "torch.distributed.init_process_group, run under torchrun --standalone (TORCHELASTIC_RUN_ID), "
+        "or set TRAINMETRICS_RUN_ID"
+    )
+
+
+def _mlflow_run_key(mlflow_run_id: str, tracking_uri: str | None) -> str:
+    """The run key (`trainmetrics.run_key` tag) of an existing MLflow run, so MLFLOW_RUN_ID
+    continues that run; the id itself when the run or the server is unknown."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        try:
+            q = urllib.parse.urlencode({"run_id": mlflow_run_id})
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/runs/get?{q}", timeout=5) as r:
+                tags = json.load(r)["run"]["data"].get("tags", [])
+            for t in tags:
+                if t.get("key") == "trainmetrics.run_key":
+                    return str(t["value"])
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("trainmetrics: MLFLOW_RUN_ID=%s: could not read its run key (%r); using the id as run id", mlflow_run_id, e)
+    return mlflow_run_id
+
+
+def _build_exporter(endpoint: str | None, headers: Mapping[str, str] | None) -> tuple[MetricExporter, str]:
+    """The OTLP exporter for `endpoint` (None: the OTel environment variables decide), and the
+    endpoint it sends to, for messages. Protocol from `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL` /
+    `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the OTel default, or `grpc`)."""
+    from ._reader import DELTA_EVERYWHERE
+
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    ).strip()
+    hdrs = dict(headers) if headers else None
+    if protocol == "grpc":
+        try:
+            from grpc import Compression
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+        except ImportError as e:
+            raise ConfigError("OTLP protocol grpc needs the grpc exporter: pip install 'trainmetrics[grpc]'") from e
+        grpc_exporter = GrpcExporter(
+            endpoint=endpoint,
+            headers=hdrs,
+            compression=Compression.Gzip,
+            preferred_temporality=DELTA_EVERYWHERE,
+            max_export_batch_size=MAX_EXPORT_BATCH_POINTS,
+        )
+        shown = endpoint or getattr(grpc_exporter, "_endpoint", None) or "the OTLP/gRPC endpoint"
+        return grpc_exporter, str(shown)
+    if protocol != "http/protobuf":
+        raise ConfigError(f"OTLP protocol {protocol!r} is not supported: use http/protobuf or grpc")
+    from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+    url = endpoint
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"endpoint {endpoint!r}: expected http(s)://host:port[/path]")
+        if parts.path in ("", "/"):
+            url = url.rstrip("/") + "/v1/metrics"
+    http_exporter = HttpExporter(
+        endpoint=url,
+        headers=hdrs,
+        compression=HttpCompression.Gzip,
+        preferred_temporality=DELTA_EVERYWHERE,
+    )
+    return http_exporter, str(getattr(http_exporter, "_endpoint", url))
+
+
+def _endpoint_configured() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+class Run:
+    """One training run. Create it with `trainmetrics.init()`.
+
+    `log` and `histogram` are cheap and never wait for the network; `finish` (or leaving the
+    `with` block) ends the run within its timeout. Thread-safe as the OTel SDK is; one `Run`
+    per run.
+    """
+
+    def __init__(
+        self,
+        *,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        endpoint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        rank: int | None | str = "auto",
+        logdir: str | os.PathLike[str] = "runs",
+        tracking_uri: str | None = None,
+        export_interval: float = 1.0,
+        collect_every: int = 2000,
+        max_queued_points: int = 1_000_000,
+        timeout: float = 10.0,
+        exporter: MetricExporter | None = None,
+        print_summary: bool = True,
+    ) -> None:
+        if not (isinstance(export_interval, (int, float)) and math.isfinite(export_interval) and export_interval > 0):
+            raise ConfigError(f"export_interval must be a positive number of seconds, got {export_interval!r}")
+        if not (isinstance(collect_every, int) and 1 <= collect_every <= CARDINALITY_LIMIT // 2):
+            raise ConfigError(f"collect_every must be an int in 1..{CARDINALITY_LIMIT // 2}, got {collect_every!r}")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._timeout = float(timeout)
+        self._print = print_summary
+        self._tracking_uri = tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI") or None
+
+        if rank == "auto":
+            env_rank, world = _world()
+            self.rank: int | None = env_rank if world > 1 else None
+        elif rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
+            self.rank = rank
+        else:
+            raise ConfigError(f"rank must be 'auto', None or an int >= 0, got {rank!r}")
+
+        run_id = run_id or os.environ.get("TRAINMETRICS_RUN_ID") or None
+        if run_id is None and os.environ.get("MLFLOW_RUN_ID"):
+            run_id = _mlflow_run_key(os.environ["MLFLOW_RUN_ID"], self._tracking_uri)
+        if self.rank is not None:
+            run_id, run_name = _shared_identity(run_id, run_name)
+        self.run_id: str = run_id or uuid.uuid4().hex
+        self.run_name: str = run_name or "run-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.experiment: str | None = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+        self.params: dict[str, str] = _flatten(params or {})
+
+        self._serve: _embedded.EmbeddedServe | None = None
+        if exporter is not None:
+            self.endpoint = type(exporter).__name__
+        elif endpoint is None and not _endpoint_configured():
+            tracking = self._tracking_uri
+            if tracking and not tracking.startswith(("http://", "https://")):
+                log.warning("trainmetrics: MLFLOW_TRACKING_URI=%s is not an http(s) server; the embedded serve writes TensorBoard only", tracking)
+                tracking = None
+            self._serve = _embedded.acquire(logdir, tracking)
+            self._tracking_uri = tracking
+            endpoint = self._serve.http_endpoint
+        if exporter is None:
+            exporter, self.endpoint = _build_exporter(endpoint, headers)
+
+        attributes: dict[str, Any] = {c.RUN_ID_KEY: self.run_id, c.RUN_NAME_KEY: self.run_name}
+        if not os.environ.get("OTEL_SERVICE_NAME"):
+            attributes["service.name"] = "trainmetrics-python"
+        if self.experiment is not None:
+            attributes[c.EXPERIMENT_KEY] = self.experiment
+        for k, v in (tags or {}).items():
+            attributes[str(k)] = str(v)
+        attributes.update({c.PARAM_PREFIX + k: v for k, v in self.params.items()})
+        if self.rank is not None:
+            attributes[c.RANK_KEY] = self.rank
+
+        self._reader = QueuedReader(
+            exporter,
+            interval=float(export_interval),
+            collect_every=collect_every,
+            max_queued_points=max_queued_points,
+        )
+        # Resource.create adds telemetry.sdk.* and OTEL_RESOURCE_ATTRIBUTES; ours win.
+        resource = Resource.create(attributes)
+        self._provider = MeterProvider(
+            metric_readers=[self._reader],
+            resource=resource,
+            views=[View(instrument_type=_Gauge, aggregation_cardinality_limit=CARDINALITY_LIMIT)],
+            shutdown_on_exit=False,
+        )
+        self._pending_histograms: list[tuple[str, HistogramDataPoint]] = []
+        self._hist_lock = threading.Lock()
+        self._reader.extra = self._take_histograms
+        self._reader.resource = resource
+        self._reader.start()
+        self._meter = self._provider.get_meter("trainmetrics")
+        self._gauges: dict[str, _Instrument] = {}
+        self._refused = _Refusals()
+        self._recorded = 0
+        self._next_step = 0
+        self._last_step: int | None = None
+        self._lock = threading.Lock()
+        self._summary: RunSummary | None = None
+        self._prev_sigterm: Any = None
+        self._install_handlers()
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def _step(self, step: Any) -> int | None:
+        if step is None:
+            s = self._next_step
+        elif isinstance(step, int) and not isinstance(step, bool):
+            s = step
+        elif isinstance(step, float) and step.is_integer():
+            s = int(step)
+        else:
+            try:
+                s = int(step.__index__())  # numpy and torch integers
+            except (AttributeError, TypeError, ValueError):
+                self._refused.add("invalid_step", "type", f"step {step!r} is not an int")
+                return None
+        if not 0 <= s <= c.MAX_STEP:
+            self._refused.add("invalid_step", "range", f"step {s} is outside 0..2^63-1")
+            return None
+        self._next_step = s + 1
+        if s != self._last_step:
+            self._last_step = s
+            self._reader.note_step()
+        return s
+
+    def _instrument(self, name: str, table: dict[str, _Instrument]) -> _Instrument | None:
+        inst = table.get(name)
+        if inst is not None:
+            return inst
+        if not isinstance(name, str) or c.refused_name(name):
+            self._refused.add("invalid_name", repr(name), f"metric name {name!r} is empty or only '/' and white space")
+            return None
+        named = c.INSTRUMENT_NAME.fullmatch(name) is None
+        inst = table[name] = _Instrument(self._meter.create_gauge(c.NAMED_GAUGE if named else name), named)
+        return inst
+
+    def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Records each value of `values` (name → number: int, float, numpy or torch scalar) at
+        `step` (an int >= 0; None: one past the last step logged, starting at 0).
+
+        Never raises for bad input and never blocks on the network: a value that is not a number
+        (`invalid_value`), a bad step (`invalid_step`) or an empty name (`invalid_name`) is
+        counted, warned about once, and the other values are recorded. NaN and ±Inf are kept
+        (serve writes them as such).
+        """
+        if self._summary is not None:
+            self._refused.add("after_finish", "log", "log() after finish()")
+            return
+        s = self._step(step)
+        if s is None:
+            return
+        now = time.time_ns()
+        for name, value in values.items():
+            inst = self._gauges.get(name) or self._instrument(name, self._gauges)
+            if inst is None:
+                continue
+            if isinstance(value, (str, bytes)):
+                self._refused.add("invalid_value", name, f"{name}: {value!r} is not a number")
+                continue
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                self._refused.add("invalid_value", name, f"{name}: {type(value).__name__} is not a number")
+                continue
+            attrs: dict[str, Any] = {c.STEP_ATTRIBUTE: s, c.TIME_ATTRIBUTE: now}
+            if inst.named:
+                attrs[c.NAME_ATTRIBUTE] = name
+            if not math.isfinite(v):
+                attrs[c.NONFINITE_ATTRIBUTE] = c.nonfinite_text(v)
+                v = 0.0
+            inst.gauge.set(v, attrs)
+            self._recorded += 1
+
+    def histogram(self, name: str, values: Iterable[Any], step: int | None = None, *, buckets: int = 30) -> None:
+        """Records the distribution of `values` (any iterable of numbers; numpy arrays and torch
+        tensors are flattened) at `step` as one histogram data point: `buckets` equal-width
+        buckets between the smallest and largest value (TensorBoard's default of 30), with the
+        exact count, sum, min and max. TensorBoard shows it as a histogram; MLflow logs its mean.
+
+        The buckets are computed here, not by an SDK Histogram instrument: the OTel API refuses
+        negative values (gradients, weights) in a Histogram. NaN and ±Inf values are left out
+        and counted `nonfinite_histogram_value`; values that are not numbers `invalid_value`.
+        """
+        if self._summary is not None:
+            self._refused.add("after_finish", "histogram", "histogram() after finish()")
+            return
+        if not isinstance(name, str) or c.refused_name(name):
+            self._refused.add("invalid_name", repr(name), f"metric name {name!r} is empty or only '/' and white space")
+            return
+        if not (isinstance(buckets, int) and 1 <= buckets <= 1000):
+            raise ConfigError(f"buckets must be an int in 1..1000, got {buckets!r}")
+        s = self._step(step)
+        if s is None:
+            return
+        point = _histogram_point(name, values, s, buckets, self._refused)
+        if point is None:
+            return
+        named = c.INSTRUMENT_NAME.fullmatch(name) is None
+        with self._hist_lock:
+            self._pending_histograms.append((c.NAMED_HISTOGRAM if named else name, point))
+        self._recorded += 1
+
+    def _take_histograms(self) -> list[Metric]:
+        with self._hist_lock:
+            pending, self._pending_histograms = self._pending_histograms, []
+        by_name: dict[str, list[HistogramDataPoint]] = {}
+        for name, point in pending:
+            by_name.setdefault(name, []).append(point)
+        return [
+            Metric(name=n, description="", unit="", data=HistogramData(data_points=pts, aggregation_temporality=AggregationTemporality.DELTA))
+            for n, pts in by_name.items()
+        ]
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def finish(self, status: str = "FINISHED", *, timeout: float | None = None) -> RunSummary:
+        """Ends the run: sends the run-end gauge with `status` (FINISHED, FAILED or KILLED),
+        sends what is left within `timeout` seconds (default: `init`'s, 10 s), stops the
+        embedded serve if this was its last run, and prints where the run is and what was
+        delivered. Idempotent: later calls return the first summary. Raises `ConfigError` for
+        another status."""
+        with self._lock:
+            if self._summary is not None:
+                return self._summary
+            status = status.upper()
+            if status not in c.RUN_END_STATUSES:
+                raise ConfigError(f"status {status!r}: expected one of {', '.join(c.RUN_END_STATUSES)}")
+            started = time.monotonic()
+            limit = self._timeout if timeout is None else timeout
+            self._meter.create_gauge(c.RUN_END_METRIC).set(1, {"status": status})
+            self._provider.shutdown(timeout_millis=limit * 1e3)
+            report = self._serve.release() if self._serve is not None else None
+            delivery: Delivery = self._reader.delivery
+            dropped = dict(delivery.dropped)
+            for k, v in self._refused.counts.items():
+                dropped[k] = dropped.get(k, 0) + v
+            self._summary = RunSummary(
+                run_id=self.run_id,
+                run_name=self.run_name,
+                experiment=self.experiment,
+                status=status,
+                endpoint=self.endpoint,
+                recorded=self._recorded,
+                sent=delivery.sent,
+                dropped=dropped,
+                tensorboard_dir=self._find_tensorboard_dir(),
+                mlflow_url=self._find_mlflow_url(),
+                serve_report=report,
+                finish_seconds=time.monotonic() - started,
+            )
+            self._remove_handlers()
+        if self._print:
+            print(self._summary.text(), file=sys.stderr, flush=True)
+        return self._summary
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")
+
+    @property
+    def delivery(self) -> Delivery:
+        """Live counts of the reader (points sent, failed exports, drops by reason)."""
+        return self._reader.delivery
+
+    def _find_tensorboard_dir(self) -> Path | None:
+        if self._serve is None:
+            return None
+        logdir = self._serve.logdir
+        rank_dir = f"rank-{self.rank}" if self.rank is not None else None
+        for marker in list(logdir.glob("*/.trainmetrics-run")) + list(logdir.glob("*/rank-*/.trainmetrics-run")):
+            try:
+                key = marker.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                continue
+            if key == self.run_id or key.startswith(self.run_id + "#"):
+                d = marker.parent
+                if rank_dir is None or d.name == rank_dir:
+                    return d
+        return None
+
+    def _find_mlflow_url(self) -> str | None:
+        uri = self._tracking_uri
+        if not uri or not uri.startswith(("http://", "https://")):
+            return None
+        parts = urllib.parse.urlsplit(uri)
+        shown = urllib.parse.urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "", parts.path, "", "")).rstrip("/")
+        api = uri.rstrip("/") + "/api/2.0/mlflow"
+        try:
+            if self.experiment is not None:
+                q = urllib.parse.urlencode({"experiment_name": self.experiment})
+                with urllib.request.urlopen(f"{api}/experiments/get-by-name?{q}", timeout=2) as r:
+                    experiments = [json.load(r)["experiment"]["experiment_id"]]
+            else:
+                req = urllib.request.Request(f"{api}/experiments/search", data=json.dumps({"max_results": 1000}).encode(), headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    experiments = [e["experiment_id"] for e in json.load(r).get("experiments", [])]
+            body = {"experiment_ids": experiments, "filter": f"tags.`trainmetrics.run_key` = '{self.run_id}'", "max_results": 1}
+            req = urllib.request.Request(f"{api}/runs/search", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                runs = json.load(r).get("runs", [])
+        except (OSError, ValueError, KeyError):
+            return None
+        if not runs:
+            return None
+        info = runs[0]["info"]
+        return f"{shown}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+
+    # -- process end --------------------------------------------------------------------------
+
+    def _install_handlers(self) -> None:
+        atexit.register(self._at_exit)
+        _Excepthook.install()
+        if threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _remove_handlers(self) -> None:
+        atexit.unregister(self._at_exit)
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
+
+    def _at_exit(self) -> None:
+        self.finish("FAILED" if _Excepthook.failed else "FINISHED")
+
+    def _on_sigterm(self, signum: int, frame: types.FrameType | None) -> None:
+        prev = self._prev_sigterm
+        self.finish("KILLED")
+        if callable(prev):
+            prev(signum, frame)
+        elif prev in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Excepthook:
+    """Remembers an uncaught exception, so a run the trainer never finished ends FAILED at exit."""
+
+    failed = False
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+        previous = sys.excepthook
+
+        def hook(t: type[BaseException], e: BaseException, tb: types.TracebackType | None) -> None:
+            cls.failed = True
+            previous(t, e, tb)
+
+        sys.excepthook = hook
+
+
+def init(
+    experiment: str | None = None,
+    run_name: str | None = None,
+    *,
+    run_id: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    endpoint: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    rank: int | None | str = "auto",
+    logdir: str | os.PathLike[str] = "runs",
+    tracking_uri: str | None = None,
+    export_interval: float = 1.0,
+    collect_every: int = 2000,
+    max_queued_points: int = 1_000_000,
+    timeout: float = 10.0,
+    exporter: MetricExporter | None = None,
+    print_summary: bool = True,
+) -> Run:
+    """Starts a run and returns it (usable as a context manager: an exception ends it FAILED).
+
+    - `experiment`: MLflow experiment (default `MLFLOW_EXPERIMENT_NAME`, else serve's default);
+      `run_name` (default `run-<UTC yyyymmdd-hhmmss>`); `run_id` (default
+      `TRAINMETRICS_RUN_ID`, else the run key of `MLFLOW_RUN_ID`'s run, else a new uuid4 hex;
+      the same id continues the same run); `params` (nested mappings flatten to dotted keys;
+      → MLflow params, TensorBoard hparams); `tags` (→ MLflow run tags).
+    - Where to: `endpoint` (an OTLP URL; default `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` /
+      `OTEL_EXPORTER_OTLP_ENDPOINT`, with the OTel variables for headers, TLS and protocol).
+      With none of them, the embedded default: a local `trainmetrics serve` shared by this
+      machine's trainers, TensorBoard into `logdir` (`./runs`), MLflow at `tracking_uri`
+      (default `MLFLOW_TRACKING_URI`, none if unset).
+    - `rank`: "auto" reads `RANK`/`WORLD_SIZE` (a job of several processes sends its rank, and
+      every rank must share the run id, see `_shared_identity`); None: not part of a job.
+    - Cadence of the SDK side: collect every `export_interval` seconds and every
+      `collect_every` new steps; keep at most `max_queued_points` waiting for the endpoint;
+      `finish` waits at most `timeout` seconds.
+    - `exporter`: an SDK `MetricExporter` to use instead of OTLP (tests, debugging).
+
+    Raises `ConfigError` for settings that cannot work and `EmbeddedServeError` when the
+    embedded serve cannot start.
+    """
+    return Run(
+        experiment=experiment,
+        run_name=run_name,
+        run_id=run_id,
+        params=params,
+        tags=tags,
+        endpoint=endpoint,
+        headers=headers,
+        rank=rank,
+        logdir=logdir,
+        tracking_uri=tracking_uri,
+        export_interval=export_interval,
+        collect_every=collect_every,
+        max_queued_points=max_queued_points,
+        timeout=timeout,
+        exporter=exporter,
+        print_summary=print_summary,
+    )
