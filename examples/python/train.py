@@ -1,6 +1,5 @@
-"""A real Python trainer whose metrics go out through the OpenTelemetry Python SDK, the way
-trainmetrics expects them (see ../../src/batch.rs): one OTLP/gRPC stream to a collector, which
-hands it to `trainmetrics serve` for TensorBoard and MLflow.
+"""A real Python trainer whose metrics go out through the `trainmetrics` package (python/): one
+OTLP stream to a collector, which hands it to `trainmetrics serve` for TensorBoard and MLflow.
 
 Run it (the venv comes from scripts/setup.sh; a collector or `trainmetrics serve` listens on 4317):
 
@@ -16,42 +15,11 @@ decay. One seed (`--seed`) fixes the split, the shuffles and the initial weights
 What it records, with the same names as examples/train.rs: every step `train.loss`, `train.lr`,
 `train.grad_norm`, `train.throughput` (samples/s of the step's training, recording excluded);
 every `--eval-every` steps and at the last step `eval.loss`, `eval.accuracy` on the held-out
-split. All are synchronous Gauges, each data point with the attributes `step` (int) and
-`trainmetrics.time_unix_nano` (the record time as int: the SDK stamps points with the collection
-time, up to an export interval later). The conventions of src/batch.rs are followed for any name:
-a value that is NaN or +-Inf (which this SDK drops with a warning) is sent as 0.0 with
-`trainmetrics.nonfinite` = "NaN" | "Infinity" | "-Infinity", and a name the OTel API refuses as
-an instrument name (`acc@1`) goes on the shared gauge `trainmetrics.named` with the attribute
-`trainmetrics.name`. The run is the resource: `ml.experiment.name`, `ml.run.name`, `ml.run.id`,
-`ml.param.<name>` per hyperparameter (as text, as MLflow stores params), and `service.name`.
-
-Export: one PeriodicExportingMetricReader (every `--export-interval-ms`, default 1 s) over an
-OTLP/gRPC exporter (insecure, gzip, the SDK's 10 s export timeout with its own retries), with
-DELTA temporality preferred for every instrument kind. Delta matters for more than sums: with
-cumulative temporality this SDK keeps every synchronous gauge attribute set forever and re-sends
-each step's point at every export, so a run's data would grow with its length; with delta each
-point goes out exactly once and the SDK forgets the step's attribute set after the collection.
-
-Cardinality (why no step ever lands in `otel.metric.overflow`): every step is a distinct
-attribute set, and the SDK (1.45.2) aggregates at most `aggregation_cardinality_limit` sets per
-stream per collection cycle (default 2000; with delta the sets are released at each collection,
-as `_ViewInstrumentMatch(reset_on_collect=True)` does). Past the limit, points fold into one
-point with `otel.metric.overflow=true` that trainmetrics can only count as dropped. Two measures
-together make that impossible, not just unlikely:
-  1. a View raises the limit to CARDINALITY_LIMIT (20 000) for every instrument, so the periodic
-     reader alone covers 20 000 steps per export interval, far more than this trainer does;
-  2. the trainer calls `provider.force_flush()` every `--flush-every` steps (default 5000), so
-     no stream can hold more than 5000 uncollected sets whatever the timing (a slow or stalled
-     export, a fast model). 5000 is a quarter of the limit, which keeps the bound even for an
-     SDK that kept the previous cycle's sets one extra cycle (2 x 5000 < 20 000).
-A forced flush exports on the trainer's thread (one gRPC round trip; up to the export timeout
-if the collector is down), which is why it is rare rather than every step. The SDK keeps at most
-`--flush-every` sets per instrument in memory. An exported point with the overflow attribute is
-counted and makes the run exit non-zero.
-
-Every export's result is counted (data points, requests, failures) and printed at the end; a
-failed export (collector unreachable past the retries) makes the exit status 1, as does an error
-in training (the points recorded so far are flushed first).
+split. Everything about how they travel (the step attribute, non-finite values, names the OTel
+API refuses, delta temporality, the cardinality bound, collection off the trainer's thread, the
+run identity in the resource, the run-end gauge) is the package's: `trainmetrics.init` and
+`Run.log`, see python/src/trainmetrics/_run.py. `--endpoint` is OTLP/gRPC (`--protocol` picks
+http/protobuf); `--flush-every` is the package's `collect_every`.
 
 `--record-csv FILE` writes every value recorded as `step,name,value` with a header, the value as
 Python's `repr(float)` (shortest round-trip form, so `float(value)` is exactly what was sent;
@@ -59,9 +27,9 @@ non-finite values read `nan`, `inf`, `-inf`). `--sleep-ms` pauses after each ste
 run live; not counted in the step time). The hidden `--console` flag swaps the OTLP exporter for
 the SDK's ConsoleMetricExporter, one JSON document per export on stderr, for debugging.
 
-At the end it prints the final numbers, the export counts, `step_time_ms mean=... p50=... p99=...`
-(training plus recording of each step, without the periodic evaluation, sleeps and forced
-flushes, which are reported on their own) and the run id.
+At the end it prints the final numbers, what was sent (a run whose points were not all sent, or
+whose training failed, exits 1), `step_time_ms mean=... p50=... p99=...` (training plus
+recording of each step, without the periodic evaluation and sleeps) and the run id.
 """
 
 from __future__ import annotations
@@ -71,12 +39,12 @@ import csv
 import datetime
 import math
 import os
-import re
 import sys
 import time
 import traceback
 import uuid
-from typing import IO, Any
+from pathlib import Path
+from typing import IO
 
 # Single-threaded BLAS, set before numpy loads OpenBLAS: the matrices here are tiny (64 x 64), so
 # BLAS threads only add wake-ups and fight the exporter thread for the cores (on 2 busy cores the
@@ -84,77 +52,28 @@ from typing import IO, Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402 - after the BLAS setting above
-from grpc import Compression  # noqa: E402
-from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter  # noqa: E402
-from opentelemetry.sdk.metrics import (  # noqa: E402
-    Counter,
-    Histogram,
-    MeterProvider,
-    ObservableCounter,
-    ObservableGauge,
-    ObservableUpDownCounter,
-    UpDownCounter,
-    _Gauge,
-)
-from opentelemetry.sdk.metrics.export import (  # noqa: E402
-    AggregationTemporality,
-    ConsoleMetricExporter,
-    MetricExporter,
-    MetricExportResult,
-    MetricsData,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.metrics.view import View  # noqa: E402
-from opentelemetry.sdk.resources import Resource  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
+
+try:
+    import trainmetrics
+except ImportError:  # run from the checkout without `pip install ./python`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "src"))
+    import trainmetrics
 
 DATASET = "sklearn-digits"
 FEATURES = 64
 CLASSES = 10
 EVAL_FRACTION = 0.2
 
-# The conventions of src/batch.rs.
-STEP_ATTRIBUTE = "step"
-TIME_ATTRIBUTE = "trainmetrics.time_unix_nano"
-NONFINITE_ATTRIBUTE = "trainmetrics.nonfinite"
-NAME_ATTRIBUTE = "trainmetrics.name"
-NAMED_GAUGE = "trainmetrics.named"
-OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
-# The gauge a trainer records once at its end, with the attribute `status` (FINISHED, FAILED,
-# KILLED): the run-end convention of `trainmetrics serve` (README "Run end").
-RUN_END_METRIC = "trainmetrics.run.end"
-# The OTel API's instrument name rule (the Python API checks the same expression).
-INSTRUMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-/]{0,254}")
-
-# Attribute sets one stream may aggregate per collection cycle (see the module doc).
-CARDINALITY_LIMIT = 20_000
-# The gRPC default maximum message is 4 MiB on both ends; a gauge point with its two attributes
-# is under 100 bytes, so 8192 points per request stay far below it however many steps a
-# collection holds.
-MAX_EXPORT_BATCH_POINTS = 8192
-
-# Every instrument kind, so nothing this process creates is exported cumulatively.
-DELTA_EVERYWHERE = {
-    kind: AggregationTemporality.DELTA
-    for kind in (
-        Counter,
-        UpDownCounter,
-        Histogram,
-        _Gauge,
-        ObservableCounter,
-        ObservableUpDownCounter,
-        ObservableGauge,
-    )
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Train an MLP on sklearn's digits with numpy; metrics via the OTel Python SDK over OTLP/gRPC.",
+        description="Train an MLP on sklearn's digits with numpy; metrics via the trainmetrics package over OTLP.",
     )
     d = " (default: %(default)s)"
-    p.add_argument("--endpoint", default="http://127.0.0.1:4317", help="OTLP/gRPC endpoint (the collector)" + d)
-    p.add_argument("--export-interval-ms", type=int, default=1000, metavar="MS", help="periodic export interval" + d)
+    p.add_argument("--endpoint", default="http://127.0.0.1:4317", help="OTLP endpoint (the collector)" + d)
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "http/protobuf"], help="OTLP protocol" + d)
+    p.add_argument("--export-interval-ms", type=int, default=1000, metavar="MS", help="collection interval" + d)
     p.add_argument("--experiment", default="trainmetrics-demo", help="ml.experiment.name" + d)
     p.add_argument("--run-name", help="ml.run.name (default: py-<UTC date>-<time>)")
     p.add_argument("--run-id", help="ml.run.id; the same id continues the same run (default: a new uuid4 hex)")
@@ -168,13 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the shuffles and the initial weights" + d)
     p.add_argument("--record-csv", metavar="FILE", help="write every recorded value to FILE as step,name,value")
     p.add_argument("--sleep-ms", type=int, default=0, metavar="MS", help="sleep after each step" + d)
-    p.add_argument(
-        "--flush-every",
-        type=int,
-        default=5000,
-        metavar="N",
-        help=f"force a collection every N steps, at most half the cardinality limit {CARDINALITY_LIMIT}" + d,
-    )
+    p.add_argument("--flush-every", type=int, default=5000, metavar="N", help="collect every N new steps (at most 10000)" + d)
     # Debugging: print every export as JSON on stderr instead of sending it.
     p.add_argument("--console", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -197,10 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--export-interval-ms must be at least 1")
     if args.sleep_ms < 0:
         p.error("--sleep-ms must not be negative")
-    # Half the limit at most: the bound must hold even if a cycle's sets lingered one more cycle.
-    if not 1 <= args.flush_every <= CARDINALITY_LIMIT // 2:
-        p.error(f"--flush-every must be between 1 and {CARDINALITY_LIMIT // 2}")
-    # Steps travel as an OTel int attribute (int64).
+    if not 1 <= args.flush_every <= 10_000:
+        p.error("--flush-every must be between 1 and 10000")
     if args.steps >= 2**63:
         p.error("--steps is too large")
     if args.run_name is None:
@@ -326,137 +237,20 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
 # Metrics
 
 
-class CountingExporter(MetricExporter):
-    """Wraps the real exporter to count what went out: the SDK's periodic reader logs a failed
-    export and moves on, so without this the run could not tell that its data never arrived."""
-
-    def __init__(self, inner: MetricExporter):
-        super().__init__(preferred_temporality=DELTA_EVERYWHERE)
-        self.inner = inner
-        self.exports = 0
-        self.failed_exports = 0
-        self.points = 0
-        self.failed_points = 0
-        self.overflow_points = 0
-
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        points = 0
-        for rm in metrics_data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    for dp in metric.data.data_points:
-                        points += 1
-                        if dp.attributes and dp.attributes.get(OVERFLOW_ATTRIBUTE):
-                            self.overflow_points += 1
-        result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        self.exports += 1
-        if result is MetricExportResult.SUCCESS:
-            self.points += points
-        else:
-            self.failed_exports += 1
-            self.failed_points += points
-        return result
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self.inner.force_flush(timeout_millis=timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-
-def build_provider(args: argparse.Namespace) -> tuple[MeterProvider, CountingExporter]:
-    params = {
-        "lr": repr(args.lr),
-        "batch_size": str(args.batch_size),
-        "hidden": str(args.hidden),
-        "steps": str(args.steps),
-        "warmup": str(args.warmup),
-        "weight_decay": repr(args.weight_decay),
-        "seed": str(args.seed),
-        "dataset": DATASET,
-        "eval_every": str(args.eval_every),
-        "model": f"mlp-{FEATURES}-{args.hidden}-{CLASSES}",
-        "optimizer": "adamw",
-        "schedule": "linear-warmup-cosine",
-    }
-    attributes: dict[str, str] = {
-        "service.name": "trainmetrics-python-example",
-        "ml.experiment.name": args.experiment,
-        "ml.run.name": args.run_name,
-        "ml.run.id": args.run_id,
-        **{f"ml.param.{k}": v for k, v in params.items()},
-    }
-    # Resource.create adds the SDK's telemetry.sdk.* and OTEL_RESOURCE_ATTRIBUTES (ours win);
-    # trainmetrics turns those into MLflow run tags.
-    resource = Resource.create(attributes)
-
-    if args.console:
-        inner: MetricExporter = ConsoleMetricExporter(
-            out=sys.stderr,
-            formatter=lambda data: data.to_json(indent=None) + "\n",
-            preferred_temporality=DELTA_EVERYWHERE,
-        )
-    else:
-        inner = OTLPMetricExporter(
-            endpoint=args.endpoint,
-            insecure=True,
-            compression=Compression.Gzip,
-            preferred_temporality=DELTA_EVERYWHERE,
-            max_export_batch_size=MAX_EXPORT_BATCH_POINTS,
-        )
-    exporter = CountingExporter(inner)
-    # The reader takes its temporality from the exporter it wraps, i.e. DELTA_EVERYWHERE.
-    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=args.export_interval_ms)
-    provider = MeterProvider(
-        metric_readers=[reader],
-        resource=resource,
-        views=[View(instrument_name="*", aggregation_cardinality_limit=CARDINALITY_LIMIT)],
-        # Shut down explicitly below (and report); an atexit shutdown would be a second one.
-        shutdown_on_exit=False,
-    )
-    return provider, exporter
-
-
-def nonfinite_text(value: float) -> str | None:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return None
-
-
 class Recorder:
     """Everything the trainer records goes through here, so the CSV is exactly what was sent."""
 
-    def __init__(self, provider: MeterProvider, csv_file: IO[str] | None):
-        self.meter = provider.get_meter("trainmetrics-python-example")
-        self.gauges: dict[str, Any] = {}
+    def __init__(self, run: trainmetrics.Run, csv_file: IO[str] | None):
+        self.run = run
         self.csv = csv.writer(csv_file, lineterminator="\n") if csv_file is not None else None
         if self.csv is not None:
             self.csv.writerow(["step", "name", "value"])
 
-    def _gauge(self, instrument: str) -> Any:
-        g = self.gauges.get(instrument)
-        if g is None:
-            g = self.gauges[instrument] = self.meter.create_gauge(instrument)
-        return g
-
-    def record(self, step: int, name: str, value: float) -> None:
-        value = float(value)
-        attributes: dict[str, Any] = {STEP_ATTRIBUTE: step, TIME_ATTRIBUTE: time.time_ns()}
-        if INSTRUMENT_NAME.fullmatch(name):
-            gauge = self._gauge(name)
-        else:
-            gauge = self._gauge(NAMED_GAUGE)
-            attributes[NAME_ATTRIBUTE] = name
-        nonfinite = nonfinite_text(value)
-        if nonfinite is None:
-            gauge.set(value, attributes)
-        else:
-            attributes[NONFINITE_ATTRIBUTE] = nonfinite
-            gauge.set(0.0, attributes)
+    def record_step(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
         if self.csv is not None:
-            self.csv.writerow([step, name, repr(value)])
+            for name, value in values.items():
+                self.csv.writerow([step, name, repr(float(value))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,11 +278,10 @@ class Summary:
         self.step_ms: list[float] = []
         self.record_us: list[float] = []
         self.eval_ms: list[float] = []
-        self.flush_ms: list[float] = []
         self.wall_s = 0.0
 
 
-def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, provider: MeterProvider, s: Summary) -> None:
+def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, s: Summary) -> None:
     opt = AdamW(model.params, args.weight_decay)
     # A stream of its own, so changing the model size does not change the batches.
     rng = np.random.default_rng([args.seed, 1])
@@ -514,10 +307,9 @@ def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, provi
         train_s = time.perf_counter() - t0
 
         t_rec = time.perf_counter()
-        rec.record(step, "train.loss", loss)
-        rec.record(step, "train.lr", lr)
-        rec.record(step, "train.grad_norm", grad_norm)
-        rec.record(step, "train.throughput", take / max(train_s, 1e-9))
+        rec.record_step(
+            step, {"train.loss": loss, "train.lr": lr, "train.grad_norm": grad_norm, "train.throughput": take / max(train_s, 1e-9)}
+        )
         record_s = time.perf_counter() - t_rec
         s.last_train_loss = loss
 
@@ -526,8 +318,7 @@ def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, provi
             eval_loss, eval_acc = loss_and_accuracy(model, data.x_eval, data.y_eval)
             s.eval_ms.append((time.perf_counter() - t_eval) * 1e3)
             t_rec = time.perf_counter()
-            rec.record(step, "eval.loss", eval_loss)
-            rec.record(step, "eval.accuracy", eval_acc)
+            rec.record_step(step, {"eval.loss": eval_loss, "eval.accuracy": eval_acc})
             record_s += time.perf_counter() - t_rec
             if s.first_eval is None:
                 s.first_eval = (step, eval_loss, eval_acc)
@@ -540,13 +331,6 @@ def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, provi
         s.step_ms.append((train_s + record_s) * 1e3)
         s.record_us.append(record_s * 1e6)
 
-        # The cardinality bound (module doc): at most --flush-every uncollected steps per stream.
-        # The final flush is main()'s.
-        if step % args.flush_every == 0 and step != args.steps:
-            t_flush = time.perf_counter()
-            provider.force_flush()
-            s.flush_ms.append((time.perf_counter() - t_flush) * 1e3)
-
         if args.sleep_ms > 0:
             time.sleep(args.sleep_ms / 1e3)
 
@@ -557,16 +341,43 @@ def train(args: argparse.Namespace, data: Data, model: Mlp, rec: Recorder, provi
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    # Everything that can fail on bad input happens before the provider exists, so a typo does
-    # not leave an empty run behind.
+    # Everything that can fail on bad input happens before the run exists, so a typo does not
+    # leave an empty run behind.
     rng = np.random.default_rng(args.seed)
     data = load_data(rng)
     model = Mlp(args.hidden, rng)
     csv_file = open(args.record_csv, "w", newline="", encoding="utf-8") if args.record_csv else None
 
-    provider, exporter = build_provider(args)
+    params = {
+        "lr": args.lr, "batch_size": args.batch_size, "hidden": args.hidden, "steps": args.steps,
+        "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed, "dataset": DATASET,
+        "eval_every": args.eval_every, "model": f"mlp-{FEATURES}-{args.hidden}-{CLASSES}",
+        "optimizer": "adamw", "schedule": "linear-warmup-cosine",
+    }  # fmt: skip
+    exporter = None
+    if args.console:
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        from trainmetrics._reader import DELTA_EVERYWHERE
+
+        exporter = ConsoleMetricExporter(
+            out=sys.stderr, formatter=lambda d: d.to_json(indent=None) + "\n", preferred_temporality=DELTA_EVERYWHERE
+        )
+    run = trainmetrics.init(
+        args.experiment,
+        args.run_name,
+        run_id=args.run_id,
+        params=params,
+        tags={"service.name": "trainmetrics-python-example"},
+        endpoint=None if args.console else args.endpoint,
+        protocol=args.protocol,
+        export_interval=args.export_interval_ms / 1e3,
+        collect_every=args.flush_every,
+        exporter=exporter,
+        print_summary=False,
+    )
     print(f"run: {args.run_name} (id {args.run_id}, experiment {args.experiment})")
-    print(f"export: {'console (stderr)' if args.console else args.endpoint}, every {args.export_interval_ms} ms, delta")
+    print(f"export: {run.endpoint}, every {args.export_interval_ms} ms, delta")
     print(
         f"data: {DATASET}, {len(data.x_train)} train / {len(data.x_eval)} eval samples; "
         f"model mlp-{FEATURES}-{args.hidden}-{CLASSES}; {args.steps} steps",
@@ -576,25 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     s = Summary()
     failure: BaseException | None = None
     try:
-        train(args, data, model, Recorder(provider, csv_file), provider, s)
+        train(args, data, model, Recorder(run, csv_file), s)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported, then exit 1
         failure = e
     finally:
         if csv_file is not None:
             csv_file.close()
-        # The run-end convention of trainmetrics (README "Run end"): one gauge at the end,
-        # with the status, so `serve` ends the MLflow run now rather than by idle time.
-        provider.get_meter("trainmetrics-python-example").create_gauge(RUN_END_METRIC).set(
-            1, {"status": "FINISHED" if failure is None else "FAILED"}
-        )
-        # What was recorded goes out even when training failed: flush, then shut down (the
-        # reader's last collection and the exporter's channel).
-        t_flush = time.perf_counter()
-        try:
-            provider.force_flush()
-        finally:
-            provider.shutdown()
-        final_flush_ms = (time.perf_counter() - t_flush) * 1e3
+    # The run-end gauge, then what was recorded goes out, also when training failed.
+    t_flush = time.perf_counter()
+    summary = run.finish("FINISHED" if failure is None else "FAILED")
+    final_flush_ms = (time.perf_counter() - t_flush) * 1e3
 
     if failure is None:
         print()
@@ -608,14 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step_time_ms {stats(s.step_ms, 3)}")
         print(f"record_time_us {stats(s.record_us, 1)}")
         print(f"eval_time_ms {stats(s.eval_ms, 3)} ({len(s.eval_ms)} evaluations, not in step_time_ms)")
-        if s.flush_ms:
-            print(f"flush_time_ms {stats(s.flush_ms, 1)} ({len(s.flush_ms)} forced flushes, not in step_time_ms)")
     print(f"final_flush_ms {final_flush_ms:.1f}")
-    print(
-        f"exported: {exporter.points} points in {exporter.exports} exports; "
-        f"failed: {exporter.failed_exports} exports ({exporter.failed_points} points); "
-        f"overflow points: {exporter.overflow_points}"
-    )
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary.dropped.items())) or "0"
+    print(f"exported: {summary.sent} of {summary.recorded} points; dropped: {dropped}")
     print(f"run id: {args.run_id}")
 
     status = 0
@@ -623,11 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exception(failure, file=sys.stderr)
         print(f"error: training failed: {failure!r}", file=sys.stderr)
         status = 1
-    if exporter.failed_exports:
-        print(f"error: {exporter.failed_exports} export(s) to {args.endpoint} failed", file=sys.stderr)
-        status = 1
-    if exporter.overflow_points:
-        print(f"error: {exporter.overflow_points} point(s) fell into {OVERFLOW_ATTRIBUTE}", file=sys.stderr)
+    if summary.dropped or summary.sent != summary.recorded:
+        print(f"error: {summary.recorded - summary.sent} point(s) were not sent to {run.endpoint} ({dropped})", file=sys.stderr)
         status = 1
     return status
 

@@ -230,14 +230,14 @@ def _mlflow_run_key(mlflow_run_id: str, tracking_uri: str | None) -> str:
     return mlflow_run_id
 
 
-def _build_exporter(endpoint: str | None, headers: Mapping[str, str] | None) -> tuple[MetricExporter, str]:
+def _build_exporter(endpoint: str | None, headers: Mapping[str, str] | None, protocol: str | None = None) -> tuple[MetricExporter, str]:
     """The OTLP exporter for `endpoint` (None: the OTel environment variables decide), and the
     endpoint it sends to, for messages. Protocol from `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL` /
     `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the OTel default, or `grpc`)."""
     from ._reader import DELTA_EVERYWHERE
 
     protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+        protocol or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
     ).strip()
     hdrs = dict(headers) if headers else None
     if protocol == "grpc":
@@ -298,6 +298,7 @@ class Run:
         tags: Mapping[str, str] | None = None,
         endpoint: str | None = None,
         headers: Mapping[str, str] | None = None,
+        protocol: str | None = None,
         rank: int | None | str = "auto",
         logdir: str | os.PathLike[str] = "runs",
         tracking_uri: str | None = None,
@@ -349,8 +350,9 @@ class Run:
             self._serve = _embedded.acquire(logdir, tracking)
             self._tracking_uri = tracking
             endpoint = self._serve.http_endpoint
+            protocol = "http/protobuf"
         if exporter is None:
-            exporter, self.endpoint = _build_exporter(endpoint, headers)
+            exporter, self.endpoint = _build_exporter(endpoint, headers, protocol)
 
         attributes: dict[str, Any] = {c.RUN_ID_KEY: self.run_id, c.RUN_NAME_KEY: self.run_name}
         if not os.environ.get("OTEL_SERVICE_NAME"):
@@ -677,6 +679,7 @@ def init(
     tags: Mapping[str, str] | None = None,
     endpoint: str | None = None,
     headers: Mapping[str, str] | None = None,
+    protocol: str | None = None,
     rank: int | None | str = "auto",
     logdir: str | os.PathLike[str] = "runs",
     tracking_uri: str | None = None,
@@ -696,7 +699,8 @@ def init(
       the same id continues the same run); `params` (nested mappings flatten to dotted keys;
       → MLflow params, TensorBoard hparams); `tags` (→ MLflow run tags).
     - Where to: `endpoint` (an OTLP URL; default `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` /
-      `OTEL_EXPORTER_OTLP_ENDPOINT`, with the OTel variables for headers, TLS and protocol).
+      `OTEL_EXPORTER_OTLP_ENDPOINT`, with the OTel variables for headers, TLS and protocol);
+      `protocol` ("http/protobuf", the OTel default, or "grpc"; default the OTel variables).
       With none of them, the embedded default: a local `trainmetrics serve` shared by this
       machine's trainers, TensorBoard into `logdir` (`./runs`), MLflow at `tracking_uri`
       (default `MLFLOW_TRACKING_URI`, none if unset).
@@ -723,6 +727,7 @@ def init(
         tags=tags,
         endpoint=endpoint,
         headers=headers,
+        protocol=protocol,
         rank=rank,
         logdir=logdir,
         tracking_uri=tracking_uri,
