@@ -3,8 +3,8 @@ OpenTelemetry Collector built here, and TensorBoard's own loaders (both), each s
 127.0.0.1 ports and stopped by PID at the end. A missing component fails the test naming it.
 
 Components come from the environment `scripts/test.sh` sets up:
-- `TRAINMETRICS_BIN`: the `trainmetrics` binary (default: `target/debug/trainmetrics`, which
-  `cargo test` builds);
+- the `trainmetrics` package installed in this venv with its binary (`scripts/test.sh` runs
+  `pip install ./python`), or `TRAINMETRICS_BIN` for another binary;
 - `TRAINMETRICS_OTELCOL`: the collector (`scripts/build-collector.sh`);
 - this interpreter's venv: mlflow, tensorboard, torch, transformers, lightning, axolotl.
 """
@@ -39,9 +39,13 @@ def free_port() -> int:
 
 
 def binary() -> Path:
-    p = Path(os.environ.get("TRAINMETRICS_BIN") or ROOT / "target" / "debug" / "trainmetrics")
-    assert p.is_file(), f"missing component: the trainmetrics binary {p} (cargo build, or set TRAINMETRICS_BIN)"
-    return p
+    """The binary the package uses: `TRAINMETRICS_BIN`, else the installed wheel's."""
+    import trainmetrics
+
+    try:
+        return trainmetrics.find_binary()
+    except trainmetrics.EmbeddedServeError as e:
+        raise AssertionError(f"missing component: the trainmetrics binary ({e}); scripts/test.sh installs ./python into .venv") from e
 
 
 def otelcol() -> Path:
@@ -294,11 +298,10 @@ def f32(x: float) -> float:
 
 def run_trainer(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 900, expect_ok: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Runs `python/tests/trainers/<script>` with this interpreter (or under `launcher`, e.g.
-    torchrun), the package from the checkout on `PYTHONPATH`."""
+    torchrun), with the installed package."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python" / "src"), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    full_env.setdefault("TRAINMETRICS_BIN", str(binary()))
+    binary()  # fail here, naming the component, rather than in the trainer
     full_env.setdefault("HF_HUB_OFFLINE", "1")
     full_env.setdefault("TRANSFORMERS_OFFLINE", "1")
     full_env.setdefault("HF_DATASETS_OFFLINE", "1")

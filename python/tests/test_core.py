@@ -136,7 +136,7 @@ def test_two_trainers_share_one_embedded_serve(embedded: Path, mlflow: Mlflow) -
         procs.append(subprocess.Popen(
             [sys.executable, str(TRAINERS / "plain_loop.py"), "--out", str(embedded.parent / f"r{i}.json"), "--run-name", name,
              "--experiment", "share", "--steps", "150", "--sleep-ms", str(20 if i == 0 else 5)],
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT / "python/src")}, cwd=embedded.parent, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env}, cwd=embedded.parent, stderr=subprocess.PIPE, text=True,
         ))  # fmt: skip
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
@@ -159,7 +159,7 @@ def test_sigterm_ends_the_run_killed(embedded: Path, mlflow: Mlflow) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(TRAINERS / "plain_loop.py"), "--out", str(embedded.parent / "r.json"), "--run-name", name,
          "--experiment", "term", "--steps", "100000", "--sleep-ms", "10", "--ready", str(ready)],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "python/src")}, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ), stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not ready.exists():
