@@ -35,6 +35,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import EmbeddedServeError
 
@@ -203,7 +204,7 @@ def acquire(logdir: str | os.PathLike[str], tracking_uri: str | None) -> Embedde
     with _Locked(lock_path):
         clients.mkdir(parents=True, exist_ok=True)
         lease = clients / f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        state = None
+        state: dict[str, Any] | None = None
         if state_path.exists():
             try:
                 state = json.loads(state_path.read_text())
@@ -249,9 +250,12 @@ def config(logdir: Path, tracking_uri: str | None) -> dict[str, object]:
     }
 
 
-def _start(binary: Path, logdir: Path, tracking_uri: str | None, log_path: Path) -> tuple[dict[str, object], subprocess.Popen[bytes]]:
+def _start(binary: Path, logdir: Path, tracking_uri: str | None, log_path: Path) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     config_path = log_path.with_suffix(".yaml")
-    config_path.write_text(json.dumps(config(logdir, tracking_uri), indent=2))
+    # The tracking URI may hold credentials: only this user reads the file.
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(config(logdir, tracking_uri), indent=2))
     cmd = [str(binary), "serve", "--config", str(config_path)]
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -242,7 +242,7 @@ def _build_exporter(endpoint: str | None, headers: Mapping[str, str] | None, pro
     hdrs = dict(headers) if headers else None
     if protocol == "grpc":
         try:
-            from grpc import Compression
+            from grpc import Compression  # type: ignore[import-untyped]
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
         except ImportError as e:
             raise ConfigError("OTLP protocol grpc needs the grpc exporter: pip install 'trainmetrics[grpc]'") from e

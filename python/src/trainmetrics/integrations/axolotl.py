@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from axolotl.integrations.base import BasePlugin
+from axolotl.integrations.base import BasePlugin  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
 from .transformers import TrainmetricsCallback

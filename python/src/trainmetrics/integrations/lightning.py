@@ -31,7 +31,7 @@ log = logging.getLogger("trainmetrics")
 STATUSES = {"success": "FINISHED", "failed": "FAILED"}
 
 
-class TrainmetricsLogger(Logger):  # type: ignore[misc]
+class TrainmetricsLogger(Logger):
     """Keywords are `trainmetrics.init`'s (`endpoint`, `params`, `logdir`, …)."""
 
     def __init__(self, experiment: str | None = None, run_name: str | None = None, *, all_ranks: bool = False, **init_kwargs: Any) -> None:
@@ -45,7 +45,7 @@ class TrainmetricsLogger(Logger):  # type: ignore[misc]
         self._run_id: str | None = init_kwargs.pop("run_id", None)
 
     def _sends(self) -> bool:
-        return self._all_ranks or rank_zero_only.rank == 0
+        return self._all_ranks or getattr(rank_zero_only, "rank", 0) == 0
 
     @property
     def name(self) -> str:

@@ -55,7 +55,7 @@ def _scalars(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None or isinstance(v, Mapping)}
 
 
-class TrainmetricsCallback(TrainerCallback):  # type: ignore[misc]
+class TrainmetricsCallback(TrainerCallback):
     """Sends an HF `Trainer`'s logs to trainmetrics. Keywords are `trainmetrics.init`'s
     (`experiment`, `run_name` (default `TrainingArguments.run_name`), `endpoint`, `params`, …)."""
 
@@ -80,7 +80,7 @@ class TrainmetricsCallback(TrainerCallback):  # type: ignore[misc]
             previous = self.run
             self.run = init(previous.experiment, previous.run_name, run_id=previous.run_id, rank=previous.rank, **self.init_kwargs)
             return self.run
-        params: dict[str, Any] = _scalars(args.to_dict())
+        params: dict[str, Any] = _scalars(args.to_dict())  # type: ignore[no-untyped-call]
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             params.update({f"model.{k}": v for k, v in _scalars(config.to_dict()).items()})
