@@ -168,7 +168,8 @@ def test_sigterm_ends_the_run_killed(embedded: Path, mlflow: Mlflow) -> None:
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-2000:])
+    # SIGTERM ends the process by unwinding (exit status 128 + 15), so the run can end KILLED.
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
     assert f"run {name}" in err and "KILLED" in err, err[-2000:]
     runs = [r for r in mlflow.wait_runs("term", 1, "KILLED") if r["info"]["run_name"] == name]
     assert len(runs) == 1
@@ -212,3 +213,149 @@ def test_through_the_collector_with_grpc(serve: Serve, collector: Collector, mlf
     assert mlflow.history(runs[0]["info"]["run_id"], "train.loss") == [(100, 50.5), (200, 150.5)]
     assert "tensorboard: received 200 delivered 200 dropped 0" in serve.stop()
     assert [p[0] for p in read_tb(serve.logdir, "rust")["scalars"][name]["train.loss"]] == list(range(1, 201))
+
+
+HAMMER = """
+import sys, trainmetrics
+run = trainmetrics.init("term", sys.argv[1])
+open(sys.argv[2], "w").close()
+s = 0
+while True:
+    s += 1
+    run.log({"a": 1.0 / s, "b": float(s), "c@1": 0.5, "d e": 2.0}, step=s)
+"""
+
+
+def test_sigterm_in_the_middle_of_log_ends_the_run_killed_without_deadlock(embedded: Path, mlflow: Mlflow) -> None:
+    """SIGTERM lands wherever the trainer is, inside the SDK's locks too: it must still end."""
+    for i, delay in enumerate((0.3, 0.71, 1.37)):
+        ready = embedded.parent / f"ready{i}"
+        name = f"hammer-{i}-{uuid.uuid4().hex[:4]}"
+        proc = subprocess.Popen([sys.executable, "-c", HAMMER, name, str(ready)], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"try {i}: the trainer hung after SIGTERM")
+        assert proc.returncode == 143 and "KILLED" in err and "dropped 0" in err, (i, proc.returncode, err[-1500:])
+
+
+FORKER = """
+import multiprocessing as mp, sys, trainmetrics
+def work(x):
+    return x * x
+run = trainmetrics.init("fork", sys.argv[1])
+for s in range(1, 51):
+    run.log({"loss": 1.0 / s}, step=s)
+pool = mp.get_context("fork").Pool(2)
+assert pool.map(work, range(10))[3] == 9
+pool.terminate()
+pool.join()
+for s in range(51, 151):
+    run.log({"loss": 1.0 / s}, step=s)
+summary = run.finish()
+assert summary.status == "FINISHED" and summary.sent == 150 and summary.dropped == {}, summary
+"""
+
+
+def test_a_forked_child_neither_ends_the_run_nor_stops_the_serve(embedded: Path) -> None:
+    name = f"fork-{uuid.uuid4().hex[:6]}"
+    out = subprocess.run([sys.executable, "-c", FORKER, name], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("FINISHED") == 1 and "KILLED" not in out.stderr, out.stderr[-3000:]
+    assert "tensorboard: received 150 delivered 150 dropped 0" in out.stderr
+    assert [p[0] for p in read_tb(embedded, "rust")["scalars"][name]["loss"]] == list(range(1, 151))
+
+
+def test_many_names_the_otel_api_refuses_never_overflow(embedded: Path) -> None:
+    """They share one SDK gauge (with the name as an attribute), so 25 of them at each of 1000
+    steps are 25 000 sets of one stream: past the SDK's limit unless collected in time."""
+    run = trainmetrics.init("names", f"refused-{uuid.uuid4().hex[:6]}", print_summary=False)
+    for s in range(1, 1001):
+        run.log({f"acc@{j}": j + 1.0 / s for j in range(25)}, step=s)
+    summary = run.finish()
+    assert summary.dropped == {} and summary.sent == summary.recorded == 25_000, summary
+    assert summary.serve_report and "tensorboard: received 25000 delivered 25000 dropped 0" in summary.serve_report
+
+
+def test_finish_is_safe_to_misuse_and_counts_what_came_after(embedded: Path) -> None:
+    run = trainmetrics.init("finish", f"finish-{uuid.uuid4().hex[:6]}", print_summary=False)
+    for bad in (0, -1, math.inf, math.nan, "5", True):
+        with pytest.raises(trainmetrics.ConfigError):
+            run.finish(timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(trainmetrics.ConfigError):
+        run.finish(None)  # type: ignore[arg-type]
+    stop = False
+    logged = [0]
+
+    def logger() -> None:
+        s = 0
+        while not stop:
+            s += 1
+            run.log({"x": float(s)}, step=s)
+            logged[0] += 1
+
+    t = __import__("threading").Thread(target=logger)
+    t.start()
+    time.sleep(0.5)
+    summary = run.finish()
+    stop = True
+    t.join()
+    later = run.finish()
+    # Every value the thread logged is either sent or counted after_finish: none lost silently.
+    assert later.sent == later.recorded and later.sent + later.dropped.get("after_finish", 0) == logged[0], (later, logged)
+    assert summary.status == later.status == "FINISHED"
+
+
+def test_odd_values_and_histograms_are_counted_not_raised(embedded: Path) -> None:
+    import torch
+    name = f"odd-{uuid.uuid4().hex[:6]}"
+    run = trainmetrics.init("odd", name, print_summary=False)
+    run.log({"big": 10**400, "ok": 1.0, "t": torch.tensor(2.5)}, step=1)
+    run.log({"ok": 2.0}, step=True)  # type: ignore[arg-type]
+    run.log(None, step=2)  # type: ignore[arg-type]
+    run.histogram("bf16", torch.arange(-8, 8, dtype=torch.bfloat16) / 4, step=1)
+    run.histogram("scalar", 1.0, step=1)  # type: ignore[arg-type]  # a scalar is one value
+    run.histogram("none", None, step=1)  # type: ignore[arg-type]
+    run.histogram("wide", [1e308, -1e308, 0.0], step=1)
+    run.histogram("big", torch.randn(2_000_000), step=1)
+    summary = run.finish()
+    assert summary.dropped == {"invalid_value": 3, "invalid_step": 1}, summary.dropped  # big, None, None
+    assert summary.serve_report and "dropped 0" in summary.serve_report, summary.serve_report
+    tb = read_tb(embedded, "python")
+    assert [(p[0], p[1]) for p in tb["scalars"][name]["ok"]] == [(1, 1.0)]
+    assert tb["scalars"][name]["t"][0][1] == 2.5
+    hists = tb["histograms"][name]
+    assert sum(b[2] for b in hists["bf16"][0][1]) == 16 and sum(b[2] for b in hists["wide"][0][1]) == 3
+    assert sum(b[2] for b in hists["scalar"][0][1]) == 1
+    assert sum(b[2] for b in hists["big"][0][1]) == 2_000_000
+
+
+def test_an_embedded_serve_outlives_no_trainer(embedded: Path) -> None:
+    """A trainer killed with SIGKILL leaves its lease: the watchdog stops serve by itself."""
+    ready = embedded.parent / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAINERS / "plain_loop.py"), "--out", str(embedded.parent / "r.json"), "--steps", "100000",
+         "--sleep-ms", "10", "--ready", str(ready)],
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    state = next((embedded.parent / "state").glob("*.json"))
+    pid = json.loads(state.read_text())["pid"]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 45
+    while _embedded.pid_alive(pid):
+        assert time.monotonic() < deadline, f"serve {pid} still runs 45 s after its only trainer was killed"
+        time.sleep(0.5)
+    assert not state.exists()
+    log = next((embedded.parent / "state").glob("*.log")).read_text()
+    assert "tensorboard: received" in log, log[-2000:]

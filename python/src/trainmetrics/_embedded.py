@@ -14,8 +14,10 @@ tracking URI):
 - `<k>.yaml`: its config (`config()`).
 
 The last trainer to leave stops it with SIGTERM (serve then writes every open window and ends)
-and waits up to `stop_timeout` seconds. A trainer that was killed leaves its lease behind; the
-next trainer prunes it, and the next trainer to leave stops the process.
+and waits up to `stop_timeout` seconds. A trainer that was killed (SIGKILL, OOM) leaves its lease
+behind: a watchdog process started with serve (`python -m trainmetrics._embedded --watch`)
+prunes leases of dead processes every 2 s and stops serve once none is left, so no serve
+outlives its trainers.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import uuid
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +109,13 @@ class EmbeddedServe:
     _lease: Path
     _child: subprocess.Popen[bytes] | None = None
     _released: bool = False
+    _owner: int = field(default_factory=os.getpid)
 
     def release(self, stop_timeout: float = 20.0) -> str | None:
         """Drops this trainer's lease; the last one stops the process within `stop_timeout`
         seconds and gets its shutdown report (the log's lines after the stop). Idempotent."""
-        if self._released:
+        if self._released or os.getpid() != self._owner:
+            # A forked child holds a copy of its parent's lease, not one of its own.
             return None
         self._released = True
         with _Locked(self._lock_path):
@@ -160,12 +165,31 @@ def _healthy(telemetry: str) -> bool:
         return False
 
 
+def _forget(state: Path, pid: int) -> None:
+    """Removes the state file if it still names `pid` (another serve may have replaced it)."""
+    try:
+        if int(json.loads(state.read_text())["pid"]) != pid:
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    state.unlink(missing_ok=True)
+
+
+def _answers(telemetry: str, tries: int = 3) -> bool:
+    for i in range(tries):
+        if _healthy(telemetry):
+            return True
+        if i + 1 < tries:
+            time.sleep(1.0)
+    return False
+
+
 def _stop(pid: int, child: subprocess.Popen[bytes] | None, log_path: Path, timeout: float, state: Path) -> str | None:
     offset = log_path.stat().st_size if log_path.exists() else 0
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        state.unlink(missing_ok=True)
+        _forget(state, pid)
         return None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -179,7 +203,7 @@ def _stop(pid: int, child: subprocess.Popen[bytes] | None, log_path: Path, timeo
         os.kill(pid, signal.SIGKILL)
         if child is not None:
             child.wait()
-    state.unlink(missing_ok=True)
+    _forget(state, pid)
     with open(log_path, "rb") as f:
         f.seek(offset)
         tail = f.read().decode("utf-8", "replace")
@@ -211,7 +235,9 @@ def acquire(logdir: str | os.PathLike[str], tracking_uri: str | None) -> Embedde
             except (OSError, ValueError):
                 state = None
         child = None
-        if state is None or not pid_alive(int(state["pid"])) or not _healthy(state["telemetry"]):
+        # A live serve that does not answer at once (busy, paused) gets a few seconds before a
+        # second one is started beside it.
+        if state is None or not pid_alive(int(state["pid"])) or not _answers(state["telemetry"]):
             state, child = _start(binary, logdir_abs, tracking_uri, log_path)
             state_path.write_text(json.dumps(state))
         lease.write_text("")
@@ -273,6 +299,7 @@ def _start(binary: Path, logdir: Path, tracking_uri: str | None, log_path: Path)
         m = LISTENING.search(text)
         if m:
             grpc, http, telemetry = m.groups()
+            _watch(child.pid, log_path)
             return {"pid": child.pid, "grpc": grpc, "http": http, "telemetry": telemetry, "logdir": str(logdir)}, child
         if child.poll() is not None:
             break
@@ -286,4 +313,40 @@ def _start(binary: Path, logdir: Path, tracking_uri: str | None, log_path: Path)
     raise EmbeddedServeError(f"{binary} serve did not start (exit {child.returncode}); its log ({log_path}):\n{tail}")
 
 
-__all__ = ["EmbeddedServe", "acquire", "find_binary", "state_dir"]
+WATCH_INTERVAL_S = 2.0
+
+
+def _watch(serve_pid: int, log_path: Path) -> None:
+    """Starts the watchdog of `serve_pid` (module doc), detached from the trainer."""
+    base = log_path.with_suffix("")
+    subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics._embedded", "--watch", str(serve_pid), str(base)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def watch(serve_pid: int, base: Path) -> None:
+    """The watchdog loop: stops `serve_pid` once no live trainer holds a lease in
+    `<base>.clients`, and ends when serve has ended."""
+    lock_path, clients, log_path = base.with_suffix(".lock"), base.with_suffix(".clients"), base.with_suffix(".log")
+    state = base.with_suffix(".json")
+    while pid_alive(serve_pid):
+        time.sleep(WATCH_INTERVAL_S)
+        with _Locked(lock_path):
+            if not pid_alive(serve_pid):
+                return
+            if not _live_leases(clients):
+                _stop(serve_pid, None, log_path, 30.0, state)
+                return
+
+
+__all__ = ["EmbeddedServe", "acquire", "find_binary", "state_dir", "watch"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--watch":
+        watch(int(sys.argv[2]), Path(sys.argv[3]))

@@ -143,7 +143,9 @@ class QueuedReader(MetricReader):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stopping_export = False
-        self._steps_since_collect = 0
+        self._sets_since_collect = 0
+        #: Pending sets at which the trainer collects itself (half the cardinality limit).
+        self.urgent_sets = 10_000
         self._full_warned = False
         self._collect_thread = threading.Thread(target=self._collect_loop, name="trainmetrics-collect", daemon=True)
         self._export_thread = threading.Thread(target=self._export_loop, name="trainmetrics-export", daemon=True)
@@ -161,13 +163,20 @@ class QueuedReader(MetricReader):
             self._collect_thread.start()
             self._export_thread.start()
 
-    def note_step(self) -> None:
-        """Called by the trainer once per new step; wakes the collect thread every
-        `collect_every` steps. Never blocks."""
-        self._steps_since_collect += 1
-        if self._steps_since_collect >= self._collect_every:
-            self._steps_since_collect = 0
+    def note_sets(self, sets: int) -> bool:
+        """Called by the trainer with the number of new attribute sets it may have added to one
+        stream (a new step: one per gauge; names the OTel API refuses share one gauge, so each
+        of them counts). Wakes the collect thread every `collect_every` sets, and returns True
+        once `urgent_sets` are pending, when the caller must collect at once (memory work, no
+        network) so no stream reaches the SDK's cardinality limit. Never blocks."""
+        self._sets_since_collect += sets
+        if self._sets_since_collect >= self._collect_every:
             self._wake.set()
+        return self._sets_since_collect >= self.urgent_sets
+
+    def collect_now(self) -> None:
+        """A collection on the caller's thread (see `note_sets`)."""
+        self._collect_once()
 
     # -- collection ---------------------------------------------------------------------------
 
@@ -180,6 +189,8 @@ class QueuedReader(MetricReader):
             self._collect_once()
 
     def _collect_once(self) -> None:
+        # Reset first: sets added while this collection runs belong to the next one.
+        self._sets_since_collect = 0
         try:
             self.collect()
         except Exception as e:  # noqa: BLE001 - a collection error must not end the thread
@@ -290,6 +301,19 @@ class QueuedReader(MetricReader):
                     return False
                 self._cv.wait(left)
         return True
+
+    def abandon(self) -> None:
+        """Gives up on what is still queued (a shutdown that was interrupted or failed): counted
+        `shutdown_timeout`, never lost silently. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        with self._cv:
+            self._stopping_export = True
+            if self._queue:
+                self.delivery.drop("shutdown_timeout", sum(p for _, p in self._queue))
+                self._queue.clear()
+                self._queued_points = 0
+            self._cv.notify_all()
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self.drain(timeout_millis / 1e3)

@@ -108,8 +108,8 @@ class _Refusals:
     counts: dict[str, int] = field(default_factory=dict)
     warned: set[tuple[str, str]] = field(default_factory=set)
 
-    def add(self, reason: str, subject: str, message: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+    def add(self, reason: str, subject: str, message: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
         if (reason, subject) not in self.warned and len(self.warned) < 100:
             self.warned.add((reason, subject))
             log.warning("trainmetrics: %s (counted %s)", message, reason)
@@ -135,50 +135,97 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _finite_values(name: str, values: Iterable[Any], refused: _Refusals) -> list[float]:
+def _as_floats(name: str, values: Any, refused: _Refusals) -> Any:
+    """`values` as a flat float64 numpy array when numpy is there (torch tensors of any dtype,
+    bfloat16 included, numpy arrays, sequences), else a list of floats; None when they are not
+    numbers (counted `invalid_value`)."""
     flat: Any = values
-    for method in ("detach", "cpu", "numpy"):
-        if hasattr(flat, method) and not isinstance(flat, (list, tuple)):
-            flat = getattr(flat, method)()
-    if hasattr(flat, "ravel") and hasattr(flat, "tolist"):
-        flat = flat.ravel().tolist()
+    if values is None or isinstance(values, (str, bytes)):
+        refused.add("invalid_value", name, f"{name}: histogram values must be numbers, not {type(values).__name__}")
+        return None
+    if hasattr(flat, "detach") and hasattr(flat, "float"):  # a torch tensor: numpy has no bfloat16
+        flat = flat.detach().float().cpu().numpy()
+    try:
+        import numpy as np
+    except ImportError:
+        np = None  # type: ignore[assignment]
+    if np is not None:
+        try:
+            arr = np.asarray(flat)
+        except (TypeError, ValueError, OverflowError):
+            arr = None
+        # Only numeric arrays: numpy would turn None into NaN and fail on strings; other
+        # contents go through the per-value path, which counts each bad one.
+        if arr is not None and arr.dtype.kind in "biuf":
+            return arr.astype(np.float64, copy=False).ravel()
+    if isinstance(flat, (str, bytes)) or not hasattr(flat, "__iter__"):
+        refused.add("invalid_value", name, f"{name}: histogram values must be an iterable of numbers, not {type(values).__name__}")
+        return None
     out: list[float] = []
     for value in flat:
-        if isinstance(value, (str, bytes)):
-            refused.add("invalid_value", name, f"{name}: a histogram value {value!r} is not a number")
-            continue
         try:
-            v = float(value)
-        except (TypeError, ValueError):
-            refused.add("invalid_value", name, f"{name}: a histogram value {value!r} is not a number")
-            continue
-        if math.isfinite(v):
-            out.append(v)
-        else:
-            refused.add("nonfinite_histogram_value", name, f"{name}: NaN/Inf histogram values are left out")
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            out.append(float(value))
+        except (TypeError, ValueError, OverflowError):
+            refused.add("invalid_value", name, f"{name}: a histogram value {str(value)[:40]!r} is not a number")
     return out
 
 
 def _histogram_point(name: str, values: Iterable[Any], step: int, buckets: int, refused: _Refusals) -> HistogramDataPoint | None:
     """One OTLP explicit-bucket histogram point of `values`: bucket i holds (bounds[i-1],
-    bounds[i]] as OTLP defines them, the bounds splitting [min, max] into `buckets` equal parts."""
-    vs = _finite_values(name, values, refused)
-    if not vs:
+    bounds[i]] as OTLP defines them, the bounds splitting [min, max] into `buckets` equal parts.
+    With numpy the buckets are counted in C (a 10M-element tensor in well under a second)."""
+    vs = _as_floats(name, values, refused)
+    if vs is None:
         return None
-    lo, hi = min(vs), max(vs)
-    bounds = [lo + (hi - lo) * k / buckets for k in range(1, buckets)] if hi > lo else []
-    counts = [0] * (len(bounds) + 1)
-    for v in vs:
-        counts[bisect.bisect_left(bounds, v)] += 1
+    if isinstance(vs, list):
+        finite = [v for v in vs if math.isfinite(v)]
+        nonfinite = len(vs) - len(finite)
+        if not finite:
+            _count_nonfinite(name, nonfinite, refused)
+            return None
+        lo, hi, n, total = min(finite), max(finite), len(finite), math.fsum(finite)
+        bounds = _bounds(lo, hi, buckets)
+        counts = [0] * (len(bounds) + 1)
+        for v in finite:
+            counts[bisect.bisect_left(bounds, v)] += 1
+    else:
+        import numpy as np
+
+        mask = np.isfinite(vs)
+        nonfinite = int(vs.size - np.count_nonzero(mask))
+        fin = vs[mask] if nonfinite else vs
+        if fin.size == 0:
+            _count_nonfinite(name, nonfinite, refused)
+            return None
+        lo, hi, n, total = float(fin.min()), float(fin.max()), int(fin.size), float(np.sum(fin))
+        bounds = _bounds(lo, hi, buckets)
+        counts = np.bincount(np.searchsorted(np.asarray(bounds), fin, side="left"), minlength=len(bounds) + 1).tolist()
+    _count_nonfinite(name, nonfinite, refused)
     now = time.time_ns()
     # The point's own time is its record time: no time attribute needed.
     attrs: dict[str, Any] = {c.STEP_ATTRIBUTE: step}
     if c.INSTRUMENT_NAME.fullmatch(name) is None:
         attrs[c.NAME_ATTRIBUTE] = name
     return HistogramDataPoint(
-        attributes=attrs, start_time_unix_nano=now, time_unix_nano=now, count=len(vs), sum=math.fsum(vs),
+        attributes=attrs, start_time_unix_nano=now, time_unix_nano=now, count=n, sum=total,
         bucket_counts=counts, explicit_bounds=bounds, min=lo, max=hi,
     )  # fmt: skip
+
+
+def _bounds(lo: float, hi: float, buckets: int) -> list[float]:
+    # Interpolated as lo*(1-t) + hi*t: `hi - lo` overflows to inf for [-1e308, 1e308].
+    if not hi > lo:
+        return []
+    out = [lo * (1 - k / buckets) + hi * (k / buckets) for k in range(1, buckets)]
+    # Strictly increasing, as OTLP requires; equal neighbours (a range of a few ulps) go.
+    return [b for i, b in enumerate(out) if i == 0 or b > out[i - 1]]
+
+
+def _count_nonfinite(name: str, n: int, refused: _Refusals) -> None:
+    if n:
+        refused.add("nonfinite_histogram_value", name, f"{name}: NaN/Inf histogram values are left out", n)
 
 
 def _world() -> tuple[int, int]:
@@ -390,8 +437,13 @@ class Run:
         self._recorded = 0
         self._next_step = 0
         self._last_step: int | None = None
+        self._fresh = False
         self._lock = threading.Lock()
         self._summary: RunSummary | None = None
+        self._closing = False
+        self._end_sent = False
+        self._killed = False
+        self._pid = os.getpid()
         self._prev_sigterm: Any = None
         self._install_handlers()
 
@@ -400,7 +452,10 @@ class Run:
     def _step(self, step: Any) -> int | None:
         if step is None:
             s = self._next_step
-        elif isinstance(step, int) and not isinstance(step, bool):
+        elif isinstance(step, bool):
+            self._refused.add("invalid_step", "type", f"step {step!r} is a bool, not an int")
+            return None
+        elif isinstance(step, int):
             s = step
         elif isinstance(step, float) and step.is_integer():
             s = int(step)
@@ -414,9 +469,8 @@ class Run:
             self._refused.add("invalid_step", "range", f"step {s} is outside 0..2^63-1")
             return None
         self._next_step = s + 1
-        if s != self._last_step:
-            self._last_step = s
-            self._reader.note_step()
+        self._fresh = s != self._last_step
+        self._last_step = s
         return s
 
     def _instrument(self, name: str, table: dict[str, _Instrument]) -> _Instrument | None:
@@ -439,12 +493,16 @@ class Run:
         counted, warned about once, and the other values are recorded. NaN and ±Inf are kept
         (serve writes them as such).
         """
-        if self._summary is not None:
+        if self._closing:
             self._refused.add("after_finish", "log", "log() after finish()")
+            return
+        if not isinstance(values, Mapping):
+            self._refused.add("invalid_value", "log", f"log() takes a mapping of name to value, not {type(values).__name__}")
             return
         s = self._step(step)
         if s is None:
             return
+        reader = self._reader
         # One attribute dict for the call's plain values: the SDK's cost grows with every key
         # of a new attribute set (it hashes and checks each), so points carry only the step
         # unless `record_time` asks for the record time too.
@@ -462,23 +520,30 @@ class Run:
             else:
                 try:
                     v = float(value)
-                except (TypeError, ValueError):
-                    self._refused.add("invalid_value", name, f"{name}: {type(value).__name__} is not a number")
+                except (TypeError, ValueError, OverflowError):
+                    self._refused.add("invalid_value", name, f"{name}: {type(value).__name__} {str(value)[:40]} is not a float")
                     continue
-            self._recorded += 1
             # The same value again at the same step (HF logs `epoch` with the train and the
             # eval logs of one step) is the same point: sending it twice would only make a
-            # duplicate for serve to count.
+            # duplicate for serve to count. It is not counted again either.
             if inst.last_step == s and inst.last_value == v:
                 continue
+            self._recorded += 1
             inst.last_step, inst.last_value = s, v
             attrs = base
             if inst.named:
                 attrs = {**base, c.NAME_ATTRIBUTE: name}
+                # Every refused name shares one gauge: each adds a set to that one stream.
+                if reader.note_sets(1):
+                    reader.collect_now()
             if v - v != 0.0:  # NaN or ±Inf, without a function call for finite values
                 attrs = {**attrs, c.NONFINITE_ATTRIBUTE: c.nonfinite_text(v)}
                 v = 0.0
             inst.gauge.set(v, attrs)
+        # A new step is a new set on each gauge; with the record time, so is every call.
+        if (self._fresh or self._record_time) and reader.note_sets(1):
+            reader.collect_now()
+        self._fresh = False
 
     def histogram(self, name: str, values: Iterable[Any], step: int | None = None, *, buckets: int = 30) -> None:
         """Records the distribution of `values` (any iterable of numbers; numpy arrays and torch
@@ -490,7 +555,7 @@ class Run:
         negative values (gradients, weights) in a Histogram. NaN and ±Inf values are left out
         and counted `nonfinite_histogram_value`; values that are not numbers `invalid_value`.
         """
-        if self._summary is not None:
+        if self._closing:
             self._refused.add("after_finish", "histogram", "histogram() after finish()")
             return
         if not isinstance(name, str) or c.refused_name(name):
@@ -524,54 +589,80 @@ class Run:
 
     def finish(self, status: str = "FINISHED", *, timeout: float | None = None) -> RunSummary:
         """Ends the run: sends the run-end gauge with `status` (FINISHED, FAILED or KILLED),
-        sends what is left within `timeout` seconds (default: `init`'s, 10 s), stops the
-        embedded serve if this was its last run, and prints where the run is and what was
-        delivered. Idempotent: later calls return the first summary. Raises `ConfigError` for
-        another status."""
+        sends what is left within `timeout` seconds (default: `init`'s, 10 s; the last run of
+        an embedded serve then waits up to 20 s more for serve to write what it holds), and
+        prints where the run is and what was delivered.
+
+        Idempotent: later calls return the first summary, its `dropped` brought up to date
+        (values logged after the end count `after_finish`). Safe to interrupt: whatever an
+        interrupted or failed shutdown did not send is counted `shutdown_timeout`. Raises
+        `ConfigError` for another status or a timeout that is not a positive number. In a
+        forked child of the process that started the run it does nothing."""
+        wanted = status.upper() if isinstance(status, str) else None
+        if wanted not in c.RUN_END_STATUSES:
+            raise ConfigError(f"status {status!r}: expected one of {', '.join(c.RUN_END_STATUSES)}")
+        limit = self._timeout if timeout is None else timeout
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {limit!r}")
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker, a multiprocessing pool) shares nothing of
+            # the run but its memory: the parent ends it.
+            return self._summary_now(wanted, None, time.monotonic())
         with self._lock:
             if self._summary is not None:
+                self._summary.dropped = self._dropped_now()
                 return self._summary
-            status = status.upper()
-            if status not in c.RUN_END_STATUSES:
-                raise ConfigError(f"status {status!r}: expected one of {', '.join(c.RUN_END_STATUSES)}")
+            self._closing = True
             started = time.monotonic()
-            limit = self._timeout if timeout is None else timeout
-            self._meter.create_gauge(c.RUN_END_METRIC).set(1, {"status": status})
-            self._provider.shutdown(timeout_millis=limit * 1e3)
-            report = self._serve.release() if self._serve is not None else None
-            delivery: Delivery = self._reader.delivery
-            dropped = dict(delivery.dropped)
-            for k, v in self._refused.counts.items():
-                dropped[k] = dropped.get(k, 0) + v
-            self._summary = RunSummary(
-                run_id=self.run_id,
-                run_name=self.run_name,
-                experiment=self.experiment,
-                status=status,
-                endpoint=self.endpoint,
-                recorded=self._recorded,
-                sent=delivery.sent,
-                dropped=dropped,
-                tensorboard_dir=self._find_tensorboard_dir(),
-                mlflow_url=self._find_mlflow_url(),
-                serve_report=report,
-                finish_seconds=time.monotonic() - started,
-            )
-            self._remove_handlers()
+            report = None
+            try:
+                if not self._end_sent:
+                    self._end_sent = True
+                    self._meter.create_gauge(c.RUN_END_METRIC).set(1, {"status": wanted})
+                try:
+                    self._provider.shutdown(timeout_millis=float(limit) * 1e3)
+                except Exception as e:  # noqa: BLE001 - counted below, never raised at the trainer
+                    log.warning("trainmetrics: shutting the SDK down failed: %r", e)
+            finally:
+                self._reader.abandon()
+                try:
+                    if self._serve is not None:
+                        report = self._serve.release()
+                finally:
+                    self._summary = self._summary_now(wanted, report, started)
+                    self._remove_handlers()
         if self._print:
             print(self._summary.text(), file=sys.stderr, flush=True)
         return self._summary
+
+    def _dropped_now(self) -> dict[str, int]:
+        dropped = dict(self._reader.delivery.dropped)
+        for k, v in self._refused.counts.items():
+            dropped[k] = dropped.get(k, 0) + v
+        return dropped
+
+    def _summary_now(self, status: str, report: str | None, started: float) -> RunSummary:
+        forked = os.getpid() != self._pid
+        return RunSummary(
+            run_id=self.run_id,
+            run_name=self.run_name,
+            experiment=self.experiment,
+            status=status,
+            endpoint=self.endpoint,
+            recorded=self._recorded,
+            sent=0 if forked else self._reader.delivery.sent,
+            dropped={} if forked else self._dropped_now(),
+            tensorboard_dir=None if forked else self._find_tensorboard_dir(),
+            mlflow_url=None if forked else self._find_mlflow_url(),
+            serve_report=report,
+            finish_seconds=time.monotonic() - started,
+        )
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("KILLED")
-        else:
-            self.finish("FAILED")
+        self.finish(_exit_status(exc_type, exc, self._killed))
 
     @property
     def delivery(self) -> Delivery:
@@ -638,22 +729,43 @@ class Run:
             self._prev_sigterm = None
 
     def _at_exit(self) -> None:
-        self.finish("FAILED" if _Excepthook.failed else "FINISHED")
+        if os.getpid() != self._pid:
+            return
+        self.finish(_exit_status(_Excepthook.seen, None, self._killed))
 
     def _on_sigterm(self, signum: int, frame: types.FrameType | None) -> None:
         prev = self._prev_sigterm
-        self.finish("KILLED")
+        if prev is signal.SIG_IGN:
+            return
+        if os.getpid() == self._pid:
+            self._killed = True
         if callable(prev):
             prev(signum, frame)
-        elif prev in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        # The default action ends the process, but by unwinding (SystemExit, exit status
+        # 128 + 15 as a shell reports a SIGTERM), never by finishing inside this handler: the
+        # interrupted code may hold the SDK's locks, which finishing needs. `with` blocks,
+        # `finally` clauses and the exit hook then end the run KILLED.
+        raise SystemExit(128 + signum)
+
+
+def _exit_status(exc_type: type[BaseException] | None, exc: BaseException | None, killed: bool) -> str:
+    """The run-end status for a way of ending: SIGTERM or Ctrl-C → KILLED, an exception or a
+    non-zero `sys.exit` → FAILED, else FINISHED."""
+    if killed or (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+        return "KILLED"
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, SystemExit):
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return "FINISHED" if code in (None, 0) else "FAILED"
+    return "FAILED"
 
 
 class _Excepthook:
     """Remembers an uncaught exception, so a run the trainer never finished ends FAILED at exit."""
 
-    failed = False
+    seen: type[BaseException] | None = None
     _installed = False
 
     @classmethod
@@ -664,7 +776,7 @@ class _Excepthook:
         previous = sys.excepthook
 
         def hook(t: type[BaseException], e: BaseException, tb: types.TracebackType | None) -> None:
-            cls.failed = True
+            cls.seen = t
             previous(t, e, tb)
 
         sys.excepthook = hook
