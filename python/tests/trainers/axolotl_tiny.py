@@ -24,7 +24,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Words of the generated sentences; the tokenizer's vocabulary is exactly these plus specials,
 # so every token is known and the model is tiny.
@@ -50,12 +50,12 @@ def build_tokenizer(texts: list[str], out: Path) -> Any:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))  # type: ignore[no-untyped-call]
     # A BOS in front of every sequence, like the usual causal-LM tokenizers; Axolotl's
     # completion strategy appends the EOS itself.
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=64)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=64)  # type: ignore[no-untyped-call]
     fast.save_pretrained(out)
     return fast
 
@@ -76,10 +76,10 @@ def build_model(tokenizer: Any, out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(out)
+    GPT2LMHeadModel(config).save_pretrained(out)  # type: ignore[no-untyped-call]
 
 
-def axolotl_config(work: Path, steps: int, experiment: str | None, run_name: str | None, out: Path) -> dict[str, Any]:
+def axolotl_config(work: Path, steps: int, experiment: str | None, run_name: str | None) -> dict[str, Any]:
     """The Axolotl YAML: our plugin from `plugins:`, everything local, fp32 on CPU."""
     model = str(work / "model")
     cfg: dict[str, Any] = {
@@ -88,6 +88,7 @@ def axolotl_config(work: Path, steps: int, experiment: str | None, run_name: str
         "datasets": [{"path": str(work / "data" / "train.jsonl"), "ds_type": "json", "type": "completion", "field": "text"}],
         # Tokenized datasets are cached here, not in ./last_run_prepared of the cwd.
         "dataset_prepared_path": str(work / "prepared"),
+        # Tokenizing 2700 short lines needs no worker pool (2 cores, shared with serve).
         "dataset_num_proc": 1,
         "val_set_size": 0.1,
         "output_dir": str(work / "out"),
@@ -106,15 +107,18 @@ def axolotl_config(work: Path, steps: int, experiment: str | None, run_name: str
         "logging_steps": 1,
         "eval_strategy": "steps",
         "eval_steps": 50,
+        # No checkpoints (Axolotl still saves the final model to output_dir; tiny).
         "save_strategy": "no",
-        "save_safetensors": True,
         "seed": 0,
         "dataloader_num_workers": 0,
-        # fp32 on CPU: with `bf16: auto` and no bf16 GPU Axolotl would turn fp16 on.
+        # fp32 on CPU. The one setting CPU needs: Axolotl's default `bf16: auto` finds no bf16
+        # GPU and turns fp16 on, loading the model in float16, and the first forward fails
+        # ("mixed dtype (CPU): expect parameter to have scalar type of Float").
         "bf16": False,
         "fp16": False,
         "tf32": False,
-        # No CUDA-only kernels.
+        # No CUDA-only attention kernels (their defaults are off too; said here for the reader);
+        # the model keeps transformers' default attention, which runs on CPU.
         "flash_attention": False,
         "sdp_attention": False,
         "xformers_attention": False,
@@ -146,7 +150,7 @@ def main() -> None:
     tokenizer = build_tokenizer(texts, work / "model")
     build_model(tokenizer, work / "model")
     config = work / "axolotl.yaml"
-    config.write_text(yaml.safe_dump(axolotl_config(work, a.steps, a.experiment, a.run_name, a.out.resolve())))
+    config.write_text(yaml.safe_dump(axolotl_config(work, a.steps, a.experiment, a.run_name)))
 
     env = dict(os.environ)
     # CapturePlugin is imported by Axolotl's plugin manager by module name.
@@ -155,10 +159,10 @@ def main() -> None:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Axolotl's telemetry would post to the network.
+    # Axolotl's telemetry is on unless opted out, and would post to the network.
     env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     env.setdefault("DO_NOT_TRACK", "1")
-    # No GPU: keep torch and accelerate off CUDA probing.
+    # CPU only, even on a machine with a GPU (Axolotl picks cuda when it sees one).
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
     # Within the 2 cores, without oversubscribing the collector and serve.
     env.setdefault("OMP_NUM_THREADS", "2")
@@ -178,15 +182,16 @@ def main() -> None:
 
 # -- in Axolotl's process --------------------------------------------------------------------------
 
-try:
+if TYPE_CHECKING or __name__ != "__main__":
     from axolotl.integrations.base import BasePlugin
     from transformers import TrainerCallback
-except ImportError:  # the builder half above needs neither
-    BasePlugin = object
-    TrainerCallback = object
+else:
+    # The builder half needs neither, and importing Axolotl here would cost ~10 s of the
+    # test's time for nothing.
+    BasePlugin = TrainerCallback = object
 
 
-class Capture(TrainerCallback):  # type: ignore[misc,valid-type]
+class Capture(TrainerCallback):
     """Writes `state.log_history`, our callback's run id and the plugin manager's plugins to
     `AXOLOTL_TINY_OUT` at the end of training (and on every log, so a crash leaves what got
     this far)."""
@@ -216,7 +221,7 @@ class Capture(TrainerCallback):  # type: ignore[misc,valid-type]
         self.dump(state)
 
 
-class CapturePlugin(BasePlugin):  # type: ignore[misc,valid-type]
+class CapturePlugin(BasePlugin):  # type: ignore[misc]
     """Adds `Capture` after the trainer is built, when the trainer (and so our callback among
     its callbacks) exists."""
 
