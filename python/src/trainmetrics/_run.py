@@ -496,7 +496,7 @@ class Run:
         if self._closing:
             self._refused.add("after_finish", "log", "log() after finish()")
             return
-        if not isinstance(values, Mapping):
+        if type(values) is not dict and not isinstance(values, Mapping):
             self._refused.add("invalid_value", "log", f"log() takes a mapping of name to value, not {type(values).__name__}")
             return
         s = self._step(step)
