@@ -207,21 +207,20 @@ class Collector:
     http: str
     metrics_url: str
 
-    def sent(self) -> float:
+    def _total(self, metric: str) -> float:
+        """The sum of one of the collector's own counters (0 until its endpoint answers)."""
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
                 text = r.read().decode()
         except OSError:
             return 0.0
-        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("otelcol_exporter_sent_metric_points{"))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{"))
+
+    def sent(self) -> float:
+        return self._total("otelcol_exporter_sent_metric_points")
 
     def accepted(self) -> float:
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return 0.0
-        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("otelcol_receiver_accepted_metric_points{"))
+        return self._total("otelcol_receiver_accepted_metric_points")
 
     def wait_drained(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -27,7 +27,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # 3.10: typing_extensions comes with opentelemetry-api
+    from typing_extensions import Unpack
 
 from opentelemetry.sdk.metrics import MeterProvider, _Gauge
 from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint, Metric, MetricExporter
@@ -327,6 +332,27 @@ def _endpoint_configured() -> bool:
     return bool(os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
+class RunOptions(TypedDict, total=False):
+    """The keywords of `init` besides the experiment and run name (documented there)."""
+
+    run_id: str | None
+    params: Mapping[str, Any] | None
+    tags: Mapping[str, str] | None
+    endpoint: str | None
+    headers: Mapping[str, str] | None
+    protocol: str | None
+    rank: int | None | str
+    logdir: str | os.PathLike[str]
+    tracking_uri: str | None
+    export_interval: float
+    collect_every: int
+    max_queued_points: int
+    timeout: float
+    exporter: MetricExporter | None
+    print_summary: bool
+    record_time: bool
+
+
 class Run:
     """One training run. Create it with `trainmetrics.init()`.
 
@@ -335,28 +361,17 @@ class Run:
     per run.
     """
 
-    def __init__(
-        self,
-        *,
-        experiment: str | None = None,
-        run_name: str | None = None,
-        run_id: str | None = None,
-        params: Mapping[str, Any] | None = None,
-        tags: Mapping[str, str] | None = None,
-        endpoint: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        protocol: str | None = None,
-        rank: int | None | str = "auto",
-        logdir: str | os.PathLike[str] = "runs",
-        tracking_uri: str | None = None,
-        export_interval: float = 1.0,
-        collect_every: int = 2000,
-        max_queued_points: int = 1_000_000,
-        timeout: float = 10.0,
-        exporter: MetricExporter | None = None,
-        print_summary: bool = True,
-        record_time: bool = False,
-    ) -> None:
+    def __init__(self, experiment: str | None = None, run_name: str | None = None, **options: Unpack[RunOptions]) -> None:
+        unknown = sorted(set(options) - set(RunOptions.__annotations__))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see trainmetrics.init")
+        o = options
+        run_id, params, tags = o.get("run_id"), o.get("params"), o.get("tags")
+        endpoint, headers, protocol = o.get("endpoint"), o.get("headers"), o.get("protocol")
+        rank, logdir, tracking_uri = o.get("rank", "auto"), o.get("logdir", "runs"), o.get("tracking_uri")
+        export_interval, collect_every = o.get("export_interval", 1.0), o.get("collect_every", 2000)
+        max_queued_points, timeout = o.get("max_queued_points", 1_000_000), o.get("timeout", 10.0)
+        exporter, print_summary, record_time = o.get("exporter"), o.get("print_summary", True), o.get("record_time", False)
         if not (isinstance(export_interval, (int, float)) and math.isfinite(export_interval) and export_interval > 0):
             raise ConfigError(f"export_interval must be a positive number of seconds, got {export_interval!r}")
         if not (isinstance(collect_every, int) and 1 <= collect_every <= CARDINALITY_LIMIT // 2):
@@ -782,27 +797,7 @@ class _Excepthook:
         sys.excepthook = hook
 
 
-def init(
-    experiment: str | None = None,
-    run_name: str | None = None,
-    *,
-    run_id: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    tags: Mapping[str, str] | None = None,
-    endpoint: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    protocol: str | None = None,
-    rank: int | None | str = "auto",
-    logdir: str | os.PathLike[str] = "runs",
-    tracking_uri: str | None = None,
-    export_interval: float = 1.0,
-    collect_every: int = 2000,
-    max_queued_points: int = 1_000_000,
-    timeout: float = 10.0,
-    exporter: MetricExporter | None = None,
-    print_summary: bool = True,
-    record_time: bool = False,
-) -> Run:
+def init(experiment: str | None = None, run_name: str | None = None, **options: Unpack[RunOptions]) -> Run:
     """Starts a run and returns it (usable as a context manager: an exception ends it FAILED).
 
     - `experiment`: MLflow experiment (default `MLFLOW_EXPERIMENT_NAME`, else serve's default);
@@ -831,23 +826,4 @@ def init(
     Raises `ConfigError` for settings that cannot work and `EmbeddedServeError` when the
     embedded serve cannot start.
     """
-    return Run(
-        experiment=experiment,
-        run_name=run_name,
-        run_id=run_id,
-        params=params,
-        tags=tags,
-        endpoint=endpoint,
-        headers=headers,
-        protocol=protocol,
-        rank=rank,
-        logdir=logdir,
-        tracking_uri=tracking_uri,
-        export_interval=export_interval,
-        collect_every=collect_every,
-        max_queued_points=max_queued_points,
-        timeout=timeout,
-        exporter=exporter,
-        print_summary=print_summary,
-        record_time=record_time,
-    )
+    return Run(experiment, run_name, **options)
