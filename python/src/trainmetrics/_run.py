@@ -454,6 +454,7 @@ class Run:
         self._last_step: int | None = None
         self._fresh = False
         self._lock = threading.Lock()
+        self._record_lock = threading.Lock()
         self._summary: RunSummary | None = None
         self._closing = False
         self._end_sent = False
@@ -508,6 +509,14 @@ class Run:
         counted, warned about once, and the other values are recorded. NaN and ±Inf are kept
         (serve writes them as such).
         """
+        # The lock makes `finish` wait for a log in progress on
+        # another thread, so no value lands in an SDK that is already shut down (uncontended,
+        # it costs well under a µs).
+        with self._record_lock:
+            self._log(values, step)
+
+    def _log(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Records under the lock (see `log`)."""
         if self._closing:
             self._refused.add("after_finish", "log", "log() after finish()")
             return
@@ -569,7 +578,13 @@ class Run:
         The buckets are computed here, not by an SDK Histogram instrument: the OTel API refuses
         negative values (gradients, weights) in a Histogram. NaN and ±Inf values are left out
         and counted `nonfinite_histogram_value`; values that are not numbers `invalid_value`.
+        Raises `ConfigError` for `buckets` outside 1..1000 (a setting, not data).
         """
+        with self._record_lock:
+            self._histogram(name, values, step, buckets)
+
+    def _histogram(self, name: str, values: Iterable[Any], step: int | None, buckets: int) -> None:
+        """Records under the lock (see `histogram`)."""
         if self._closing:
             self._refused.add("after_finish", "histogram", "histogram() after finish()")
             return
@@ -627,7 +642,8 @@ class Run:
             if self._summary is not None:
                 self._summary.dropped = self._dropped_now()
                 return self._summary
-            self._closing = True
+            with self._record_lock:
+                self._closing = True
             started = time.monotonic()
             report = None
             try:
