@@ -353,9 +353,9 @@ def test_an_embedded_serve_outlives_no_trainer(embedded: Path) -> None:
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 45
-    while _embedded.pid_alive(pid):
-        assert time.monotonic() < deadline, f"serve {pid} still runs 45 s after its only trainer was killed"
+    # The watchdog removes the state file just after serve has exited.
+    while _embedded.pid_alive(pid) or state.exists():
+        assert time.monotonic() < deadline, f"serve {pid} still runs (or is still registered) 45 s after its only trainer was killed"
         time.sleep(0.5)
-    assert not state.exists()
     log = next((embedded.parent / "state").glob("*.log")).read_text()
     assert "tensorboard: received" in log, log[-2000:]
