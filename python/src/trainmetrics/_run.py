@@ -717,31 +717,50 @@ class Run:
         return None
 
     def _find_mlflow_url(self) -> str | None:
+        """The MLflow UI address of this run, looked up by its run key tag within 5 s in all (a
+        server still starting answers slowly; a run just created may take a moment); None with
+        a warning when it cannot be found."""
         uri = self._tracking_uri
         if not uri or not uri.startswith(("http://", "https://")):
             return None
-        parts = urllib.parse.urlsplit(uri)
-        shown = urllib.parse.urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "", parts.path, "", "")).rstrip("/")
+        deadline = time.monotonic() + 5.0
+        reason = "no run with this run key"
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                found = self._mlflow_run(uri, max(left, 0.5))
+            except (OSError, ValueError, KeyError) as e:
+                found, reason = None, repr(e)
+            if found is not None:
+                parts = urllib.parse.urlsplit(uri)
+                host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+                shown = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")
+                return f"{shown}/#/experiments/{found[0]}/runs/{found[1]}"
+            if time.monotonic() + 1.0 > deadline:
+                log.warning("trainmetrics: the MLflow run of %s was not found at its tracking URI (%s)", self.run_id, reason)
+                return None
+            time.sleep(1.0)
+
+    def _mlflow_run(self, uri: str, timeout: float) -> tuple[str, str] | None:
+        """(experiment id, MLflow run id) of the run whose `trainmetrics.run_key` is this run's id."""
         api = uri.rstrip("/") + "/api/2.0/mlflow"
-        try:
-            if self.experiment is not None:
-                q = urllib.parse.urlencode({"experiment_name": self.experiment})
-                with urllib.request.urlopen(f"{api}/experiments/get-by-name?{q}", timeout=2) as r:
-                    experiments = [json.load(r)["experiment"]["experiment_id"]]
-            else:
-                req = urllib.request.Request(f"{api}/experiments/search", data=json.dumps({"max_results": 1000}).encode(), headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    experiments = [e["experiment_id"] for e in json.load(r).get("experiments", [])]
-            body = {"experiment_ids": experiments, "filter": f"tags.`trainmetrics.run_key` = '{self.run_id}'", "max_results": 1}
-            req = urllib.request.Request(f"{api}/runs/search", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                runs = json.load(r).get("runs", [])
-        except (OSError, ValueError, KeyError):
-            return None
+
+        def post(path: str, body: dict[str, Any]) -> Any:
+            req = urllib.request.Request(f"{api}/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.load(r)
+
+        if self.experiment is not None:
+            q = urllib.parse.urlencode({"experiment_name": self.experiment})
+            with urllib.request.urlopen(f"{api}/experiments/get-by-name?{q}", timeout=timeout) as r:
+                experiments = [json.load(r)["experiment"]["experiment_id"]]
+        else:
+            experiments = [e["experiment_id"] for e in post("experiments/search", {"max_results": 1000}).get("experiments", [])]
+        body = {"experiment_ids": experiments, "filter": f"tags.`trainmetrics.run_key` = '{self.run_id}'", "max_results": 1}
+        runs = post("runs/search", body).get("runs", [])
         if not runs:
             return None
-        info = runs[0]["info"]
-        return f"{shown}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+        return str(runs[0]["info"]["experiment_id"]), str(runs[0]["info"]["run_id"])
 
     # -- process end --------------------------------------------------------------------------
 
