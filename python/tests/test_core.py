@@ -13,10 +13,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import ROOT, TRAINERS, Collector, Mlflow, Serve, binary, f32, free_port, kv, read_tb, read_tb_both, run_trainer
+from conftest import TRAINERS, Collector, Mlflow, Serve, binary, f32, free_port, kv, read_tb, read_tb_both
 
 import trainmetrics
 from trainmetrics import _embedded
