@@ -139,7 +139,6 @@ class QueuedReader(MetricReader):
         self._queue: collections.deque[tuple[MetricsData, int]] = collections.deque()
         self._queued_points = 0
         self._cv = threading.Condition()
-        self._exporting = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stopping_export = False
@@ -250,14 +249,12 @@ class QueuedReader(MetricReader):
                 if not self._queue:
                     return
                 data, points = self._queue[0]
-                self._exporting = True
             try:
                 result = self._exporter.export(data, timeout_millis=self._export_timeout * 1e3)
                 error = None if result is MetricExportResult.SUCCESS else "export failed"
             except Exception as e:  # noqa: BLE001 - an exporter bug must not end the thread
                 error = repr(e)
             with self._cv:
-                self._exporting = False
                 self.delivery.exports += 1
                 # Shutdown may have given up on this batch (counted it) while it was in flight.
                 ours = bool(self._queue) and self._queue[0][0] is data
