@@ -78,7 +78,7 @@ fn main() {
         for s in 1..=1000i64 {
             let points = (0..100)
                 .map(|i| OutPoint {
-                    series: format!("tag{i:03}"),
+                    series: format!("tag{i:03}").into(),
                     step: s,
                     time_unix_nano: 1_790_000_000_000_000_000,
                     scalar: s as f64 * 0.001,

@@ -286,10 +286,11 @@ pub enum PointValue {
 /// One data point at one step of one series.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
-    /// The OTel metric name (for per-metric aggregation rules).
-    pub metric: String,
-    /// The series name (see [`crate::names`]): TensorBoard tag, MLflow key before sanitizing.
-    pub series: String,
+    /// The OTel metric name (for per-metric aggregation rules); shared by the points of a metric.
+    pub metric: Arc<str>,
+    /// The series name (see [`crate::names`]): TensorBoard tag, MLflow key before sanitizing;
+    /// shared by the points of a series.
+    pub series: Arc<str>,
     /// The training step.
     pub step: i64,
     /// Time of the data point, ns since the Unix epoch (the collection time in process). Assigned
@@ -320,7 +321,7 @@ pub struct RunPoints {
 }
 
 /// What a request decoded to: points per run, plus data points that could not be used.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Decoded {
     /// Usable points, grouped by run in first-seen order.
     pub runs: Vec<RunPoints>,
@@ -475,9 +476,9 @@ impl Default for DecodeSettings {
 #[derive(Debug, Default)]
 struct RunSteps {
     max_step: Option<i64>,
-    last_by_series: HashMap<String, i64>,
+    last_by_series: HashMap<Arc<str>, i64>,
     /// Series admitted under `max_series_per_run`, with their kind (true: histogram).
-    series: HashMap<String, bool>,
+    series: HashMap<Arc<str>, bool>,
     /// Whether the series limit has been reported for this run.
     limit_reported: bool,
     /// Param (`p`) and tag (`t`) keys passed on for this run, at most [`MAX_RUN_ATTRIBUTES`].
@@ -488,7 +489,7 @@ struct RunSteps {
     last_seen: Option<std::time::Instant>,
     /// Per unstepped cumulative series: (start time, last cumulative value), to turn it into
     /// per-collection deltas (see the module docs' "Temporality").
-    last_cumulative: HashMap<String, (u64, PointValue)>,
+    last_cumulative: HashMap<Arc<str>, (u64, PointValue)>,
     /// Whether cumulative temporality has been noticed for this run.
     cumulative_noticed: bool,
 }
@@ -528,19 +529,6 @@ fn bound_run_attributes(info: &mut RunInfo, state: &mut RunSteps) -> usize {
         }
     }
     refused
-}
-
-/// Stateful decoder: one per exporter, because the step given to unstepped points depends on
-/// what that exporter has seen.
-#[derive(Debug, Default)]
-pub struct Decoder {
-    settings: DecodeSettings,
-    steps: HashMap<String, RunSteps>,
-    runs: HashMap<String, Arc<RunInfo>>,
-    /// Whether the `max_runs` limit has been reported.
-    run_limit_reported: bool,
-    /// Until when no tracked run can be idle long enough to forget (see `run_admitted`).
-    no_idle_run_until: Option<std::time::Instant>,
 }
 
 /// Renders an attribute value as text (for names, params and tags).
@@ -630,20 +618,6 @@ struct Split {
     time: Option<u64>,
 }
 
-/// A data point on its way through decoding, before its step is final.
-struct Pending {
-    /// The data point's own rank attribute (it beats the resource's).
-    rank: Option<i64>,
-    metric: String,
-    series: String,
-    step: Option<i64>,
-    time_unix_nano: u64,
-    value: PointValue,
-    cumulative: Option<Cumulative>,
-    /// A gauge's point whose time is the collection time (see [`Point::collected`]).
-    collected: bool,
-}
-
 /// What a cumulative data point says about its series (OTLP `aggregation_temporality`).
 #[derive(Debug, Clone, Copy)]
 struct Cumulative {
@@ -665,10 +639,491 @@ trainmetrics replaces each (series, step) with its latest cumulative value and c
 as duplicate. Set OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta in the trainer's environment \
 (or a delta temporality selector on its exporter) to send each value once";
 
+/// One usable data point as the shared [`parse`] reads it: the same for every exporter, before
+/// any exporter's prefix, limits, non-finite policy and step state apply.
+#[derive(Debug, Clone)]
+pub struct ParsedPoint {
+    /// The data point's own rank attribute (it beats the resource's).
+    rank: Option<i64>,
+    /// The metric name ([`TIME_ATTRIBUTE`]'s sibling [`NAME_ATTRIBUTE`] applied), bounded.
+    metric: Arc<str>,
+    /// The series name without prefix and not yet bounded: `metric[/k=v...]`. Bounding comes
+    /// after the exporter's prefix, so a cut name hashes the whole name (see [`names::series_name`]).
+    name: Arc<str>,
+    step: Option<i64>,
+    time_unix_nano: u64,
+    /// The value, a non-finite one restored from [`NONFINITE_ATTRIBUTE`].
+    value: PointValue,
+    cumulative: Option<Cumulative>,
+    /// A gauge's point whose time is the collection time (see [`Point::collected`]).
+    collected: bool,
+}
+
+/// One resource of a parsed request: a run as described, its usable points and its ends.
+#[derive(Debug, Clone)]
+pub struct ParsedResource {
+    /// The run as its resource describes it (attributes not yet bounded per run).
+    run: RunInfo,
+    points: Vec<ParsedPoint>,
+    /// Run ends ([`RUN_END_METRIC`]), with the data point's own rank.
+    ends: Vec<(Option<i64>, RunEnd)>,
+}
+
+/// A request read once for the whole pipeline ([`parse`]), shared by every exporter
+/// (`Arc<Parsed>`): each exporter's [`Decoder::decode_parsed`] applies its own rules to it.
+#[derive(Debug, Clone, Default)]
+pub struct Parsed {
+    resources: Vec<ParsedResource>,
+    /// Drops and messages found by the parse (the same for every exporter).
+    outcome: Decoded,
+    /// Data points the request holds ([`count_data_points`]).
+    pub data_points: u64,
+    /// The request's protobuf size, bytes (what admission counts it for).
+    pub bytes: u64,
+}
+
+impl Parsed {
+    /// Data points that no exporter can use (invalid step, value, histogram or name), by reason.
+    pub fn dropped(&self) -> &[(DropReason, u64)] {
+        &self.outcome.dropped
+    }
+
+    /// One message per reason of [`Parsed::dropped`] (first offender).
+    pub fn messages(&self) -> &[(DropReason, String)] {
+        &self.outcome.messages
+    }
+
+    /// The newest step of each process (run key with its rank, [`RunInfo::process_key`]) among
+    /// the points that carry one.
+    pub fn newest_steps(&self) -> Vec<(String, i64)> {
+        let mut newest: Vec<(String, i64)> = Vec::new();
+        for res in &self.resources {
+            for p in &res.points {
+                let Some(step) = p.step else { continue };
+                let rank = p.rank.or(res.run.rank);
+                let key = match rank {
+                    Some(r) => format!("{}#rank-{r}", res.run.key),
+                    None => res.run.key.clone(),
+                };
+                match newest.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, m)) => *m = (*m).max(step),
+                    None => newest.push((key, step)),
+                }
+            }
+        }
+        newest
+    }
+
+    /// Run keys whose points are of cumulative temporality (for [`CUMULATIVE_NOTICE`]).
+    pub fn cumulative_runs(&self) -> impl Iterator<Item = &str> {
+        self.resources.iter().filter(|r| r.points.iter().any(|p| p.cumulative.is_some())).map(|r| r.run.key.as_str())
+    }
+}
+
+/// Reads a request once into the point model (module docs: runs, ranks, run end, steps,
+/// values, names). Only `settings.step_key` and `settings.identity` are used: they are the
+/// pipeline's, while prefix, limits and the non-finite policy belong to each exporter's
+/// [`Decoder`]. Never fails: unusable data points are counted in [`Parsed::dropped`].
+pub fn parse(req: &ExportMetricsServiceRequest, settings: &DecodeSettings) -> Parsed {
+    let mut outcome = Decoded::default();
+    let received_at = now_unix_nano();
+    let mut resources = Vec::with_capacity(req.resource_metrics.len());
+    for rm in &req.resource_metrics {
+        let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+        let mut res = ParsedResource { run: run_info(attrs, &settings.identity), points: Vec::new(), ends: Vec::new() };
+        for sm in &rm.scope_metrics {
+            for m in &sm.metrics {
+                if m.name == RUN_END_METRIC {
+                    run_ends(settings, m, received_at, &mut res.ends, &mut outcome);
+                } else {
+                    parse_metric(settings, m, received_at, &mut res.points, &mut outcome);
+                }
+            }
+        }
+        resources.push(res);
+    }
+    Parsed { resources, outcome, data_points: count_data_points(req), bytes: prost::Message::encoded_len(req) as u64 }
+}
+
+/// The run a resource describes (module docs' "Runs"); its key bounded, the rest as sent.
+fn run_info(attrs: &[KeyValue], keys: &IdentityKeys) -> RunInfo {
+    let mut info = RunInfo::default();
+    let mut service = (None, None);
+    for kv in attrs {
+        let text = any_value_text(kv.value.as_ref());
+        if kv.key == keys.experiment {
+            info.experiment = Some(text);
+        } else if kv.key == keys.run_name {
+            info.run_name = Some(text);
+        } else if kv.key == keys.run_id {
+            info.run_id = Some(text);
+        } else if let Some(p) = kv.key.strip_prefix(keys.param_prefix.as_str()) {
+            info.params.insert(p.to_string(), text);
+        } else if let Some(rank) = (kv.key == keys.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
+            info.rank = Some(rank);
+        } else {
+            if kv.key == "service.name" {
+                service.0 = Some(text.clone());
+            } else if kv.key == "service.instance.id" {
+                service.1 = Some(text.clone());
+            }
+            info.tags.insert(kv.key.clone(), text);
+        }
+    }
+    info.key = match (&info.run_id, &info.run_name, service) {
+        (Some(id), _, _) if !id.is_empty() => id.clone(),
+        (_, Some(name), _) if !name.is_empty() => name.clone(),
+        (_, _, (Some(s), Some(i))) => format!("{s}/{i}"),
+        (_, _, (Some(s), None)) => s,
+        _ => "default".to_string(),
+    };
+    info.key = bounded_name(&info.key).into_owned();
+    info
+}
+
+/// Splits attributes into step, name override, non-finite override, overflow and the rest.
+fn split_attributes(settings: &DecodeSettings, attrs: &[KeyValue]) -> Result<Split, (DropReason, String)> {
+    let mut split = Split { step: None, rank: None, rest: Vec::new(), nonfinite: None, overflow: false, name: None, time: None };
+    for kv in attrs {
+        if kv.key == settings.step_key {
+            split.step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
+                (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
+            })?);
+        } else if let Some(r) = (kv.key == settings.identity.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
+            split.rank = Some(r);
+        } else if kv.key == NONFINITE_ATTRIBUTE {
+            split.nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
+                "NaN" => Some(f64::NAN),
+                "Infinity" => Some(f64::INFINITY),
+                "-Infinity" => Some(f64::NEG_INFINITY),
+                other => {
+                    return Err((
+                        DropReason::InvalidValue,
+                        format!("{NONFINITE_ATTRIBUTE}={:?} is not NaN, Infinity or -Infinity", short(other)),
+                    ))
+                }
+            };
+        } else if kv.key == OVERFLOW_ATTRIBUTE {
+            split.overflow = true;
+        } else if kv.key == NAME_ATTRIBUTE {
+            split.name = Some(any_value_text(kv.value.as_ref()));
+        } else if kv.key == TIME_ATTRIBUTE {
+            split.time = parse_step(kv.value.as_ref()).and_then(|t| u64::try_from(t).ok());
+        } else {
+            split.rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
+        }
+    }
+    Ok(split)
+}
+
+/// Reads the data points of a [`RUN_END_METRIC`] (see the module docs' "Run end").
+fn run_ends(
+    settings: &DecodeSettings,
+    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    received_at: u64,
+    ends: &mut Vec<(Option<i64>, RunEnd)>,
+    out: &mut Decoded,
+) {
+    let points: Vec<(&[KeyValue], u64)> = match &m.data {
+        Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
+        Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
+        _ => {
+            out.end_errors.push(format!("{RUN_END_METRIC} must be a gauge or a sum; this one ends nothing"));
+            return;
+        }
+    };
+    for (attrs, time) in points {
+        let rank = attrs.iter().find(|kv| kv.key == settings.identity.rank).and_then(|kv| parse_step(kv.value.as_ref()));
+        let status = match attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE) {
+            None => Some(EndStatus::Finished),
+            Some(kv) => EndStatus::parse(&any_value_text(kv.value.as_ref())),
+        };
+        match status {
+            Some(status) => ends.push((rank, RunEnd { status, time_unix_nano: if time == 0 { received_at } else { time } })),
+            None if out.end_errors.is_empty() => out.end_errors.push(format!(
+                "{RUN_END_METRIC} has {RUN_END_STATUS_ATTRIBUTE}={:?}, not FINISHED, FAILED or KILLED; it ends nothing",
+                attrs
+                    .iter()
+                    .find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE)
+                    .map(|kv| short(&any_value_text(kv.value.as_ref())).into_owned())
+                    .unwrap_or_default()
+            )),
+            None => {}
+        }
+    }
+}
+
+/// The series name of the previous data point of a metric, reused while the next one has the
+/// same name override and attributes (the common case: one attribute set over many steps), so
+/// a name is built and allocated once per attribute set, not once per point.
+#[derive(Default)]
+struct LastName {
+    over: Option<String>,
+    rest: Vec<(String, String)>,
+    names: Option<(Arc<str>, Arc<str>)>,
+}
+
+fn parse_metric(
+    settings: &DecodeSettings,
+    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    received_at: u64,
+    points: &mut Vec<ParsedPoint>,
+    out: &mut Decoded,
+) {
+    // Bounded once per metric: its name is shared by all its data points (see `names`).
+    let metric_name: Arc<str> = Arc::from(bounded_name(&m.name));
+    let gauge = matches!(m.data, Some(metric::Data::Gauge(_)));
+    let mut last = LastName::default();
+    let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
+        if flags & NO_RECORDED_VALUE != 0 {
+            return;
+        }
+        let split = match split_attributes(settings, attrs) {
+            Err((reason, msg)) => return out.drop(reason, || format!("metric {:?}: {msg}", short(&m.name))),
+            Ok(Split { overflow: true, .. }) => {
+                return out.drop(DropReason::CardinalityOverflow, || {
+                    format!(
+                        "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
+                        short(&m.name)
+                    )
+                })
+            }
+            Ok(s) => s,
+        };
+        let Split { step, rank, rest, nonfinite, name, time: recorded_at, .. } = split;
+        let value = match (value, nonfinite) {
+            (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
+            (v, _) => v,
+        };
+        let (metric, name) = match &last.names {
+            Some(names) if last.over == name && last.rest == rest => names.clone(),
+            _ => {
+                let metric: Arc<str> = match &name {
+                    Some(n) => Arc::from(bounded_name(n)),
+                    None => metric_name.clone(),
+                };
+                if names::maps_to_nothing(&metric) {
+                    return out.drop(DropReason::InvalidName, || {
+                        format!("metric name {:?} is empty or only '/' and white space: no TensorBoard tag or MLflow key can stand for it", short(&metric))
+                    });
+                }
+                let full: Arc<str> = if rest.is_empty() { metric.clone() } else { Arc::from(unbounded_series_name(&metric, &rest)) };
+                last = LastName { over: name, rest, names: Some((metric.clone(), full.clone())) };
+                (metric, full)
+            }
+        };
+        points.push(ParsedPoint {
+            rank,
+            metric,
+            name,
+            step,
+            time_unix_nano: match recorded_at.unwrap_or(time) {
+                0 => received_at,
+                t => t,
+            },
+            value,
+            cumulative,
+            collected: gauge && recorded_at.is_none(),
+        });
+    };
+    match &m.data {
+        Some(metric::Data::Gauge(metric_data)) => numbers(m, &metric_data.data_points, None, &mut push, out),
+        Some(metric::Data::Sum(metric_data)) => {
+            let monotonic = (metric_data.aggregation_temporality == CUMULATIVE).then_some(metric_data.is_monotonic);
+            numbers(m, &metric_data.data_points, monotonic, &mut push, out)
+        }
+        Some(metric::Data::Histogram(h)) => {
+            let cumulative = h.aggregation_temporality == CUMULATIVE;
+            for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
+                let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
+                match histogram(dp) {
+                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
+                    Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
+                }
+            }
+        }
+        Some(metric::Data::ExponentialHistogram(h)) => {
+            let cumulative = h.aggregation_temporality == CUMULATIVE;
+            for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
+                let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
+                match exponential_histogram(dp) {
+                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
+                    Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
+                }
+            }
+        }
+        Some(metric::Data::Summary(sm)) => {
+            for dp in &sm.data_points {
+                // Quantiles cannot be aggregated across windows; count and sum can.
+                let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
+                push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), None, out);
+            }
+        }
+        None => {}
+    }
+}
+
+/// `metric/k=v...` with the attributes sorted by key: [`names::series_name`] without prefix
+/// and before bounding.
+fn unbounded_series_name(metric: &str, rest: &[(String, String)]) -> String {
+    let mut attrs: Vec<&(String, String)> = rest.iter().collect();
+    attrs.sort();
+    let mut out = String::with_capacity(metric.len() + 16);
+    out.push_str(metric);
+    for (k, v) in attrs {
+        out.push('/');
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+    out
+}
+
+fn numbers(
+    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
+    cumulative_monotonic: Option<bool>,
+    push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
+    out: &mut Decoded,
+) {
+    for dp in points {
+        let cum = cumulative_monotonic.map(|monotonic| Cumulative { start: dp.start_time_unix_nano, monotonic });
+        match number(dp.value) {
+            Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), cum, out),
+            // A point flagged "no recorded value" legitimately has none: skipped uncounted.
+            None if dp.flags & NO_RECORDED_VALUE != 0 => {}
+            None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
+        }
+    }
+}
+
+/// A data point after an exporter's prefix and non-finite policy, before its step is final.
+struct Pending {
+    metric: Arc<str>,
+    series: Arc<str>,
+    step: Option<i64>,
+    time_unix_nano: u64,
+    value: PointValue,
+    cumulative: Option<Cumulative>,
+    collected: bool,
+}
+
+/// One exporter's decoding of parsed requests ([`parse`]): prefix, `max_runs`,
+/// `max_series_per_run`, the non-finite policy, the step of unstepped points and the deltas of
+/// unstepped cumulative series. Stateful, one per exporter, because the step given to
+/// unstepped points depends on what that exporter has seen.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    settings: DecodeSettings,
+    steps: HashMap<String, RunSteps>,
+    runs: HashMap<String, Arc<RunInfo>>,
+    /// Whether the `max_runs` limit has been reported.
+    run_limit_reported: bool,
+    /// Until when no tracked run can be idle long enough to forget (see `run_admitted`).
+    no_idle_run_until: Option<std::time::Instant>,
+}
+
 impl Decoder {
     /// A decoder with these settings.
     pub fn new(settings: DecodeSettings) -> Self {
         Self { settings, steps: HashMap::new(), runs: HashMap::new(), run_limit_reported: false, no_idle_run_until: None }
+    }
+
+    /// [`parse`]s and decodes one request (for a single consumer; a pipeline parses once and
+    /// calls [`Decoder::decode_parsed`] per exporter). Never fails: unusable data points are
+    /// counted in [`Decoded::dropped`].
+    pub fn decode(&mut self, req: &ExportMetricsServiceRequest) -> Decoded {
+        let parsed = parse(req, &self.settings);
+        self.decode_parsed(&parsed)
+    }
+
+    /// Applies this exporter's rules to a parsed request. Its drops include the parse's.
+    pub fn decode_parsed(&mut self, parsed: &Parsed) -> Decoded {
+        let mut out = Decoded {
+            dropped: parsed.outcome.dropped.clone(),
+            messages: parsed.outcome.messages.clone(),
+            end_errors: parsed.outcome.end_errors.clone(),
+            ..Default::default()
+        };
+        // Where each run's points are in `out.runs`: a request may hold many resources (a
+        // linear search per resource made one request of 100 000 runs take minutes).
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for res in &parsed.resources {
+            let run = self.run_info(&res.run);
+            // Points of one resource may carry ranks of their own: each rank is a process.
+            let mut by_rank: Vec<(Option<i64>, Vec<Pending>)> = Vec::new();
+            for p in &res.points {
+                let Some(pending) = self.pending(p, &mut out) else { continue };
+                let rank = p.rank.or(run.rank);
+                match by_rank.iter_mut().find(|(r, _)| *r == rank) {
+                    Some((_, v)) => v.push(pending),
+                    None => by_rank.push((rank, vec![pending])),
+                }
+            }
+            for (rank, pending) in by_rank {
+                let process = match rank {
+                    Some(r) => self.with_rank(&run, r),
+                    None => Some(run.clone()),
+                };
+                let Some(process) = process else {
+                    out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
+                    continue;
+                };
+                let key = process.process_key().into_owned();
+                let Some(pending) = self.admit(&key, pending, &mut out) else {
+                    continue;
+                };
+                let points = self.assign_steps(&key, pending, &mut out);
+                match index.get(&key) {
+                    Some(&i) => out.runs[i].points.extend(points),
+                    None => {
+                        index.insert(key, out.runs.len());
+                        out.runs.push(RunPoints { run: process, points });
+                    }
+                }
+            }
+            for (rank, end) in &res.ends {
+                let process = match rank.or(run.rank) {
+                    Some(r) => self.with_rank(&run, r).unwrap_or_else(|| Arc::new(RunInfo { rank: Some(r), ..(*run).clone() })),
+                    None => run.clone(),
+                };
+                out.ends.push((process, *end));
+            }
+        }
+        out
+    }
+
+    /// A parsed point under this exporter's non-finite policy and prefix; `None` when the
+    /// policy drops it.
+    fn pending(&self, p: &ParsedPoint, out: &mut Decoded) -> Option<Pending> {
+        let value = match &p.value {
+            PointValue::Scalar(v) if !v.is_finite() && self.settings.nonfinite != NonFinitePolicy::Keep => {
+                let policy = self.settings.nonfinite;
+                if policy == NonFinitePolicy::Clamp && !v.is_nan() {
+                    out.event(CLAMPED_EVENT);
+                    let limit = self.settings.clamp_limit;
+                    PointValue::Scalar(if *v > 0.0 { limit } else { -limit })
+                } else {
+                    out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", short(&p.metric)));
+                    return None;
+                }
+            }
+            v => v.clone(),
+        };
+        let prefix = self.settings.prefix.as_deref().filter(|p| !p.is_empty());
+        let series = match prefix {
+            None if p.name.len() <= names::MAX_SERIES_NAME_BYTES => p.name.clone(),
+            _ => Arc::from(series_name(prefix, &p.name, &[])),
+        };
+        Some(Pending {
+            metric: p.metric.clone(),
+            series,
+            step: p.step,
+            time_unix_nano: p.time_unix_nano,
+            value,
+            cumulative: p.cumulative,
+            collected: p.collected,
+        })
     }
 
     /// Whether a run with this key is tracked, or may be under `max_runs`; when the limit is
@@ -706,39 +1161,10 @@ impl Decoder {
         }
     }
 
-    fn run_info(&mut self, attrs: &[KeyValue]) -> Arc<RunInfo> {
-        let keys = &self.settings.identity;
-        let mut info = RunInfo::default();
-        let mut service = (None, None);
-        for kv in attrs {
-            let text = any_value_text(kv.value.as_ref());
-            if kv.key == keys.experiment {
-                info.experiment = Some(text);
-            } else if kv.key == keys.run_name {
-                info.run_name = Some(text);
-            } else if kv.key == keys.run_id {
-                info.run_id = Some(text);
-            } else if let Some(p) = kv.key.strip_prefix(keys.param_prefix.as_str()) {
-                info.params.insert(p.to_string(), text);
-            } else if let Some(rank) = (kv.key == keys.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
-                info.rank = Some(rank);
-            } else {
-                if kv.key == "service.name" {
-                    service.0 = Some(text.clone());
-                } else if kv.key == "service.instance.id" {
-                    service.1 = Some(text.clone());
-                }
-                info.tags.insert(kv.key.clone(), text);
-            }
-        }
-        info.key = match (&info.run_id, &info.run_name, service) {
-            (Some(id), _, _) if !id.is_empty() => id.clone(),
-            (_, Some(name), _) if !name.is_empty() => name.clone(),
-            (_, _, (Some(s), Some(i))) => format!("{s}/{i}"),
-            (_, _, (Some(s), None)) => s,
-            _ => "default".to_string(),
-        };
-        info.key = bounded_name(&info.key).into_owned();
+    /// The run of a parsed resource under this exporter's `max_runs` and per-run attribute
+    /// bounds: the shared `Arc` when nothing changed, so downstream maps see one run object.
+    fn run_info(&mut self, described: &RunInfo) -> Arc<RunInfo> {
+        let mut info = described.clone();
         let process = info.process_key().into_owned();
         if !self.run_admitted(&process) {
             // Not tracked: its points are all dropped, so nothing may be kept for it.
@@ -755,7 +1181,6 @@ impl Decoder {
                 "run has {MAX_RUN_ATTRIBUTES} distinct params and tags; further keys are not passed on"
             );
         }
-        // Reuse the shared Arc when nothing changed, so downstream maps see one run object.
         match self.runs.get(&process) {
             Some(existing) if **existing == info => existing.clone(),
             _ => {
@@ -785,271 +1210,6 @@ impl Decoder {
         let arc = Arc::new(info);
         self.runs.insert(process, arc.clone());
         Some(arc)
-    }
-
-    /// Splits attributes into step, name override, non-finite override, overflow and the rest.
-    fn split_attributes(
-        &self,
-        attrs: &[KeyValue],
-    ) -> Result<Split, (DropReason, String)> {
-        let mut step = None;
-        let mut rank = None;
-        let mut name = None;
-        let mut time = None;
-        let mut rest = Vec::with_capacity(attrs.len());
-        let mut nonfinite = None;
-        let mut overflow = false;
-        for kv in attrs {
-            if kv.key == self.settings.step_key {
-                step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
-                    (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
-                })?);
-            } else if let Some(r) = (kv.key == self.settings.identity.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
-                rank = Some(r);
-            } else if kv.key == NONFINITE_ATTRIBUTE {
-                nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
-                    "NaN" => Some(f64::NAN),
-                    "Infinity" => Some(f64::INFINITY),
-                    "-Infinity" => Some(f64::NEG_INFINITY),
-                    other => {
-                        return Err((
-                            DropReason::InvalidValue,
-                            format!("{NONFINITE_ATTRIBUTE}={:?} is not NaN, Infinity or -Infinity", short(other)),
-                        ))
-                    }
-                };
-            } else if kv.key == OVERFLOW_ATTRIBUTE {
-                overflow = true;
-            } else if kv.key == NAME_ATTRIBUTE {
-                name = Some(any_value_text(kv.value.as_ref()));
-            } else if kv.key == TIME_ATTRIBUTE {
-                time = parse_step(kv.value.as_ref()).and_then(|t| u64::try_from(t).ok());
-            } else {
-                rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
-            }
-        }
-        Ok(Split { step, rank, rest, nonfinite, overflow, name, time })
-    }
-
-    /// Decodes one request. Never fails: unusable data points are counted in
-    /// [`Decoded::dropped`].
-    pub fn decode(&mut self, req: &ExportMetricsServiceRequest) -> Decoded {
-        let mut out = Decoded::default();
-        let received_at = now_unix_nano();
-        // Where each run's points are in `out.runs`: a request may hold many resources (a
-        // linear search per resource made one request of 100 000 runs take minutes).
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for rm in &req.resource_metrics {
-            let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
-            let run = self.run_info(attrs);
-            let mut pending: Vec<Pending> = Vec::new();
-            let mut ends: Vec<(Option<i64>, RunEnd)> = Vec::new();
-            for sm in &rm.scope_metrics {
-                for m in &sm.metrics {
-                    if m.name == RUN_END_METRIC {
-                        self.run_ends(m, received_at, &mut ends, &mut out);
-                    } else {
-                        self.decode_metric(m, received_at, &mut pending, &mut out);
-                    }
-                }
-            }
-            // Points of one resource may carry ranks of their own: each rank is a process.
-            let mut by_rank: Vec<(Option<i64>, Vec<Pending>)> = Vec::new();
-            for p in pending {
-                let rank = p.rank.or(run.rank);
-                match by_rank.iter_mut().find(|(r, _)| *r == rank) {
-                    Some((_, v)) => v.push(p),
-                    None => by_rank.push((rank, vec![p])),
-                }
-            }
-            for (rank, pending) in by_rank {
-                let process = match rank {
-                    Some(r) => self.with_rank(&run, r),
-                    None => Some(run.clone()),
-                };
-                let Some(process) = process else {
-                    out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
-                    continue;
-                };
-                let key = process.process_key().into_owned();
-                let Some(pending) = self.admit(&key, pending, &mut out) else {
-                    continue;
-                };
-                let points = self.assign_steps(&key, pending, &mut out);
-                match index.get(&key) {
-                    Some(&i) => out.runs[i].points.extend(points),
-                    None => {
-                        index.insert(key, out.runs.len());
-                        out.runs.push(RunPoints { run: process, points });
-                    }
-                }
-            }
-            for (rank, end) in ends {
-                let process = match rank.or(run.rank) {
-                    Some(r) => self.with_rank(&run, r).unwrap_or_else(|| Arc::new(RunInfo { rank: Some(r), ..(*run).clone() })),
-                    None => run.clone(),
-                };
-                out.ends.push((process, end));
-            }
-        }
-        out
-    }
-
-    /// Reads the data points of a [`RUN_END_METRIC`] (see the module docs' "Run end").
-    fn run_ends(
-        &self,
-        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
-        received_at: u64,
-        ends: &mut Vec<(Option<i64>, RunEnd)>,
-        out: &mut Decoded,
-    ) {
-        let points: Vec<(&[KeyValue], u64)> = match &m.data {
-            Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
-            Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
-            _ => {
-                out.end_errors.push(format!("{RUN_END_METRIC} must be a gauge or a sum; this one ends nothing"));
-                return;
-            }
-        };
-        for (attrs, time) in points {
-            let rank = attrs
-                .iter()
-                .find(|kv| kv.key == self.settings.identity.rank)
-                .and_then(|kv| parse_step(kv.value.as_ref()));
-            let status = match attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE) {
-                None => Some(EndStatus::Finished),
-                Some(kv) => EndStatus::parse(&any_value_text(kv.value.as_ref())),
-            };
-            match status {
-                Some(status) => ends.push((rank, RunEnd { status, time_unix_nano: if time == 0 { received_at } else { time } })),
-                None if out.end_errors.is_empty() => out.end_errors.push(format!(
-                    "{RUN_END_METRIC} has {RUN_END_STATUS_ATTRIBUTE}={:?}, not FINISHED, FAILED or KILLED; it ends nothing",
-                    attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE).map(|kv| short(&any_value_text(kv.value.as_ref())).into_owned()).unwrap_or_default()
-                )),
-                None => {}
-            }
-        }
-    }
-
-    fn decode_metric(
-        &self,
-        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
-        received_at: u64,
-        pending: &mut Vec<Pending>,
-        out: &mut Decoded,
-    ) {
-        let prefix = self.settings.prefix.as_deref();
-        // Bounded once per metric: its name is shared by all its data points (see `names`).
-        let metric_name = bounded_name(&m.name);
-        let gauge = matches!(m.data, Some(metric::Data::Gauge(_)));
-        let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
-            if flags & NO_RECORDED_VALUE != 0 {
-                return;
-            }
-            match self.split_attributes(attrs) {
-                Err((reason, msg)) => out.drop(reason, || format!("metric {:?}: {msg}", short(&m.name))),
-                Ok(Split { overflow: true, .. }) => out.drop(DropReason::CardinalityOverflow, || {
-                    format!(
-                        "metric {:?}: the SDK folded attribute sets into {OVERFLOW_ATTRIBUTE}; raise cardinality_limit or collect more often",
-                        short(&m.name)
-                    )
-                }),
-                Ok(Split { step, rank, rest, nonfinite, name, time: recorded_at, .. }) => {
-                    let time = recorded_at.unwrap_or(time);
-                    let value = match (value, nonfinite) {
-                        (PointValue::Scalar(_), Some(v)) => PointValue::Scalar(v),
-                        (v, _) => v,
-                    };
-                    let value = match (value, self.settings.nonfinite) {
-                        (PointValue::Scalar(v), policy) if !v.is_finite() && policy != NonFinitePolicy::Keep => {
-                            if policy == NonFinitePolicy::Clamp && !v.is_nan() {
-                                out.event(CLAMPED_EVENT);
-                                let limit = self.settings.clamp_limit;
-                                PointValue::Scalar(if v > 0.0 { limit } else { -limit })
-                            } else {
-                                out.drop(DropReason::NonFinite, || format!("metric {:?}: value {v} (nonfinite: {policy:?})", short(&m.name)));
-                                return;
-                            }
-                        }
-                        (v, _) => v,
-                    };
-                    let metric = match name {
-                        Some(n) => bounded_name(&n).into_owned(),
-                        None => metric_name.to_string(),
-                    };
-                    if names::maps_to_nothing(&metric) {
-                        out.drop(DropReason::InvalidName, || {
-                            format!("metric name {:?} is empty or only '/' and white space: no TensorBoard tag or MLflow key can stand for it", short(&metric))
-                        });
-                        return;
-                    }
-                    pending.push(Pending {
-                        rank,
-                        series: series_name(prefix, &metric, &rest),
-                        metric,
-                        step,
-                        time_unix_nano: if time == 0 { received_at } else { time },
-                        value,
-                        cumulative,
-                        collected: gauge && recorded_at.is_none(),
-                    });
-                }
-            }
-        };
-        match &m.data {
-            Some(metric::Data::Gauge(metric_data)) => self.numbers(m, &metric_data.data_points, None, &mut push, out),
-            Some(metric::Data::Sum(metric_data)) => {
-                let monotonic = (metric_data.aggregation_temporality == CUMULATIVE).then_some(metric_data.is_monotonic);
-                self.numbers(m, &metric_data.data_points, monotonic, &mut push, out)
-            }
-            Some(metric::Data::Histogram(h)) => {
-                let cumulative = h.aggregation_temporality == CUMULATIVE;
-                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
-                    let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
-                    match histogram(dp) {
-                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
-                    }
-                }
-            }
-            Some(metric::Data::ExponentialHistogram(h)) => {
-                let cumulative = h.aggregation_temporality == CUMULATIVE;
-                for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
-                    let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
-                    match exponential_histogram(dp) {
-                        Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
-                        Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
-                    }
-                }
-            }
-            Some(metric::Data::Summary(sm)) => {
-                for dp in &sm.data_points {
-                    // Quantiles cannot be aggregated across windows; count and sum can.
-                    let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
-                    push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), None, out);
-                }
-            }
-            None => {}
-        }
-    }
-
-    fn numbers(
-        &self,
-        m: &opentelemetry_proto::tonic::metrics::v1::Metric,
-        points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
-        cumulative_monotonic: Option<bool>,
-        push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
-        out: &mut Decoded,
-    ) {
-        for dp in points {
-            let cum = cumulative_monotonic.map(|monotonic| Cumulative { start: dp.start_time_unix_nano, monotonic });
-            match number(dp.value) {
-                Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), cum, out),
-                // A point flagged "no recorded value" legitimately has none: skipped uncounted.
-                None if dp.flags & NO_RECORDED_VALUE != 0 => {}
-                None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),
-            }
-        }
     }
 
     /// Applies `max_runs` and `max_series_per_run`: returns the points of admitted series, or
@@ -1156,7 +1316,7 @@ impl Decoder {
 /// after a restart of the producer (new start time) or a total that went down (a reset).
 /// Histograms subtract count, sum and buckets; their min and max cannot be subtracted and
 /// are left out.
-fn per_collection(last: &mut HashMap<String, (u64, PointValue)>, series: &str, start: u64, value: PointValue) -> PointValue {
+fn per_collection(last: &mut HashMap<Arc<str>, (u64, PointValue)>, series: &Arc<str>, start: u64, value: PointValue) -> PointValue {
     let delta = match (last.get(series), &value) {
         (Some((s, PointValue::Scalar(prev))), PointValue::Scalar(v)) if *s == start && v >= prev => PointValue::Scalar(v - prev),
         (Some((s, PointValue::Histogram(prev))), PointValue::Histogram(h))
@@ -1176,7 +1336,7 @@ fn per_collection(last: &mut HashMap<String, (u64, PointValue)>, series: &str, s
         }
         _ => value.clone(),
     };
-    last.insert(series.to_string(), (start, value));
+    last.insert(series.clone(), (start, value));
     delta
 }
 
@@ -1333,7 +1493,7 @@ pub(crate) mod tests {
         let got: Vec<(Option<i64>, String, Vec<String>)> = d
             .runs
             .iter()
-            .map(|r| (r.run.rank, r.run.process_key().into_owned(), r.points.iter().map(|p| p.series.clone()).collect()))
+            .map(|r| (r.run.rank, r.run.process_key().into_owned(), r.points.iter().map(|p| p.series.to_string()).collect()))
             .collect();
         // The resource's rank 1, a data point's own rank 2; a rank that is no integer is an
         // ordinary attribute.
@@ -1399,7 +1559,7 @@ pub(crate) mod tests {
         assert_eq!(run.params.get("lr").map(String::as_str), Some("0.1"));
         assert_eq!(run.tags.get("host").map(String::as_str), Some("h"));
         let p = &out.runs[0].points[0];
-        assert_eq!((p.series.as_str(), p.step, p.value.clone()), ("eval.accuracy/split=val", 3, PointValue::Scalar(0.5)));
+        assert_eq!((&*p.series, p.step, p.value.clone()), ("eval.accuracy/split=val", 3, PointValue::Scalar(0.5)));
     }
 
     #[test]
@@ -1438,7 +1598,7 @@ pub(crate) mod tests {
         assert_eq!(out.dropped, vec![(DropReason::InvalidStep, 1), (DropReason::CardinalityOverflow, 1)]);
         assert_eq!(out.runs[0].points.len(), 1);
         assert_eq!(out.runs[0].points[0].value, PointValue::Scalar(f64::NEG_INFINITY));
-        assert_eq!(out.runs[0].points[0].series, "x");
+        assert_eq!(&*out.runs[0].points[0].series, "x");
     }
 
     #[test]
@@ -1512,7 +1672,7 @@ pub(crate) mod tests {
         let settings = DecodeSettings { max_series_per_run: 3, ..Default::default() };
         let mut d = Decoder::new(settings);
         let out = d.decode(&stepped(5, |i| i.to_string()));
-        let series: Vec<&str> = out.runs[0].points.iter().map(|p| p.series.as_str()).collect();
+        let series: Vec<&str> = out.runs[0].points.iter().map(|p| &*p.series).collect();
         assert_eq!(series, ["m/k=0", "m/k=1", "m/k=2"]);
         assert_eq!(out.dropped, vec![(DropReason::SeriesLimit, 2)]);
         assert_eq!(out.messages.len(), 1);

@@ -196,8 +196,8 @@ impl CadenceSettings {
 /// One written point: the aggregate of a window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutPoint {
-    /// Series name (TensorBoard tag; MLflow key before mapping).
-    pub series: String,
+    /// Series name (TensorBoard tag; MLflow key before mapping), shared with the decoder's.
+    pub series: Arc<str>,
     /// The step it is stamped with.
     pub step: i64,
     /// ns since the Unix epoch: the latest data point time in the window.
@@ -469,7 +469,7 @@ struct SeriesState {
 struct RunState {
     run: Arc<RunInfo>,
     max_step: i64,
-    series: HashMap<String, SeriesState>,
+    series: HashMap<Arc<str>, SeriesState>,
     /// The latest resume: (step S, time of the resuming point). Older points at S or above
     /// belong to the session it replaced.
     resumed: Option<(i64, u64)>,
@@ -538,8 +538,8 @@ fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
     // Per series: (smallest step of the newer points, whether the largest-step point repeats).
     let mut per: HashMap<&str, (i64, bool)> = HashMap::new();
     for p in points {
-        let Some(s) = state.series.get(&p.series) else { continue };
-        let e = per.entry(p.series.as_str()).or_insert((i64::MAX, false));
+        let Some(s) = state.series.get(&*p.series) else { continue };
+        let e = per.entry(&*p.series).or_insert((i64::MAX, false));
         // A cumulative producer re-sends old steps, newer in time, at every collection; only a
         // new start time (a restarted producer) can mean a resume.
         let resend = p.cumulative.is_some_and(|start| start <= s.max_start);
@@ -836,7 +836,7 @@ mod tests {
         batches
             .into_iter()
             .flat_map(|b| b.points)
-            .map(|p| (p.series, p.step, p.scalar, p.inputs))
+            .map(|p| (p.series.to_string(), p.step, p.scalar, p.inputs))
             .collect()
     }
 
@@ -1222,7 +1222,7 @@ mod tests {
         assert_eq!(out.iter().map(|b| b.resumed_at).filter(Option::is_some).collect::<Vec<_>>(), vec![Some(0)]);
         assert_eq!(out[0].resumed_at, Some(0));
         assert_eq!(out.iter().map(|b| b.idle).collect::<Vec<_>>(), (0..51).map(|i| i == 50).collect::<Vec<_>>());
-        let got: Vec<(i64, String, f64)> = out.into_iter().flat_map(|b| b.points).map(|p| (p.step, p.series, p.scalar)).collect();
+        let got: Vec<(i64, String, f64)> = out.into_iter().flat_map(|b| b.points).map(|p| (p.step, p.series.to_string(), p.scalar)).collect();
         let want: Vec<(i64, String, f64)> = std::iter::once((0, "s00".to_string(), 0.5))
             .chain((1..=10_000).flat_map(|step| (0..50).map(move |i| (step, format!("s{i:02}"), step as f64 + i as f64 / 64.0))))
             .collect();

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
-use crate::batch::{count_data_points, DecodeSettings, Decoder};
+use crate::batch::{parse, DecodeSettings, Decoder, Parsed};
 use crate::cadence::{CadenceSettings, Close, EndStatus, OutBatch, RunEnd, Windows};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
@@ -167,8 +167,8 @@ pub enum FlushError {
 }
 
 enum Msg {
-    /// A request, its data points and its size in bytes.
-    Batch(Arc<ExportMetricsServiceRequest>, u64, u64),
+    /// A request, parsed once for every exporter.
+    Batch(Arc<Parsed>),
     Flush(mpsc::Sender<u64>),
     Shutdown { outcome: RunOutcome, deadline: Instant, ack: mpsc::Sender<()> },
 }
@@ -177,6 +177,8 @@ enum Msg {
 #[derive(Debug)]
 pub struct Delivery {
     name: String,
+    /// The pipeline's step and identity keys, for [`Delivery::submit`]'s parse.
+    decode: DecodeSettings,
     queue_size: usize,
     max_queued_bytes: u64,
     max_pending_points: u64,
@@ -220,6 +222,7 @@ impl Delivery {
     /// Errors: the OS refused to spawn a thread.
     pub fn start<E: Exporter>(name: &str, mut exporter: E, settings: DeliverySettings) -> std::io::Result<Self> {
         let queue_size = settings.queue_size;
+        let decode = settings.decode.clone();
         let max_queued_bytes = settings.max_queued_bytes;
         let max_pending_points = settings.max_pending_points as u64;
         let spool_max_bytes = settings.spool.as_ref().map(|s| s.max_bytes);
@@ -252,6 +255,7 @@ impl Delivery {
             .spawn(move || worker.run(rx))?;
         Ok(Self {
             name: name.to_string(),
+            decode,
             queue_size: queue_size.max(1),
             max_queued_bytes: max_queued_bytes.max(1),
             max_pending_points: max_pending_points.max(1),
@@ -274,31 +278,30 @@ impl Delivery {
     /// the exporter has no room ([`Delivery::room`]) or is closed they also count as dropped
     /// (`queue_full`, `pending_full` or `spool_full`; see [`NoRoom::drop_reason`]).
     pub fn submit(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
-        let n = count_data_points(&req);
-        let bytes = prost::Message::encoded_len(req.as_ref()) as u64;
+        let parsed = parse(&req, &self.decode);
+        let (n, bytes) = (parsed.data_points, parsed.bytes);
         if let Err(why) = self.room(n, bytes, false) {
             self.stats.add_received(n);
             self.stats.add_dropped(why.drop_reason(), n);
             return Err(if why == NoRoom::Requests { SubmitError::QueueFull } else { SubmitError::NoRoom(why) });
         }
-        self.enqueue(req, n, bytes)
+        self.enqueue(Arc::new(parsed))
     }
 
-    /// Hands over a request the caller found room for with [`Delivery::room`] (the receiver,
-    /// which serialises check and hand-over): no second check, which could refuse a request
-    /// already promised.
-    pub(crate) fn submit_admitted(&self, req: Arc<ExportMetricsServiceRequest>) -> Result<(), SubmitError> {
-        let n = count_data_points(&req);
-        let bytes = prost::Message::encoded_len(req.as_ref()) as u64;
-        self.enqueue(req, n, bytes)
+    /// Hands over a request the caller parsed ([`parse`], once for every exporter) and found
+    /// room for with [`Delivery::room`] (the receiver, which serialises check and hand-over): no
+    /// second check, which could refuse a request already promised.
+    pub(crate) fn submit_admitted(&self, parsed: Arc<Parsed>) -> Result<(), SubmitError> {
+        self.enqueue(parsed)
     }
 
-    fn enqueue(&self, req: Arc<ExportMetricsServiceRequest>, n: u64, bytes: u64) -> Result<(), SubmitError> {
+    fn enqueue(&self, parsed: Arc<Parsed>) -> Result<(), SubmitError> {
+        let (n, bytes) = (parsed.data_points, parsed.bytes);
         self.stats.add_received(n);
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
         self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.shared.queued_requests.fetch_add(1, Ordering::Relaxed);
-        let err = match self.tx.try_send(Msg::Batch(req, n, bytes)) {
+        let err = match self.tx.try_send(Msg::Batch(parsed)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(_)) => SubmitError::QueueFull,
             Err(TrySendError::Disconnected(_)) => SubmitError::Closed,
@@ -518,7 +521,7 @@ impl<E: Exporter> Worker<E> {
                 },
             };
             match msg {
-                Some(Msg::Batch(req, n, bytes)) => self.ingest(&req, n, bytes),
+                Some(Msg::Batch(parsed)) => self.ingest(&parsed),
                 Some(Msg::Flush(ack)) => {
                     self.drain_queue(&rx);
                     self.close_windows(Close::Due);
@@ -651,8 +654,9 @@ impl<E: Exporter> Worker<E> {
         }
     }
 
-    fn ingest(&mut self, req: &ExportMetricsServiceRequest, n: u64, bytes: u64) {
-        let decoded = self.decoder.decode(req);
+    fn ingest(&mut self, parsed: &Parsed) {
+        let (n, bytes) = (parsed.data_points, parsed.bytes);
+        let decoded = self.decoder.decode_parsed(parsed);
         for (reason, count) in &decoded.dropped {
             self.stats.add_dropped(*reason, *count);
         }
@@ -714,7 +718,7 @@ impl<E: Exporter> Worker<E> {
     fn drain_queue(&mut self, rx: &Receiver<Msg>) {
         while let Ok(m) = rx.try_recv() {
             match m {
-                Msg::Batch(req, n, bytes) => self.ingest(&req, n, bytes),
+                Msg::Batch(parsed) => self.ingest(&parsed),
                 m => self.control.push_back(m),
             }
         }

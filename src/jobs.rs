@@ -182,7 +182,7 @@ fn combine(view: RankView, points: &BTreeMap<i64, OutPoint>, series: &str, step:
         RankView::Rank0 | RankView::Each => f64::NAN,
     };
     OutPoint {
-        series: series.to_string(),
+        series: series.into(),
         step,
         time_unix_nano: points.values().map(|p| p.time_unix_nano).max().unwrap_or(0),
         scalar,
@@ -334,16 +334,16 @@ impl JobView {
                 RankView::Rank0 if rank == 0 => job.ready.push(p),
                 RankView::Rank0 => *self.dropped.entry(DropReason::OtherRank).or_default() += p.inputs,
                 RankView::Each => {
-                    p.series = format!("{}/rank-{rank}", p.series);
+                    p.series = format!("{}/rank-{rank}", p.series).into();
                     job.ready.push(p);
                 }
-                _ if job.written.get(&p.series).is_some_and(|w| p.step <= *w) => {
+                _ if job.written.get(&*p.series).is_some_and(|w| p.step <= *w) => {
                     *self.dropped.entry(DropReason::Late).or_default() += p.inputs;
                 }
                 view => {
                     let g = job
                         .gathers
-                        .entry((p.series.clone(), p.step))
+                        .entry((p.series.to_string(), p.step))
                         .or_insert_with(|| Gather { view, first: now, by_rank: BTreeMap::new() });
                     self.pending += p.inputs;
                     if let Some(old) = g.by_rank.insert(rank, p) {
@@ -403,14 +403,14 @@ mod tests {
             run: run(rank),
             points: points
                 .iter()
-                .map(|(s, step, v)| OutPoint { series: s.to_string(), step: *step, time_unix_nano: *step as u64, scalar: *v, histogram: None, inputs: 1 })
+                .map(|(s, step, v)| OutPoint { series: (*s).into(), step: *step, time_unix_nano: *step as u64, scalar: *v, histogram: None, inputs: 1 })
                 .collect(),
             ..Default::default()
         }
     }
 
     fn values(out: &[OutBatch]) -> Vec<(String, i64, f64, u64)> {
-        out.iter().flat_map(|b| &b.points).map(|p| (p.series.clone(), p.step, p.scalar, p.inputs)).collect()
+        out.iter().flat_map(|b| &b.points).map(|p| (p.series.to_string(), p.step, p.scalar, p.inputs)).collect()
     }
 
     fn view(view: RankView) -> JobView {

@@ -587,7 +587,7 @@ impl SpoolBatch {
                 .points
                 .iter()
                 .map(|p| SpoolPoint {
-                    series: p.series.clone(),
+                    series: p.series.to_string(),
                     step: p.step,
                     time_unix_nano: p.time_unix_nano,
                     scalar: p.scalar,
@@ -625,7 +625,7 @@ impl SpoolBatch {
                 .points
                 .into_iter()
                 .map(|p| OutPoint {
-                    series: p.series,
+                    series: p.series.into(),
                     step: p.step,
                     time_unix_nano: p.time_unix_nano,
                     scalar: p.scalar,

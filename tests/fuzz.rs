@@ -880,7 +880,7 @@ fn pipeline_case(
                 shown.scalars += 1;
                 // TensorBoard's scalars are float32 (the exporter's documented conversion).
                 let shown_value = format!("{:?}", f64::from(p.scalar as f32));
-                expected.entry((run.clone(), p.series.clone())).or_default().push((p.step, shown_value));
+                expected.entry((run.clone(), p.series.to_string())).or_default().push((p.step, shown_value));
             }
         }
         // What the MLflow exporter sends for this batch, built the same way.

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest};
 
-use crate::batch::{count_data_points, DecodeSettings, Decoder};
+use crate::batch::{parse, DecodeSettings, CUMULATIVE_NOTICE};
 use crate::delivery::{Delivery, NoRoom};
 
 /// How long a sender is asked to wait when an exporter has no room. Short: held points drain
@@ -82,33 +82,26 @@ impl Fanout {
     /// is checked with [`Delivery::room`]'s doubled limits: it is data a collector's other
     /// consumer had in flight, and refusing it while newer data is taken would make it `late`.
     pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Option<ExportMetricsPartialSuccess>, Busy> {
-        // The exporters decode again (with their own state); this pass only counts for the answer.
-        let decoded = Decoder::new(self.decode.clone()).decode(&req);
-        let rejected: u64 = decoded.dropped.iter().map(|(_, n)| n).sum();
-        if !decoded.notices.is_empty() {
+        // Parsed once here for the answer and for every exporter (each applies its own rules).
+        let parsed = parse(&req, &self.decode);
+        drop(req);
+        let rejected: u64 = parsed.dropped().iter().map(|(_, n)| n).sum();
+        if parsed.cumulative_runs().next().is_some() {
             let mut noticed = self.noticed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (run, notice) in &decoded.notices {
-                if noticed.len() < NOTICED_RUNS && noticed.insert(run.clone()) {
-                    tracing::warn!(run = %run, "{notice}");
+            for run in parsed.cumulative_runs() {
+                if noticed.len() < NOTICED_RUNS && !noticed.contains(run) {
+                    noticed.insert(run.to_string());
+                    tracing::warn!(run = %run, "{CUMULATIVE_NOTICE}");
                 }
             }
         }
-        let bytes = prost::Message::encoded_len(&req) as u64;
-        let points = count_data_points(&req);
+        let (points, bytes) = (parsed.data_points, parsed.bytes);
         // Per process: the ranks of a job each have their own steps.
-        let mut newest: Vec<(std::borrow::Cow<'_, str>, i64)> = Vec::new();
-        for rp in &decoded.runs {
-            let Some(max) = rp.points.iter().map(|p| p.step).max() else { continue };
-            let key = rp.run.process_key();
-            match newest.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, m)) => *m = (*m).max(max),
-                None => newest.push((key, max)),
-            }
-        }
-        let req = Arc::new(req);
+        let newest = parsed.newest_steps();
+        let parsed = Arc::new(parsed);
         {
             let mut seen = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let older = !newest.is_empty() && newest.iter().all(|(k, step)| seen.get(k.as_ref()).is_some_and(|m| step <= m));
+            let older = !newest.is_empty() && newest.iter().all(|(k, step)| seen.get(k.as_str()).is_some_and(|m| step <= m));
             for d in self.deliveries.iter() {
                 if let Err(reason) = d.room(points, bytes, older) {
                     return Err(Busy { exporter: d.name().to_string(), reason });
@@ -116,20 +109,20 @@ impl Fanout {
             }
             for d in self.deliveries.iter() {
                 // Only the workers empty the queues meanwhile, so none can have lost its room.
-                let _ = d.submit_admitted(req.clone());
+                let _ = d.submit_admitted(parsed.clone());
             }
             if seen.len() > NEWEST_STEPS {
                 seen.clear();
             }
             for (k, step) in newest {
-                let m = seen.entry(k.to_string()).or_insert(step);
+                let m = seen.entry(k).or_insert(step);
                 *m = (*m).max(step);
             }
         }
         Ok((rejected > 0).then(|| ExportMetricsPartialSuccess {
             rejected_data_points: i64::try_from(rejected).unwrap_or(i64::MAX),
-            error_message: decoded
-                .messages
+            error_message: parsed
+                .messages()
                 .iter()
                 .map(|(reason, m)| format!("{reason}: {m}"))
                 .collect::<Vec<_>>()

@@ -99,8 +99,8 @@ struct RunFile {
     dir: Option<PathBuf>,
     /// The current event file (open or not); `None` makes the next write start a new one.
     path: Option<PathBuf>,
-    tags_in_file: HashSet<String>,
-    written: HashMap<String, i64>,
+    tags_in_file: HashSet<Arc<str>>,
+    written: HashMap<Arc<str>, i64>,
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
@@ -121,8 +121,8 @@ struct OpenFiles {
 struct Pending {
     buf: Vec<u8>,
     refused: Vec<(usize, DropReason)>,
-    tags_in_file: HashSet<String>,
-    written: HashMap<String, i64>,
+    tags_in_file: HashSet<Arc<str>>,
+    written: HashMap<Arc<str>, i64>,
     session_started: bool,
 }
 
@@ -511,11 +511,17 @@ fn encode_step(
     let mut time = 0u64;
     while j < points.len() && points[j].step == step {
         let pt = &points[j];
-        if p.written.get(&pt.series).is_some_and(|w| step <= *w) {
+        let written = p.written.get_mut(&*pt.series);
+        if written.as_ref().is_some_and(|w| step <= **w) {
             p.refused.push((base + j, DropReason::Late));
         } else {
-            p.written.insert(pt.series.clone(), step);
-            let first = p.tags_in_file.insert(pt.series.clone());
+            match written {
+                Some(w) => *w = step,
+                None => {
+                    p.written.insert(pt.series.clone(), step);
+                }
+            }
+            let first = !p.tags_in_file.contains(&*pt.series) && p.tags_in_file.insert(pt.series.clone());
             values.push(match &pt.histogram {
                 Some(h) => encoder::histogram_value(&pt.series, h.count, h.sum, h.min, h.max, &h.bounds, &h.counts, first),
                 None => encoder::scalar_value(&pt.series, pt.scalar as f32, first),
@@ -658,7 +664,7 @@ mod tests {
             points: pts
                 .iter()
                 .map(|(step, tag, v)| OutPoint {
-                    series: tag.to_string(),
+                    series: (*tag).into(),
                     step: *step,
                     time_unix_nano: 1_700_000_000_000_000_000,
                     scalar: *v,
