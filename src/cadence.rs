@@ -448,9 +448,51 @@ fn identity(p: &Point) -> u64 {
     h.finish()
 }
 
+/// A series' open windows by end step, in order. Points come almost always in step order, so a
+/// new window goes at the back and the oldest leaves from the front, both without moving the
+/// others (a `BTreeMap` shifted every remaining accumulator of its node on each removal).
+#[derive(Debug, Default)]
+struct OpenWindows(std::collections::VecDeque<(i64, Acc)>);
+
+impl OpenWindows {
+    fn first_key_value(&self) -> Option<(&i64, &Acc)> {
+        self.0.front().map(|(k, a)| (k, a))
+    }
+
+    fn pop_first(&mut self) -> Option<(i64, Acc)> {
+        self.0.pop_front()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Acc> {
+        self.0.iter().map(|(_, a)| a)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&i64, &mut Acc) -> bool) {
+        self.0.retain_mut(|(k, a)| keep(k, a));
+    }
+
+    /// The window ending at `end`, opened with `open` if there is none.
+    fn get_or_open(&mut self, end: i64, open: impl FnOnce() -> Acc) -> &mut Acc {
+        let at = match self.0.back() {
+            Some((last, _)) if *last < end => self.0.len(),
+            None => 0,
+            Some(_) => match self.0.binary_search_by_key(&end, |(k, _)| *k) {
+                Ok(i) => return &mut self.0[i].1,
+                Err(i) => i,
+            },
+        };
+        self.0.insert(at, (end, open()));
+        &mut self.0[at].1
+    }
+}
+
 #[derive(Debug)]
 struct SeriesState {
-    windows: BTreeMap<i64, Acc>,
+    windows: OpenWindows,
     /// Identity of the cumulative value written per step (the last [`WRITTEN_CUMULATIVE_STEPS`]).
     written_cumulative: BTreeMap<i64, u64>,
     /// Largest start time of the series' cumulative points: an older or equal one is a re-send
@@ -604,7 +646,7 @@ impl Windows {
                 continue;
             }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
-                windows: BTreeMap::new(),
+                windows: OpenWindows::default(),
                 written_cumulative: BTreeMap::new(),
                 max_start: 0,
                 written_upto: None,
@@ -633,7 +675,7 @@ impl Windows {
             s.max_step = s.max_step.max(p.step);
             s.last_arrival = now;
             let agg = settings.aggregation_for(&p.metric, &p.series);
-            let acc = s.windows.entry(settings.window_end(p.step)).or_insert_with(|| Acc::new(agg, now));
+            let acc = s.windows.get_or_open(settings.window_end(p.step), || Acc::new(agg, now));
             match acc.take(p, id) {
                 Taken::Added => {
                     self.pending += 1;
@@ -781,7 +823,8 @@ impl Windows {
                 state.idle_reported = true;
             }
             if !points.is_empty() || idle || ending.is_some() {
-                points.sort_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
+                // (step, series) is unique in a batch: one window per series end.
+                points.sort_unstable_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
                 let resumed_at = state.announce_resume.take();
                 // Cut into pieces of at most MAX_BATCH_POINTS, in order (see the module docs).
                 let pieces = points.len().div_ceil(MAX_BATCH_POINTS).max(1);
