@@ -488,7 +488,7 @@ struct Worker<E: Exporter> {
     control: VecDeque<Msg>,
     spool: Option<Spool>,
     /// Unusable data points are logged once per reason, then at most every 10 s with a count.
-    rejections: crate::receiver::security::RejectionLog,
+    rejections: crate::rejections::RejectionLog,
     /// Whether "spooling to disk" was logged for the current stretch of spooling.
     spooling_logged: bool,
     /// With a spool: run keys whose data this process received (not only adopted), the runs

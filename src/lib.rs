@@ -45,6 +45,7 @@ pub mod exporter;
 pub mod jobs;
 pub mod names;
 pub mod receiver;
+pub mod rejections;
 pub mod retry;
 pub mod sdk;
 pub mod serve;

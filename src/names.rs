@@ -44,9 +44,15 @@ pub const MAX_SERIES_NAME_BYTES: usize = 1024;
 
 /// 64-bit FNV-1a of `s` (not for security).
 pub fn fnv1a64(s: &str) -> u64 {
+    fnv1a64_bytes(s.bytes())
+}
+
+/// 64-bit FNV-1a of a byte sequence: the one FNV-1a 64 of the crate (names here, MLflow's
+/// hashed run-key tag).
+pub fn fnv1a64_bytes(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
+    for b in bytes {
+        h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h

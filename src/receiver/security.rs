@@ -16,8 +16,8 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -306,34 +306,9 @@ impl Limiter {
     }
 }
 
-/// How often a rejection cause is logged at most (after its first occurrence).
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Logs rejections (refused requests, dropped data points) once per cause, then at most once per
-/// [`LOG_EVERY`] with a count, so a flood of bad input never floods the log.
-#[derive(Debug, Default)]
-pub struct RejectionLog {
-    causes: Mutex<std::collections::HashMap<&'static str, (Option<Instant>, u64)>>,
-}
-
-impl RejectionLog {
-    /// Counts one rejection for `cause` (a fixed text such as `"OTLP/HTTP unauthenticated"`)
-    /// and logs a warning with `detail` if it is the cause's first, or the first after
-    /// [`LOG_EVERY`]. `detail` must not hold anything a client sent that could be a secret.
-    pub fn reject(&self, cause: &'static str, detail: &dyn fmt::Display) {
-        let Ok(mut causes) = self.causes.lock() else { return };
-        let now = Instant::now();
-        let entry = causes.entry(cause).or_insert((None, 0));
-        entry.1 += 1;
-        let due = entry.0.is_none_or(|last| now.duration_since(last) >= LOG_EVERY);
-        if due {
-            let n = entry.1;
-            *entry = (Some(now), 0);
-            drop(causes);
-            tracing::warn!("{cause}: {n} time(s) since the last report on this cause; latest: {detail}");
-        }
-    }
-}
+// The log is shared with the exporters' delivery; it lives in a leaf module so delivery does
+// not depend on the receiver.
+pub use crate::rejections::{RejectionLog, LOG_EVERY};
 
 #[cfg(test)]
 mod tests {

@@ -92,12 +92,7 @@ pub const MAX_PLAIN_RUN_KEY_CHARS: usize = 200;
 /// independently (unlike hashing `s` and then `s + suffix`, where the second value is a
 /// function of the first and adds no bits).
 fn fnv1a64(seed: u8, s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in std::iter::once(seed).chain(s.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    crate::names::fnv1a64_bytes(std::iter::once(seed).chain(s.bytes()))
 }
 
 /// The value of [`RUN_KEY_TAG`] for a run key: deterministic, at most 200 characters, and safe
