@@ -2,7 +2,8 @@
 # Benchmarks, printed as one table: record-call cost and TensorBoard write rate against their
 # peers (benches/throughput.rs, tests/support/bench_tb_writer.py), then the real trainer's step
 # time (examples/train.rs, release build) with no MLflow, with MLflow reachable, and with MLflow
-# unreachable (nothing listening): the trainer must not slow down when MLflow is down.
+# unreachable (nothing listening): the trainer must not slow down when MLflow is down; then
+# serve against the Collector built here, CPU per point on the same OTLP load (bench-ingest.sh).
 #   scripts/bench.sh [--steps N]      (default 3000)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,3 +39,5 @@ row "MLflow reachable" --tracking-uri "$uri"
 row "MLflow unreachable" --tracking-uri "$dead"
 # Memory under 100 000 distinct series, with and without max_series_per_run (scripts/bench-series.sh).
 cargo build --release --locked --bin trainmetrics -q && scripts/bench-series.sh target/release/trainmetrics
+# serve against the Collector built here on the same OTLP/HTTP load (scripts/bench-ingest.sh).
+scripts/bench-ingest.sh
