@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def main() -> None:
 
     def dump(summary: trainmetrics.RunSummary | None) -> None:
         s = None if summary is None else {"status": summary.status, "sent": summary.sent, "dropped": summary.dropped, "recorded": summary.recorded}
-        out.write_text(json.dumps({"run_id": run.run_id, "recorded": recorded, "summary": s}))
+        # Atomic: SIGTERM unwinds the process, and may do so in the middle of this write.
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": run.run_id, "recorded": recorded, "summary": s}))
+        os.replace(tmp, out)
 
     run = trainmetrics.init(a.experiment, a.run_name, params={"steps": a.steps, "lr": 1e-3})
     for step in range(a.start, a.start + a.steps):
