@@ -698,13 +698,18 @@ impl Parsed {
     pub fn newest_steps(&self) -> Vec<(String, i64)> {
         let mut newest: Vec<(String, i64)> = Vec::new();
         for res in &self.resources {
+            // By rank first, so a key is built once per process, not once per point.
+            let mut by_rank: Vec<(Option<i64>, i64)> = Vec::new();
             for p in &res.points {
                 let Some(step) = p.step else { continue };
                 let rank = p.rank.or(res.run.rank);
-                let key = match rank {
-                    Some(r) => format!("{}#rank-{r}", res.run.key),
-                    None => res.run.key.clone(),
-                };
+                match by_rank.iter_mut().find(|(r, _)| *r == rank) {
+                    Some((_, m)) => *m = (*m).max(step),
+                    None => by_rank.push((rank, step)),
+                }
+            }
+            for (rank, step) in by_rank {
+                let key = RunInfo { key: res.run.key.clone(), rank, ..Default::default() }.process_key().into_owned();
                 match newest.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, m)) => *m = (*m).max(step),
                     None => newest.push((key, step)),
@@ -907,7 +912,7 @@ fn parse_metric(
                         format!("metric name {:?} is empty or only '/' and white space: no TensorBoard tag or MLflow key can stand for it", short(&metric))
                     });
                 }
-                let full: Arc<str> = if rest.is_empty() { metric.clone() } else { Arc::from(unbounded_series_name(&metric, &rest)) };
+                let full: Arc<str> = if rest.is_empty() { metric.clone() } else { Arc::from(names::unbounded_series_name(&metric, &rest)) };
                 last = LastName { over: name, rest, names: Some((metric.clone(), full.clone())) };
                 (metric, full)
             }
@@ -961,22 +966,6 @@ fn parse_metric(
         }
         None => {}
     }
-}
-
-/// `metric/k=v...` with the attributes sorted by key: [`names::series_name`] without prefix
-/// and before bounding.
-fn unbounded_series_name(metric: &str, rest: &[(String, String)]) -> String {
-    let mut attrs: Vec<&(String, String)> = rest.iter().collect();
-    attrs.sort();
-    let mut out = String::with_capacity(metric.len() + 16);
-    out.push_str(metric);
-    for (k, v) in attrs {
-        out.push('/');
-        out.push_str(k);
-        out.push('=');
-        out.push_str(v);
-    }
-    out
 }
 
 fn numbers(

@@ -76,24 +76,30 @@ pub fn bounded_name(name: &str) -> std::borrow::Cow<'_, str> {
 /// key (callers pass them in any order). An empty prefix is the same as none. The result is at
 /// most [`MAX_SERIES_NAME_BYTES`] bytes ([`bounded_name`]).
 pub fn series_name(prefix: Option<&str>, name: &str, attributes: &[(String, String)]) -> String {
-    let mut out = String::with_capacity(name.len() + 16);
-    if let Some(p) = prefix.filter(|p| !p.is_empty()) {
-        out.push_str(p.trim_end_matches('/'));
-        out.push('/');
+    let out = match prefix.filter(|p| !p.is_empty()) {
+        Some(p) => format!("{}/{}", p.trim_end_matches('/'), unbounded_series_name(name, attributes)),
+        None => unbounded_series_name(name, attributes),
+    };
+    match bounded_name(&out) {
+        std::borrow::Cow::Borrowed(_) => out,
+        std::borrow::Cow::Owned(cut) => cut,
     }
-    out.push_str(name);
+}
+
+/// `name[/k=v...]`, attributes sorted by key: [`series_name`] without prefix and before
+/// bounding (the decoder keeps it so each exporter can add its own prefix, then bound).
+pub fn unbounded_series_name(name: &str, attributes: &[(String, String)]) -> String {
     let mut attrs: Vec<&(String, String)> = attributes.iter().collect();
     attrs.sort();
+    let mut out = String::with_capacity(name.len() + 16);
+    out.push_str(name);
     for (k, v) in attrs {
         out.push('/');
         out.push_str(k);
         out.push('=');
         out.push_str(v);
     }
-    match bounded_name(&out) {
-        std::borrow::Cow::Borrowed(_) => out,
-        std::borrow::Cow::Owned(cut) => cut,
-    }
+    out
 }
 
 /// Whether a metric name stands for nothing: empty, or only `/` and white space. TensorBoard
