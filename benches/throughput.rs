@@ -14,7 +14,7 @@ use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
 use trainmetrics::batch::RunInfo;
 use trainmetrics::cadence::{OutBatch, OutPoint};
-use trainmetrics::config::ExporterConfig;
+use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use trainmetrics::exporter::Exporter;
 use trainmetrics::Pipeline;
@@ -38,7 +38,7 @@ fn main() {
         .run_name("bench")
         .exporter(
             "tensorboard",
-            ExporterConfig { logdir: Some(dir.join("runs")), reader_interval: Some(Duration::from_millis(200)), ..Default::default() },
+            ExporterConfig { backend: TensorBoardConfig { logdir: Some(dir.join("runs")) }, delivery: DeliveryConfig { reader_interval: Some(Duration::from_millis(200)), ..Default::default() } },
         )
         .build()
         .expect("pipeline");

@@ -100,7 +100,7 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::EnvFilter;
 use trainmetrics::batch::{EndStatus, IdentityKeys};
 use trainmetrics::cadence::Aggregation;
-use trainmetrics::config::{default_run_name, ExporterConfig};
+use trainmetrics::config::{default_run_name, DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
 use trainmetrics::{Pipeline, StepRecorder};
 
 const DATASET: &str = "winequality-red";
@@ -590,10 +590,8 @@ fn build_pipeline(args: &Args) -> Result<Pipeline> {
         .exporter(
             "tensorboard",
             ExporterConfig {
-                logdir: Some(args.logdir.clone()),
-                every_steps: Some(1),
-                aggregation: Some(Aggregation::Last),
-                ..Default::default()
+                backend: TensorBoardConfig { logdir: Some(args.logdir.clone()) },
+                delivery: DeliveryConfig { every_steps: Some(1), aggregation: Some(Aggregation::Last), ..Default::default() },
             },
         )
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout));
@@ -607,13 +605,15 @@ fn build_pipeline(args: &Args) -> Result<Pipeline> {
         b = b.exporter(
             "mlflow",
             ExporterConfig {
-                tracking_uri: Some(args.tracking_uri()),
-                every_steps: Some(args.mlflow_every),
-                aggregation: Some(Aggregation::Last),
-                // Per-step batch losses are noisy; the window mean is the honest number at the
-                // coarser cadence, while lr, eval.* etc. are meaningful as of the window's end.
-                metrics: [("train.loss".to_string(), Aggregation::Mean)].into(),
-                ..Default::default()
+                backend: MlflowConfig { tracking_uri: Some(args.tracking_uri()), ..Default::default() },
+                delivery: DeliveryConfig {
+                    every_steps: Some(args.mlflow_every),
+                    aggregation: Some(Aggregation::Last),
+                    // Per-step batch losses are noisy; the window mean is the honest number at the
+                    // coarser cadence, while lr, eval.* etc. are meaningful as of the window's end.
+                    metrics: [("train.loss".to_string(), Aggregation::Mean)].into(),
+                    ..Default::default()
+                },
             },
         );
     }

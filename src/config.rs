@@ -56,19 +56,29 @@
 //! Bad input (see [`crate::batch`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
 //! `max_series_per_run` (10000) and `max_runs` (1000), each at least 1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{DecodeSettings, IdentityKeys, NonFinitePolicy, DEFAULT_MAX_RUNS, DEFAULT_MAX_SERIES_PER_RUN};
-use crate::cadence::{Aggregation, CadenceSettings};
-use crate::delivery::DeliverySettings;
+use crate::batch::{DecodeSettings, IdentityKeys};
+use crate::delivery::{DeliverySettings, FromBackend};
+use crate::exporter::mlflow::config::{self as mlflow_config, MlflowRunPolicy};
 use crate::exporter::mlflow::MlflowSettings;
+use crate::exporter::tensorboard::config as tensorboard_config;
 use crate::exporter::tensorboard::TensorBoardSettings;
-use crate::retry::RetrySettings;
+
+// Each component owns its config type; they are re-exported here, where they are composed.
+pub use crate::delivery::{DeliveryConfig, QueueConfig, MAX_QUEUE_SIZE};
+pub use crate::exporter::mlflow::config::MlflowConfig;
+pub use crate::exporter::tensorboard::config::TensorBoardConfig;
+pub use crate::problems::{Problem, Problems, MAX_DURATION};
+pub use crate::receiver::security::{AuthConfig, RateLimitConfig, TlsConfig};
+pub
+use crate::retry::RetryConfig;
+pub use crate::spool::{default_spool_root, SpoolConfig};
 
 /// A param or tag value as written in YAML (number, bool or text); kept as text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,165 +150,6 @@ impl Default for IdentityConfig {
     }
 }
 
-/// `retry_on_failure` (defaults in [`RetrySettings`]).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Default true.
-    #[serde(default)]
-    pub enabled: Option<bool>,
-    /// Default 1s.
-    #[serde(default, with = "humantime_serde")]
-    pub initial_interval: Option<Duration>,
-    /// Default 30s.
-    #[serde(default, with = "humantime_serde")]
-    pub max_interval: Option<Duration>,
-    /// Default 300s.
-    #[serde(default, with = "humantime_serde")]
-    pub max_elapsed_time: Option<Duration>,
-}
-
-/// `sending_queue` (defaults in [`DeliverySettings`]).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueConfig {
-    /// Requests the queue holds; default 1000.
-    #[serde(default)]
-    pub queue_size: Option<usize>,
-    /// MiB of requests (protobuf size) the queue holds, plus 256 bytes per held point
-    /// ([`crate::delivery::HELD_POINT_BYTES`]); default 256. Past it the request is refused like
-    /// a full queue (the service answers 503 / UNAVAILABLE so the sender retries).
-    #[serde(default)]
-    pub max_queued_mib: Option<u64>,
-    /// Data points the exporter may hold in memory (queued, open windows, batches), checked
-    /// before a request is taken (see [`crate::delivery`], "Admission"); default 100000. With a
-    /// spool, batches past half of it move to disk.
-    #[serde(default)]
-    pub max_pending_points: Option<usize>,
-    /// The on-disk part of the queue.
-    #[serde(default)]
-    pub spool: SpoolConfig,
-}
-
-/// `sending_queue.spool`: batches that cannot be delivered yet go to disk and survive restarts
-/// (see [`crate::spool`] for the format, fsync policy and replay).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpoolConfig {
-    /// Default: true for mlflow exporters, false for tensorboard (its backend is the disk).
-    #[serde(default)]
-    pub enabled: Option<bool>,
-    /// The exporter's spool directory. Default: `<root>/<exporter name>` ('/' in the name as
-    /// '-'), root = `$TRAINMETRICS_SPOOL_DIR`, else `$XDG_STATE_HOME/trainmetrics/spool`, else
-    /// `$HOME/.local/state/trainmetrics/spool`, else `.trainmetrics/spool`.
-    #[serde(default)]
-    pub directory: Option<PathBuf>,
-    /// Most disk space, MiB; default 1024.
-    #[serde(default)]
-    pub max_size_mib: Option<u64>,
-    /// `drop_newest` (default) or `drop_oldest`: which batch goes when the spool is full.
-    #[serde(default)]
-    pub when_full: Option<crate::spool::WhenFull>,
-    /// fdatasync after every record; default true.
-    #[serde(default)]
-    pub fsync: Option<bool>,
-}
-
-/// Largest `sending_queue.queue_size` (requests): its slots are allocated at startup.
-pub const MAX_QUEUE_SIZE: usize = 1_000_000;
-
-/// The default spool root (see [`SpoolConfig::directory`]).
-pub fn default_spool_root() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("TRAINMETRICS_SPOOL_DIR")
-        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("trainmetrics/spool")))
-        .or_else(|| env("HOME").map(|d| d.join(".local/state/trainmetrics/spool")))
-        .unwrap_or_else(|| PathBuf::from(".trainmetrics/spool"))
-}
-
-/// One exporter as written by users. Keys of the other exporter type are rejected at validation.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExporterConfig {
-    /// tensorboard: the logdir; default `runs`.
-    #[serde(default)]
-    pub logdir: Option<PathBuf>,
-    /// mlflow: server URI; default `MLFLOW_TRACKING_URI`.
-    #[serde(default)]
-    pub tracking_uri: Option<String>,
-    /// mlflow: experiment of runs that name none; default `MLFLOW_EXPERIMENT_NAME`, else `Default`.
-    #[serde(default)]
-    pub experiment: Option<String>,
-    /// mlflow: an existing MLflow run id to continue; default `MLFLOW_RUN_ID`.
-    #[serde(default)]
-    pub run_id: Option<String>,
-    /// mlflow: file holding a Bearer token (trimmed); beats `MLFLOW_TRACKING_TOKEN`. Default none.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// mlflow: file holding the HTTP Basic password (trimmed) of `MLFLOW_TRACKING_USERNAME`;
-    /// beats `MLFLOW_TRACKING_PASSWORD`. Default none.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// Window length in steps (see [`crate::cadence`]).
-    #[serde(default)]
-    pub every_steps: Option<u64>,
-    /// Write all open windows this often.
-    #[serde(default, with = "humantime_serde")]
-    pub interval: Option<Duration>,
-    /// Wait for more points of a window's end step; default 2s.
-    #[serde(default, with = "humantime_serde")]
-    pub linger: Option<Duration>,
-    /// Keep windows open at least this long for out-of-order arrivals; default 0s.
-    #[serde(default, with = "humantime_serde")]
-    pub reorder_window: Option<Duration>,
-    /// Default aggregation; default `last`.
-    #[serde(default)]
-    pub aggregation: Option<Aggregation>,
-    /// Aggregation per metric or series name.
-    #[serde(default)]
-    pub metrics: BTreeMap<String, Aggregation>,
-    /// Series name prefix; default none.
-    #[serde(default)]
-    pub prefix: Option<String>,
-    /// In process: the SDK PeriodicReader's interval; default 1s.
-    #[serde(default, with = "humantime_serde")]
-    pub reader_interval: Option<Duration>,
-    /// Bound of one export call; default 10s.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    /// Retry policy.
-    #[serde(default)]
-    pub retry_on_failure: RetryConfig,
-    /// Queue sizes.
-    #[serde(default)]
-    pub sending_queue: QueueConfig,
-    /// mlflow: steps of a resumed run that MLflow already holds: `log_again` (default) or
-    /// `skip_logged` (see README "Resume").
-    #[serde(default)]
-    pub resume: Option<crate::exporter::mlflow::config::ResumePolicy>,
-    /// mlflow: end runs without data for a while (`enabled` true, `after` 1h, `status` KILLED;
-    /// see README "Run liveness").
-    #[serde(default)]
-    pub end_idle_runs: crate::exporter::mlflow::config::EndIdleRunsConfig,
-    /// NaN/±Inf scalars: `keep` | `drop` | `clamp` (see [`crate::batch::NonFinitePolicy`]);
-    /// default `keep`.
-    #[serde(default)]
-    pub nonfinite: Option<NonFinitePolicy>,
-    /// Distinct series per run; points of further series are dropped as `series_limit`;
-    /// default 10000.
-    #[serde(default)]
-    pub max_series_per_run: Option<usize>,
-    /// Runs tracked over the exporter's life; points of further runs are dropped as
-    /// `series_limit`; default 1000.
-    #[serde(default)]
-    pub max_runs: Option<usize>,
-    /// mlflow: what the job's run shows of a distributed job's ranks (`view`: rank0 | mean |
-    /// min | max | each, default rank0; `metrics` per series; `wait` 10s; see [`crate::jobs`]).
-    /// TensorBoard writes one run directory per rank instead.
-    #[serde(default)]
-    pub ranks: Option<crate::jobs::RanksConfig>,
-}
-
 /// `receivers.otlp.protocols.grpc` (service only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -338,45 +189,6 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self { endpoint: "127.0.0.1:14318".into(), max_request_body_size_mib: 64, tls: None, rate_limit: None }
     }
-}
-
-/// `tls` of a receiver protocol: PEM files, the OpenTelemetry Collector's `configtls` keys
-/// (see [`crate::receiver::security`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The server's certificate chain, PEM.
-    pub cert_file: PathBuf,
-    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// CA certificates, PEM; when set, clients must present a certificate one of them signed
-    /// (mutual TLS). Default none.
-    #[serde(default)]
-    pub client_ca_file: Option<PathBuf>,
-}
-
-/// `rate_limit` of a receiver protocol: a token bucket over requests.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitConfig {
-    /// Sustained requests per second (at least 1).
-    pub requests_per_second: u32,
-    /// Requests allowed at once; default `requests_per_second`.
-    #[serde(default)]
-    pub burst: Option<u32>,
-}
-
-/// `receivers.otlp.auth`: clients must send `Authorization: Bearer <token>`. The token is read
-/// at startup from a file (trimmed) or an environment variable, never written in the YAML.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// File holding the token.
-    #[serde(default)]
-    pub bearer_token_file: Option<PathBuf>,
-    /// Name of an environment variable holding the token.
-    #[serde(default)]
-    pub bearer_token_env: Option<String>,
 }
 
 /// `service.telemetry` (service only): the self-telemetry listener, see [`crate::telemetry`].
@@ -447,6 +259,155 @@ pub struct ReceiversConfig {
     pub otlp: OtlpReceiverConfig,
 }
 
+/// One exporter as users write it: the backend's own keys (`B`: [`TensorBoardConfig`] or
+/// [`MlflowConfig`]) and the keys every exporter has ([`DeliveryConfig`]), side by side in one
+/// YAML mapping. A key that neither has is refused (`unknown field`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExporterConfig<B> {
+    /// The backend's own keys.
+    #[serde(flatten)]
+    pub backend: B,
+    /// Cadence, queue, retry, timeout and bad-input keys.
+    #[serde(flatten)]
+    pub delivery: DeliveryConfig,
+}
+
+/// The config of an exporter of any type. In YAML the type is the `<type>` part of the
+/// exporter's name (`tensorboard`, `mlflow/slow`); built in code, the name's type must match.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AnyExporterConfig {
+    /// `tensorboard[/<name>]`.
+    TensorBoard(ExporterConfig<TensorBoardConfig>),
+    /// `mlflow[/<name>]`.
+    Mlflow(ExporterConfig<MlflowConfig>),
+}
+
+impl From<ExporterConfig<TensorBoardConfig>> for AnyExporterConfig {
+    fn from(c: ExporterConfig<TensorBoardConfig>) -> Self {
+        Self::TensorBoard(c)
+    }
+}
+
+impl From<ExporterConfig<MlflowConfig>> for AnyExporterConfig {
+    fn from(c: ExporterConfig<MlflowConfig>) -> Self {
+        Self::Mlflow(c)
+    }
+}
+
+/// The top-level keys of a serde struct, read from its default value (so no list is kept by
+/// hand next to the struct).
+fn keys_of<T: Serialize + Default>() -> Vec<String> {
+    let value = serde_yaml_ng::to_value(T::default()).unwrap_or_default();
+    value
+        .as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl AnyExporterConfig {
+    /// The exporter type: `tensorboard` or `mlflow`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TensorBoard(_) => "tensorboard",
+            Self::Mlflow(_) => "mlflow",
+        }
+    }
+
+    /// The keys every exporter has.
+    pub fn delivery(&self) -> &DeliveryConfig {
+        match self {
+            Self::TensorBoard(c) => &c.delivery,
+            Self::Mlflow(c) => &c.delivery,
+        }
+    }
+
+    /// Parses the YAML of the exporter `name`, its type taken from the name's `<type>` part.
+    /// Returns the config, if one could be read, and every problem found, each at its dotted
+    /// path: an unknown type, a key of another type (`is an mlflow key, not valid here`; the
+    /// key is left out so the rest is still read and validated), or the parser's message.
+    pub fn from_yaml(name: &str, mut value: serde_yaml_ng::Value) -> (Option<Self>, Vec<Problem>) {
+        let path = format!("exporters.{name}");
+        let kind = name.split_once('/').map_or(name, |(k, _)| k);
+        let mut problems = Vec::new();
+        let others: Vec<(&str, Vec<String>)> = match kind {
+            "tensorboard" => vec![("an mlflow", keys_of::<MlflowConfig>())],
+            "mlflow" => vec![("a tensorboard", keys_of::<TensorBoardConfig>())],
+            other => {
+                problems.push(Problem {
+                    path,
+                    message: format!(
+                        "unknown exporter type {other:?} (known: tensorboard, mlflow)"
+                    ),
+                });
+                return (None, problems);
+            }
+        };
+        if let Some(m) = value.as_mapping_mut() {
+            m.retain(|k, _| {
+                let Some(k) = k.as_str() else { return true };
+                let Some((what, _)) = others.iter().find(|(_, keys)| keys.iter().any(|o| o == k))
+                else {
+                    return true;
+                };
+                let why = if kind == "tensorboard" && k == "ranks" {
+                    " (TensorBoard writes one run directory per rank)"
+                } else {
+                    ""
+                };
+                problems.push(Problem {
+                    path: format!("{path}.{k}"),
+                    message: format!("is {what} key, not valid here{why}"),
+                });
+                false
+            });
+        }
+        let parsed = match kind {
+            "tensorboard" => serde_yaml_ng::from_value(value).map(Self::TensorBoard),
+            _ => serde_yaml_ng::from_value(value).map(Self::Mlflow),
+        };
+        match parsed {
+            Ok(c) => (Some(c), problems),
+            Err(e) => {
+                problems.push(Problem {
+                    path,
+                    message: e.to_string(),
+                });
+                (None, problems)
+            }
+        }
+    }
+}
+
+/// `exporters` through serde: each entry read by [`AnyExporterConfig::from_yaml`]; any problem
+/// fails the whole config (use [`PipelineConfig::from_yaml_str`] to see every problem at once).
+fn deserialize_exporters<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, AnyExporterConfig>, D::Error> {
+    let raw = BTreeMap::<String, serde_yaml_ng::Value>::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    for (name, value) in raw {
+        match AnyExporterConfig::from_yaml(&name, value) {
+            (Some(c), problems) if problems.is_empty() => {
+                out.insert(name, c);
+            }
+            (_, problems) => {
+                let text: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.path, p.message))
+                    .collect();
+                return Err(serde::de::Error::custom(text.join("; ")));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The whole pipeline as written by users (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -473,8 +434,8 @@ pub struct PipelineConfig {
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Exporters by `<type>[/<name>]`.
-    #[serde(default)]
-    pub exporters: BTreeMap<String, ExporterConfig>,
+    #[serde(default, deserialize_with = "deserialize_exporters")]
+    pub exporters: BTreeMap<String, AnyExporterConfig>,
 }
 
 fn default_step_attribute() -> String {
@@ -498,40 +459,6 @@ impl Default for PipelineConfig {
             cardinality_limit: default_cardinality_limit(),
             shutdown_timeout: default_shutdown_timeout(),
             exporters: BTreeMap::new(),
-        }
-    }
-}
-
-/// One problem found in a config: where (dotted key path) and what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key path, e.g. `exporters.mlflow.every_steps`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// Problems collected during validation.
-#[derive(Debug, Default)]
-pub struct Problems(Vec<Problem>);
-
-impl Problems {
-    /// Records a problem at `path`.
-    pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem { path: path.into(), message: message.into() });
-    }
-    /// How many problems were recorded.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    /// Whether none was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// Records `path.key` as a problem when `present` (a key that belongs to another type).
-    pub fn reject_key(&mut self, path: &str, key: &str, present: bool, what: &str) {
-        if present {
-            self.add(format!("{path}.{key}"), format!("is {what}, not valid here"));
         }
     }
 }
@@ -581,7 +508,7 @@ pub struct ExporterSettings {
     /// In process: the PeriodicReader interval.
     pub reader_interval: Duration,
     /// mlflow: resume policy and idle status (defaults for tensorboard, which ignores them).
-    pub run_policy: crate::exporter::mlflow::config::MlflowRunPolicy,
+    pub run_policy:MlflowRunPolicy,
 }
 
 /// The in-process run, with every default filled in.
@@ -704,14 +631,13 @@ impl PipelineConfig {
             Some(Value::Mapping(m)) => {
                 for (k, v) in m {
                     let name = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
-                    match serde_yaml_ng::from_value::<ExporterConfig>(v) {
-                        Ok(c) => {
+                    let (config, found) = AnyExporterConfig::from_yaml(&name, v);
+                    problems.extend(found);
+                    match config {
+                        Some(c) => {
                             exporters.insert(name, c);
                         }
-                        Err(e) => {
-                            problems.push(Problem { path: format!("exporters.{name}"), message: e.to_string() });
-                            failed.push(format!("exporters.{name}"));
-                        }
+                        None => failed.push(format!("exporters.{name}")),
                     }
                 }
             }
@@ -744,7 +670,7 @@ impl PipelineConfig {
         if self.cardinality_limit == 0 {
             p.add("cardinality_limit", "must be at least 1");
         }
-        positive(&mut p, "", "shutdown_timeout", Some(self.shutdown_timeout));
+        p.positive("", "shutdown_timeout", Some(self.shutdown_timeout));
         if self.exporters.is_empty() {
             p.add("exporters", "no exporter configured (add tensorboard and/or mlflow)");
         }
@@ -789,8 +715,8 @@ impl PipelineConfig {
             .iter()
             .filter_map(|(name, c)| exporter_settings(name, c, &decode, &mut p))
             .collect();
-        if !p.0.is_empty() {
-            return Err(ConfigError::Invalid(p.0));
+        if !p.is_empty() {
+            return Err(ConfigError::Invalid(p.into_vec()));
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let run = RunSettings {
@@ -844,10 +770,6 @@ fn check_endpoint(p: &mut Problems, at: &str, endpoint: &str) {
     }
 }
 
-/// Longest duration any setting may take (1 day): beyond it instants overflow, and no cadence,
-/// timeout or retry of a training run needs more.
-pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
-
 /// Applies one `a.b.c=value` override to a YAML tree, creating mappings on the way.
 fn set_path(root: &mut serde_yaml_ng::Value, assignment: &str) -> Result<(), String> {
     use serde_yaml_ng::Value;
@@ -879,130 +801,38 @@ fn set_path(root: &mut serde_yaml_ng::Value, assignment: &str) -> Result<(), Str
     Ok(())
 }
 
-fn positive(p: &mut Problems, path: &str, key: &str, d: Option<Duration>) {
-    let at = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
-    match d {
-        Some(d) if d.is_zero() => p.add(at, "must be positive"),
-        Some(d) if d > MAX_DURATION => p.add(at, "must be at most 24h"),
-        _ => {}
-    }
-}
-
-fn exporter_settings(name: &str, c: &ExporterConfig, decode: &DecodeSettings, p: &mut Problems) -> Option<ExporterSettings> {
+/// Validates one exporter: its type (the name's `<type>` part) picks the backend's validation,
+/// and the keys every exporter has are validated by [`DeliveryConfig`]. `None` when the name's
+/// type is not the config's.
+fn exporter_settings(name: &str, c: &AnyExporterConfig, decode: &DecodeSettings, p: &mut Problems) -> Option<ExporterSettings> {
     let path = format!("exporters.{name}");
     let (kind, instance) = name.split_once('/').unwrap_or((name, ""));
     if name.contains('/') && instance.is_empty() {
         p.add(&path, "the name after '/' must not be empty");
     }
-    let mut run_policy = Default::default();
-    let mut idle_after = None;
-    let (backend, default_every) = match kind {
-        "tensorboard" => {
-            p.reject_key(&path, "token_file", c.token_file.is_some(), "an mlflow key");
-            p.reject_key(&path, "password_file", c.password_file.is_some(), "an mlflow key");
-            p.reject_key(&path, "resume", c.resume.is_some(), "an mlflow key");
-            p.reject_key(&path, "end_idle_runs", c.end_idle_runs != Default::default(), "an mlflow key");
-            p.reject_key(&path, "ranks", c.ranks.is_some(), "an mlflow key (TensorBoard writes one run directory per rank)");
-            (Backend::TensorBoard(TensorBoardSettings::from_config(c, &path, p)), 1)
+    if kind != c.kind() {
+        p.add(&path, format!("is named as a {kind:?} exporter but holds a {} exporter's config", c.kind()));
+        return None;
+    }
+    let (backend, from_backend, run_policy, delivery) = match c {
+        AnyExporterConfig::TensorBoard(c) => {
+            let tb = c.backend.settings(&path, p);
+            let from = FromBackend { defaults: tensorboard_config::DEFAULTS, target: tb.destination(), jobs: None, idle_after: None };
+            (Backend::TensorBoard(tb), from, MlflowRunPolicy::default(), &c.delivery)
         }
-        "mlflow" => {
-            (run_policy, idle_after) = crate::exporter::mlflow::config::MlflowRunPolicy::from_config(c, &path, p);
-            (Backend::Mlflow(MlflowSettings::from_config(c, &path, p)), 100)
+        AnyExporterConfig::Mlflow(c) => {
+            let (run_policy, idle_after) = c.backend.run_policy(&path, p);
+            let jobs = Some(c.backend.ranks.clone().unwrap_or_default().settings(&path, p));
+            let m = c.backend.settings(&path, p);
+            let from = FromBackend { defaults: mlflow_config::DEFAULTS, target: m.destination(), jobs, idle_after };
+            (Backend::Mlflow(m), from, run_policy, &c.delivery)
         }
-        other => {
-            p.add(&path, format!("unknown exporter type {other:?} (known: tensorboard, mlflow)"));
-            return None;
-        }
-    };
-    if c.every_steps == Some(0) {
-        p.add(format!("{path}.every_steps"), "must be at least 1");
-    }
-    for (key, d) in [("interval", c.interval), ("linger", c.linger), ("reader_interval", c.reader_interval), ("timeout", c.timeout)] {
-        positive(p, &path, key, d);
-    }
-    if c.reorder_window.is_some_and(|d| d > MAX_DURATION) {
-        p.add(format!("{path}.reorder_window"), "must be at most 24h");
-    }
-    let r = &c.retry_on_failure;
-    for (key, d) in [("initial_interval", r.initial_interval), ("max_interval", r.max_interval), ("max_elapsed_time", r.max_elapsed_time)] {
-        positive(p, &format!("{path}.retry_on_failure"), key, d);
-    }
-    if let (Some(a), Some(b)) = (r.initial_interval, r.max_interval) {
-        if a > b {
-            p.add(format!("{path}.retry_on_failure.initial_interval"), "must not exceed max_interval");
-        }
-    }
-    for (key, v) in [("max_series_per_run", c.max_series_per_run), ("max_runs", c.max_runs)] {
-        if v == Some(0) {
-            p.add(format!("{path}.{key}"), "must be at least 1");
-        }
-    }
-    match c.sending_queue.queue_size {
-        Some(0) => p.add(format!("{path}.sending_queue.queue_size"), "must be at least 1"),
-        // The queue's slots are allocated up front (48 bytes each).
-        Some(n) if n > MAX_QUEUE_SIZE => p.add(format!("{path}.sending_queue.queue_size"), format!("must be at most {MAX_QUEUE_SIZE}")),
-        _ => {}
-    }
-    if c.sending_queue.max_queued_mib == Some(0) {
-        p.add(format!("{path}.sending_queue.max_queued_mib"), "must be at least 1");
-    }
-    if c.sending_queue.spool.max_size_mib == Some(0) {
-        p.add(format!("{path}.sending_queue.spool.max_size_mib"), "must be at least 1");
-    }
-    let sc = &c.sending_queue.spool;
-    let spool = sc.enabled.unwrap_or(kind == "mlflow").then(|| crate::spool::SpoolSettings {
-        directory: sc.directory.clone().unwrap_or_else(|| default_spool_root().join(name.replace('/', "-"))),
-        max_bytes: sc.max_size_mib.unwrap_or(1024).saturating_mul(1 << 20),
-        when_full: sc.when_full.unwrap_or(crate::spool::WhenFull::DropNewest),
-        fsync: sc.fsync.unwrap_or(true),
-        target: match &backend {
-            Backend::TensorBoard(tb) => format!("tensorboard {}", tb.logdir.display()),
-            Backend::Mlflow(m) => format!("mlflow {}", m.tracking_uri),
-        },
-    });
-    let defaults = DeliverySettings::default();
-    let retry_defaults = RetrySettings::default();
-    let every_steps = match (c.every_steps, c.interval) {
-        (None, None) => Some(default_every),
-        (e, _) => e,
-    };
-    let cadence = CadenceSettings {
-        every_steps,
-        interval: c.interval,
-        linger: c.linger.unwrap_or(CadenceSettings::default().linger),
-        reorder_window: c.reorder_window.unwrap_or_default(),
-        aggregation: c.aggregation.unwrap_or_default(),
-        per_metric: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect::<HashMap<_, _>>(),
-        idle_after,
-    };
-    let delivery = DeliverySettings {
-        queue_size: c.sending_queue.queue_size.unwrap_or(defaults.queue_size),
-        max_queued_bytes: c.sending_queue.max_queued_mib.map_or(defaults.max_queued_bytes, |m| m.saturating_mul(1 << 20)),
-        max_pending_points: c.sending_queue.max_pending_points.unwrap_or(defaults.max_pending_points),
-        timeout: c.timeout.unwrap_or(defaults.timeout),
-        retry: RetrySettings {
-            enabled: r.enabled.unwrap_or(retry_defaults.enabled),
-            initial_interval: r.initial_interval.unwrap_or(retry_defaults.initial_interval),
-            max_interval: r.max_interval.unwrap_or(retry_defaults.max_interval),
-            max_elapsed_time: r.max_elapsed_time.unwrap_or(retry_defaults.max_elapsed_time),
-        },
-        cadence,
-        decode: DecodeSettings {
-            prefix: c.prefix.clone().filter(|s| !s.is_empty()),
-            max_series_per_run: c.max_series_per_run.unwrap_or(DEFAULT_MAX_SERIES_PER_RUN),
-            max_runs: c.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
-            nonfinite: c.nonfinite.unwrap_or_default(),
-            clamp_limit: if kind == "tensorboard" { f64::from(f32::MAX) } else { f64::MAX },
-            ..decode.clone()
-        },
-        spool,
-        jobs: (kind == "mlflow").then(|| c.ranks.clone().unwrap_or_default().settings(&path, p)),
     };
     Some(ExporterSettings {
         name: name.to_string(),
         backend,
-        delivery,
-        reader_interval: c.reader_interval.unwrap_or(Duration::from_secs(1)),
+        delivery: delivery.settings(&path, name, from_backend, decode, p),
+        reader_interval: delivery.reader_interval(),
         run_policy,
     })
 }
@@ -1062,13 +892,11 @@ exporters:
   mlflow: {tracking_uri: "ftp://secret@host", timeout: 0s}
   prometheus: {}
 "#;
-        let c: PipelineConfig = match serde_yaml_ng::from_str(yaml) {
-            Ok(c) => c,
-            Err(e) => panic!("{e}"),
-        };
-        let msg = match c.validate() {
+        // Parsed and validated together: a key of the other type and an unknown type are found
+        // while parsing, the bad values while validating.
+        let msg = match PipelineConfig::from_yaml_str(yaml, Path::new("c.yaml")) {
             Err(e) => e.to_string(),
-            Ok(_) => panic!("must fail"),
+            Ok(c) => panic!("must fail: {c:?}"),
         };
         for needle in [
             "step_attribute",
@@ -1114,8 +942,9 @@ exporters:
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(c.exporters["tensorboard"].logdir.as_deref(), Some(Path::new("/tmp/x")));
-        assert_eq!(c.exporters["mlflow"].every_steps, Some(10));
+        assert!(
+            matches!(&c.exporters["tensorboard"], AnyExporterConfig::TensorBoard(t) if t.backend.logdir.as_deref() == Some(Path::new("/tmp/x"))));
+        assert_eq!(c.exporters["mlflow"].delivery().every_steps, Some(10));
         assert_eq!(c.receivers.otlp.protocols.grpc.map(|g| g.endpoint), Some("127.0.0.1:24317".to_string()));
         let bad = PipelineConfig::from_yaml_with_overrides(yaml, Path::new("c.yaml"), &["exporters.tensorboard.logdir.x=1".into(), "nokey".into()]);
         let msg = format!("{:?}", bad.map(|_| ()));
@@ -1170,9 +999,9 @@ exporters:
         let s = c.validate().unwrap_or_else(|e| panic!("{e}"));
         let by_name = |n: &str| s.exporters.iter().find(|e| e.name == n).map(|e| e.delivery.decode.clone());
         let tb = by_name("tensorboard").expect("tensorboard");
-        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (NonFinitePolicy::Clamp, 5, 2));
+        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (crate::batch::NonFinitePolicy::Clamp, 5, 2));
         let ml = by_name("mlflow").expect("mlflow");
-        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (NonFinitePolicy::Drop, 10_000, 1_000));
+        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (crate::batch::NonFinitePolicy::Drop, 10_000, 1_000));
         // The receiver's per-request pass cannot know an exporter's series: no limits there.
         assert_eq!((s.decode.max_series_per_run, s.decode.max_runs), (usize::MAX, usize::MAX));
 
@@ -1181,5 +1010,50 @@ exporters:
         let msg = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("exporters.tensorboard.max_series_per_run") && msg.contains("exporters.tensorboard.max_runs"), "{msg}");
         assert!(serde_yaml_ng::from_str::<PipelineConfig>("exporters:\n  tensorboard: {nonfinite: zero}\n").is_err());
+    }
+
+    /// Every problem of a config, as `path: message` lines (the path omitted when empty).
+    fn problems_of(yaml: &str) -> Vec<String> {
+        match PipelineConfig::from_yaml_str(yaml, Path::new("c.yaml")).and_then(|c| c.validate()) {
+            Err(ConfigError::Invalid(p)) => p.iter().map(|p| if p.path.is_empty() { p.message.clone() } else { format!("{}: {}", p.path, p.message) }).collect(),
+            other => panic!("{yaml}: expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_configs_and_their_exact_messages() {
+        let ml = "tracking_uri: 'http://127.0.0.1:1'";
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            ("exporters: {}".into(), vec!["exporters: no exporter configured (add tensorboard and/or mlflow)"]),
+            ("exporters: {prometheus: {}}".into(), vec!["exporters.prometheus: unknown exporter type \"prometheus\" (known: tensorboard, mlflow)"]),
+            ("exporters: {tensorboard: {logdri: x}}".into(), vec!["exporters.tensorboard: unknown field `logdri`"]),
+            ("exporters: {tensorboard: {tracking_uri: 'http://h:1', every_steps: 0}}".into(), vec!["exporters.tensorboard.tracking_uri: is an mlflow key, not valid here", "exporters.tensorboard.every_steps: must be at least 1"]),
+            ("exporters: {tensorboard: {ranks: {view: mean}}}".into(), vec!["exporters.tensorboard.ranks: is an mlflow key, not valid here (TensorBoard writes one run directory per rank)"]),
+            (format!("exporters: {{mlflow: {{{ml}, logdir: x}}}}"), vec!["exporters.mlflow.logdir: is a tensorboard key, not valid here"]),
+            (format!("exporters: {{mlflow/: {{{ml}}}}}"), vec!["exporters.mlflow/: the name after '/' must not be empty"]),
+            ("exporters: {mlflow: {tracking_uri: 'ftp://h'}}".into(), vec!["exporters.mlflow.tracking_uri: must start with http:// or https://"]),
+            ("exporters: {tensorboard: {logdir: ''}}".into(), vec!["exporters.tensorboard.logdir: must not be empty"]),
+            ("exporters: {tensorboard: {linger: 1000d, timeout: 0s}}".into(), vec!["exporters.tensorboard.linger: must be at most 24h", "exporters.tensorboard.timeout: must be positive"]),
+            ("exporters: {tensorboard: {retry_on_failure: {initial_interval: 10s, max_interval: 1s}}}".into(), vec!["exporters.tensorboard.retry_on_failure.initial_interval: must not exceed max_interval"]),
+            ("exporters: {tensorboard: {sending_queue: {queue_size: 2000000, max_queued_mib: 0, spool: {max_size_mib: 0}}}}".into(), vec!["exporters.tensorboard.sending_queue.queue_size: must be at most 1000000", "exporters.tensorboard.sending_queue.max_queued_mib: must be at least 1", "exporters.tensorboard.sending_queue.spool.max_size_mib: must be at least 1"]),
+            ("exporters: {tensorboard: {max_series_per_run: 0, max_runs: 0}}".into(), vec!["exporters.tensorboard.max_series_per_run: must be at least 1", "exporters.tensorboard.max_runs: must be at least 1"]),
+            (format!("exporters: {{mlflow: {{{ml}, end_idle_runs: {{after: 0s}}, ranks: {{wait: 0s}}}}}}"), vec!["exporters.mlflow.end_idle_runs.after: must be positive and at most 24h", "exporters.mlflow.ranks.wait: must be positive"]),
+            ("shutdown_timeout: 0s\nstep_attribute: ''\nexporters: {tensorboard: {}}".into(), vec!["step_attribute: must not be empty", "shutdown_timeout: must be positive"]),
+            ("receivers: {otlp: {protocols: {grpc: {endpoint: nope}}}}\nexporters: {tensorboard: {}}".into(), vec!["receivers.otlp.protocols.grpc.endpoint: \"nope\" is not host:port"]),
+        ];
+        for (yaml, want) in cases {
+            assert_eq!(problems_of(&yaml), want, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn an_exporter_built_in_code_must_be_named_after_its_type() {
+        let exporters = [("mlflow".to_string(), AnyExporterConfig::TensorBoard(Default::default()))].into();
+        let got = match (PipelineConfig { exporters, ..Default::default() }).validate() {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        let message = "is named as a \"mlflow\" exporter but holds a tensorboard exporter's config".to_string();
+        assert_eq!(got, vec![Problem { path: "exporters.mlflow".into(), message }]);
     }
 }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{EndStatus, RunEnd, RunInfo};
 use crate::cadence::{Close, OutBatch, OutPoint, MAX_BATCH_POINTS};
-use crate::config::Problems;
+use crate::problems::Problems;
 use crate::stats::DropReason;
 
 /// What a job's run shows of its ranks for one series (see the module docs).

@@ -14,18 +14,21 @@
 //! OTLP receiver uses, so there is one decoding, naming and cadence path for both routes.
 //!
 //! ```no_run
-//! use trainmetrics::{config::ExporterConfig, Pipeline};
+//! use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
+//! use trainmetrics::Pipeline;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let pipeline = Pipeline::builder()
 //!     .experiment("iris")
 //!     .run_name("mlp-1")
 //!     .param("lr", 0.01)
-//!     .exporter("tensorboard", ExporterConfig { logdir: Some("runs".into()), ..Default::default() })
+//!     .exporter("tensorboard", ExporterConfig { backend: TensorBoardConfig { logdir: Some("runs".into()) }, delivery: DeliveryConfig::default() })
 //!     .exporter("mlflow", ExporterConfig {
-//!         tracking_uri: Some("http://127.0.0.1:5000".into()),
-//!         every_steps: Some(100),
-//!         aggregation: Some(trainmetrics::cadence::Aggregation::Mean),
-//!         ..Default::default()
+//!         backend: MlflowConfig { tracking_uri: Some("http://127.0.0.1:5000".into()), ..Default::default() },
+//!         delivery: DeliveryConfig {
+//!             every_steps: Some(100),
+//!             aggregation: Some(trainmetrics::cadence::Aggregation::Mean),
+//!             ..Default::default()
+//!         },
 //!     })
 //!     .build()?;
 //! let rec = pipeline.recorder();
@@ -44,6 +47,8 @@ pub mod delivery;
 pub mod exporter;
 pub mod jobs;
 pub mod names;
+pub mod pipeline;
+pub mod problems;
 pub mod receiver;
 pub mod rejections;
 pub mod retry;

@@ -5,6 +5,9 @@
 use std::time::Duration;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::problems::Problems;
 
 /// Validated `retry_on_failure` settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +29,53 @@ impl Default for RetrySettings {
             initial_interval: Duration::from_secs(1),
             max_interval: Duration::from_secs(30),
             max_elapsed_time: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `retry_on_failure` (defaults in [`RetrySettings`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Default 1s.
+    #[serde(default, with = "humantime_serde")]
+    pub initial_interval: Option<Duration>,
+    /// Default 30s.
+    #[serde(default, with = "humantime_serde")]
+    pub max_interval: Option<Duration>,
+    /// Default 300s.
+    #[serde(default, with = "humantime_serde")]
+    pub max_elapsed_time: Option<Duration>,
+}
+
+impl RetryConfig {
+    /// Validates (at config path `path`, e.g. `exporters.mlflow.retry_on_failure`) into
+    /// settings, defaults filled in; problems go to `p`.
+    pub fn settings(&self, path: &str, p: &mut Problems) -> RetrySettings {
+        for (key, d) in [
+            ("initial_interval", self.initial_interval),
+            ("max_interval", self.max_interval),
+            ("max_elapsed_time", self.max_elapsed_time),
+        ] {
+            p.positive(path, key, d);
+        }
+        if let (Some(a), Some(b)) = (self.initial_interval, self.max_interval) {
+            if a > b {
+                p.add(
+                    format!("{path}.initial_interval"),
+                    "must not exceed max_interval",
+                );
+            }
+        }
+        let d = RetrySettings::default();
+        RetrySettings {
+            enabled: self.enabled.unwrap_or(d.enabled),
+            initial_interval: self.initial_interval.unwrap_or(d.initial_interval),
+            max_interval: self.max_interval.unwrap_or(d.max_interval),
+            max_elapsed_time: self.max_elapsed_time.unwrap_or(d.max_elapsed_time),
         }
     }
 }

@@ -32,10 +32,12 @@ use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, S
 use opentelemetry_sdk::Resource;
 
 use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
-use crate::config::{ConfigError, ExporterConfig, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
+use crate::config::{
+    AnyExporterConfig,ConfigError, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
-use crate::exporter::{RunOutcome, Target};
+use crate::exporter::RunOutcome;
 use crate::names::run_dir_name;
+use crate::pipeline::Target;
 use crate::stats::ExporterReport;
 
 /// The SDK side of an exporter: converts each collection to OTLP and submits it.
@@ -280,9 +282,10 @@ impl PipelineBuilder {
         self.config.run.tags.insert(name.into(), ScalarValue::Text(value.to_string()));
         self
     }
-    /// Adds an exporter under `name` (`tensorboard`, `mlflow`, `mlflow/<any>`…).
-    pub fn exporter(mut self, name: impl Into<String>, config: ExporterConfig) -> Self {
-        self.config.exporters.insert(name.into(), config);
+    /// Adds an exporter under `name` (`tensorboard`, `mlflow`, `mlflow/<any>`…); the name's
+    /// type must be the config's (checked when the pipeline is built).
+    pub fn exporter(mut self, name: impl Into<String>, config: impl Into<AnyExporterConfig>,) -> Self {
+        self.config.exporters.insert(name.into(), config.into());
         self
     }
     /// Sets the bound of shutdown.
@@ -348,7 +351,7 @@ impl Pipeline {
         let mut uncollected = Vec::new();
         for e in s.exporters {
             let (delivery, target) =
-                crate::exporter::start(&e).map_err(|source| BuildError::Spawn { name: e.name.clone(), source })?;
+                crate::pipeline::start(&e).map_err(|source| BuildError::Spawn { name: e.name.clone(), source })?;
             let counter = Arc::new(AtomicU64::new(0));
             uncollected.push(counter.clone());
             let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone(), uncollected: counter })

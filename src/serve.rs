@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Backend, PipelineSettings, ProtocolSecurity};
+use crate::config::{ PipelineSettings, ProtocolSecurity};
 use crate::delivery::Delivery;
 use crate::exporter::RunOutcome;
 use crate::receiver::security::{Limiter, RejectionLog};
@@ -103,15 +103,7 @@ fn log_summary(settings: &PipelineSettings) {
     tracing::info!("telemetry: {}", settings.telemetry.as_deref().map_or("off".to_string(), |e| format!("{e} (/metrics, /health)")));
     for e in &settings.exporters {
         let c = &e.delivery.cadence;
-        let target = match &e.backend {
-            Backend::TensorBoard(t) => format!("logdir {}", t.logdir.display()),
-            Backend::Mlflow(m) => format!(
-                "tracking URI {} ({}), experiment {} for runs that name none (ml.experiment.name)",
-                m.tracking_uri,
-                if m.authorization.is_some() { "credentials set" } else { "no credentials" },
-                m.experiment
-            ),
-        };
+        let target = crate::pipeline::describe(&e.backend);
         let d = &e.delivery;
         let every = c.every_steps.map_or("-".to_string(), |n| n.to_string());
         let interval = c.interval.map_or("-".to_string(), |i| humantime::format_duration(i).to_string());
@@ -148,7 +140,7 @@ pub async fn run(
     }
     let mut deliveries: Vec<Arc<Delivery>> = Vec::new();
     for e in &settings.exporters {
-        let (d, _) = crate::exporter::start(e).map_err(|source| ServeError::Spawn { name: e.name.clone(), source })?;
+        let (d, _) = crate::pipeline::start(e).map_err(|source| ServeError::Spawn { name: e.name.clone(), source })?;
         deliveries.push(d);
     }
     log_summary(&settings);

@@ -54,8 +54,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 
+use serde::{Deserialize, Serialize};
+
 use crate::batch::{Histogram, RunInfo};
 use crate::cadence::{EndStatus, OutBatch, OutPoint, RunEnd};
+use crate::problems::Problems;
 
 /// Format version written in every segment header; a segment of another version is not replayed.
 const VERSION: u32 = 1;
@@ -77,6 +80,73 @@ pub enum WhenFull {
     DropNewest,
     /// Drop the oldest queued batch (memory or disk) to make room (`spool_full`).
     DropOldest,
+}
+
+/// `sending_queue.spool`: batches that cannot be delivered yet go to disk and survive restarts
+/// (see the module docs for the format, fsync policy and replay).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Default: true for mlflow exporters, false for tensorboard (its backend is the disk).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The exporter's spool directory. Default: `<root>/<exporter name>` ('/' in the name as
+    /// '-'), root = `$TRAINMETRICS_SPOOL_DIR`, else `$XDG_STATE_HOME/trainmetrics/spool`, else
+    /// `$HOME/.local/state/trainmetrics/spool`, else `.trainmetrics/spool`.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// Most disk space, MiB; default 1024.
+    #[serde(default)]
+    pub max_size_mib: Option<u64>,
+    /// `drop_newest` (default) or `drop_oldest`: which batch goes when the spool is full.
+    #[serde(default)]
+    pub when_full: Option<WhenFull>,
+    /// fdatasync after every record; default true.
+    #[serde(default)]
+    pub fsync: Option<bool>,
+}
+
+/// The default spool root (see [`SpoolConfig::directory`]).
+pub fn default_spool_root() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("TRAINMETRICS_SPOOL_DIR")
+        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("trainmetrics/spool")))
+        .or_else(|| env("HOME").map(|d| d.join(".local/state/trainmetrics/spool")))
+        .unwrap_or_else(|| PathBuf::from(".trainmetrics/spool"))
+}
+
+impl SpoolConfig {
+    /// Validates (at config path `path`, e.g. `exporters.mlflow.sending_queue.spool`) into
+    /// settings for the exporter `exporter` writing to `target`; `None` when the spool is off
+    /// (`enabled`, default `on_by_default`). Problems go to `p`.
+    pub fn settings(
+        &self,
+        path: &str,
+        exporter: &str,
+        target: String,
+        on_by_default: bool,
+        p: &mut Problems,
+    ) -> Option<SpoolSettings> {
+        if self.max_size_mib == Some(0) {
+            p.add(format!("{path}.max_size_mib"), "must be at least 1");
+        }
+        self.enabled
+            .unwrap_or(on_by_default)
+            .then(|| SpoolSettings {
+                directory: self
+                    .directory
+                    .clone()
+                    .unwrap_or_else(|| default_spool_root().join(exporter.replace('/', "-"))),
+                max_bytes: self.max_size_mib.unwrap_or(1024).saturating_mul(1 << 20),
+                when_full: self.when_full.unwrap_or(WhenFull::DropNewest),
+                fsync: self.fsync.unwrap_or(true),
+                target,
+            })
+    }
 }
 
 /// Validated spool settings of one exporter.

@@ -29,9 +29,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::batch::RunInfo;
 use crate::cadence::{EndStatus, OutBatch};
-use crate::config::ExporterConfig;
 use crate::delivery::{Delivery, DeliverySettings};
-use crate::exporter::mlflow::config::parse_tracking_uri;
+use crate::exporter::mlflow::config::{parse_tracking_uri, MlflowConfig};
 use crate::exporter::mlflow::{MlflowExporter, MlflowSettings};
 use crate::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
@@ -451,9 +450,9 @@ fn mlflow_settings(base: &str, selection: &Selection) -> Result<MlflowSettings, 
         Selection::TrackingUri(u) if mlflow_target(u)? == format!("mlflow {base}") => u.clone(),
         _ => base.to_string(),
     };
-    let config = ExporterConfig { tracking_uri: Some(uri), ..Default::default() };
-    let mut problems = crate::config::Problems::default();
-    let mut settings = MlflowSettings::from_config(&config, "sync", &mut problems);
+    let config = MlflowConfig { tracking_uri: Some(uri), ..Default::default() };
+    let mut problems = crate::problems::Problems::default();
+    let mut settings = config.settings("sync", &mut problems);
     settings.run_id = None;
     Ok(settings)
 }

@@ -10,19 +10,17 @@ use std::time::{Duration, Instant};
 
 use common::{history, kv, mlflow_config as mlflow, mlflow_run_id, mlflow_uri, otlp, read_tb_both, run, runs_of_experiment, unique};
 use trainmetrics::cadence::Aggregation;
-use trainmetrics::config::ExporterConfig;
+use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
 use trainmetrics::delivery::{Delivery, DeliverySettings};
 use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use trainmetrics::exporter::RunOutcome;
 use trainmetrics::Pipeline;
 
-fn tb(logdir: &Path) -> ExporterConfig {
+fn tb(logdir: &Path) -> ExporterConfig<TensorBoardConfig> {
     ExporterConfig {
-        logdir: Some(logdir.to_path_buf()),
-        every_steps: Some(1),
-        reader_interval: Some(Duration::from_millis(100)),
-        ..Default::default()
+        backend: TensorBoardConfig { logdir: Some(logdir.to_path_buf()) },
+        delivery: DeliveryConfig { every_steps: Some(1), reader_interval: Some(Duration::from_millis(100)), ..Default::default() },
     }
 }
 
@@ -357,7 +355,7 @@ fn case_012_shutdown_with_mlflow_unreachable_is_bounded_and_reports() {
     let p = Pipeline::builder()
         .experiment(unique("case012"))
         .exporter("tensorboard", tb(logdir.path()))
-        .exporter("mlflow", ExporterConfig { tracking_uri: Some(dead), every_steps: Some(1), sending_queue, ..Default::default() })
+        .exporter("mlflow", ExporterConfig { backend: MlflowConfig { tracking_uri: Some(dead), ..Default::default() }, delivery: DeliveryConfig { every_steps: Some(1), sending_queue, ..Default::default() } })
         .shutdown_timeout(timeout)
         .build()
         .expect("pipeline");
@@ -396,7 +394,7 @@ fn case_008_run(policy: Option<trainmetrics::exporter::mlflow::config::ResumePol
             .run_name("case-008")
             .run_id("case-008-run")
             .exporter("tensorboard", tb(logdir.path()))
-            .exporter("mlflow", ExporterConfig { resume: policy, ..mlflow(10, &[]) })
+            .exporter("mlflow", { let base = mlflow(10, &[]); ExporterConfig { backend: MlflowConfig { resume: policy, ..base.backend }, delivery: base.delivery } })
             .build()
             .expect("pipeline");
         let rec = p.recorder();

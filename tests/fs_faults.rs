@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{history, mlflow_config, mlflow_run_id, mlflow_uri, read_tb, read_tb_both, trainer, unique, Loader};
-use trainmetrics::config::{ExporterConfig, RetryConfig};
+use trainmetrics::config::{DeliveryConfig, ExporterConfig, RetryConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::record::masked_crc32c;
 use trainmetrics::Pipeline;
 
@@ -58,18 +58,20 @@ impl Drop for Tmpfs {
 }
 
 /// TensorBoard every step, collecting every 100 ms, retrying quickly and for long.
-fn tb(logdir: &Path) -> ExporterConfig {
+fn tb(logdir: &Path) -> ExporterConfig<TensorBoardConfig> {
     ExporterConfig {
-        logdir: Some(logdir.to_path_buf()),
-        every_steps: Some(1),
-        reader_interval: Some(Duration::from_millis(100)),
-        retry_on_failure: RetryConfig {
-            initial_interval: Some(Duration::from_millis(100)),
-            max_interval: Some(Duration::from_millis(300)),
-            max_elapsed_time: Some(Duration::from_secs(600)),
+        backend: TensorBoardConfig { logdir: Some(logdir.to_path_buf()) },
+        delivery: DeliveryConfig {
+            every_steps: Some(1),
+            reader_interval: Some(Duration::from_millis(100)),
+            retry_on_failure: RetryConfig {
+                initial_interval: Some(Duration::from_millis(100)),
+                max_interval: Some(Duration::from_millis(300)),
+                max_elapsed_time: Some(Duration::from_secs(600)),
+                ..Default::default()
+            },
             ..Default::default()
         },
-        ..Default::default()
     }
 }
 

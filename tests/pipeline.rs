@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::{history, mlflow_run_id, mlflow_uri, otlp, read_tb, run, runs_of_experiment, unique, Loader};
 use trainmetrics::cadence::{Aggregation, CadenceSettings, OutBatch};
-use trainmetrics::config::ExporterConfig;
+use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
 use trainmetrics::delivery::{Delivery, DeliverySettings, SubmitError};
 use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
 use trainmetrics::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use trainmetrics::retry::RetrySettings;
 use trainmetrics::Pipeline;
 
-fn mlflow(every: u64) -> ExporterConfig {
+fn mlflow(every: u64) -> ExporterConfig<MlflowConfig> {
     common::mlflow_config(every, &[])
 }
 
@@ -27,8 +27,8 @@ fn histograms_reach_tensorboard_as_buckets_and_mlflow_as_exact_means() {
     let logdir = tempfile::tempdir().expect("tempdir");
     let p = Pipeline::builder()
         .experiment(unique("hist"))
-        .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
-        .exporter("mlflow", ExporterConfig { aggregation: Some(Aggregation::Mean), ..mlflow(10) })
+        .exporter("tensorboard", ExporterConfig { backend: TensorBoardConfig { logdir: Some(logdir.path().into()) }, delivery: DeliveryConfig::default() })
+        .exporter("mlflow", { let base = mlflow(10); ExporterConfig { backend: base.backend, delivery: DeliveryConfig { aggregation: Some(Aggregation::Mean), ..base.delivery } } })
         .build()
         .expect("pipeline");
     let rec = p.recorder();
@@ -126,9 +126,8 @@ fn the_recorder_collects_before_the_cardinality_limit_and_other_overflow_is_coun
         .exporter(
             "tensorboard",
             ExporterConfig {
-                logdir: Some(logdir.path().into()),
-                reader_interval: Some(Duration::from_secs(3600)),
-                ..Default::default()
+                backend: TensorBoardConfig { logdir: Some(logdir.path().into()) },
+                delivery: DeliveryConfig { reader_interval: Some(Duration::from_secs(3600)), ..Default::default() },
             },
         )
         .build()
@@ -266,7 +265,7 @@ fn a_restarted_trainer_gets_a_new_event_file_and_one_curve() {
         let p = Pipeline::builder()
             .run_name("restarted")
             .run_id("restarted-1")
-            .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
+            .exporter("tensorboard", ExporterConfig { backend: TensorBoardConfig { logdir: Some(logdir.path().into()) }, delivery: DeliveryConfig::default() })
             .build()
             .expect("pipeline");
         let rec = p.recorder();

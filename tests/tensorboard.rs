@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{read_tb, Loader};
 use trainmetrics::batch::RunInfo;
 use trainmetrics::cadence::{OutBatch, OutPoint};
-use trainmetrics::config::ExporterConfig;
+use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::exporter::{MAX_OPEN_FILES, RUN_MARKER};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use trainmetrics::exporter::{ExportError, Exporter, RunOutcome};
@@ -197,7 +197,7 @@ fn a_restarted_trainer_continues_its_run_by_id_and_a_new_id_gets_its_own_directo
         let p = Pipeline::builder()
             .run_name("restarted")
             .run_id(id)
-            .exporter("tensorboard", ExporterConfig { logdir: Some(logdir.path().into()), ..Default::default() })
+            .exporter("tensorboard", ExporterConfig { backend: TensorBoardConfig { logdir: Some(logdir.path().into()) }, delivery: DeliveryConfig::default() })
             .build()
             .expect("pipeline");
         let rec = p.recorder();

@@ -6,16 +6,13 @@
 //! Each exporter folder has the same role files: `config.rs` (serde config → settings),
 //! `exporter.rs` (the [`Exporter`] impl), an encoder or request builder (backend format), and a
 //! transport (`record.rs` file framing / `client.rs` HTTP).
+//!
+//! This module is the contract only; [`crate::pipeline`] builds started exporters from settings.
 
 pub mod mlflow;
 pub mod tensorboard;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::config::{Backend, ExporterSettings};
-use crate::delivery::Delivery;
 
 use crate::batch::RunInfo;
 use crate::cadence::OutBatch;
@@ -83,43 +80,14 @@ pub trait Exporter: Send + 'static {
     fn attach_stats(&mut self, _stats: std::sync::Arc<ExporterStats>) {}
 }
 
-/// Where a started exporter puts runs, readable while it runs (for [`crate::Location`]).
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// TensorBoard: the logdir and the directory each run key claimed.
-    TensorBoard {
-        /// The logdir.
-        logdir: PathBuf,
-        /// Run key → run directory.
-        run_dirs: tensorboard::exporter::RunDirs,
-    },
-    /// MLflow: the server and the MLflow run of each run key.
-    Mlflow {
-        /// Tracking URI (no credentials).
-        tracking_uri: String,
-        /// Run key → MLflow run.
-        run_ids: mlflow::exporter::RunIds,
-    },
-}
-
-/// Starts one configured exporter behind its [`Delivery`] (the same for the in-process library
-/// and the service).
-///
-/// Errors: the OS refused to spawn the delivery thread.
-pub fn start(e: &ExporterSettings) -> std::io::Result<(Arc<Delivery>, Target)> {
-    let (delivery, target) = match &e.backend {
-        Backend::TensorBoard(tb) => {
-            let exporter = tensorboard::TensorBoardExporter::new(tb.clone());
-            let run_dirs = exporter.run_dirs();
-            let target = Target::TensorBoard { logdir: tb.logdir.clone(), run_dirs };
-            (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)
-        }
-        Backend::Mlflow(m) => {
-            let exporter = mlflow::MlflowExporter::new(m.clone()).with_run_policy(e.run_policy);
-            let run_ids = exporter.run_ids();
-            let target = Target::Mlflow { tracking_uri: m.tracking_uri.clone(), run_ids };
-            (Delivery::start(&e.name, exporter, e.delivery.clone())?, target)
-        }
-    };
-    Ok((Arc::new(delivery), target))
+/// What a backend changes in the defaults of the keys every exporter has
+/// ([`crate::delivery::DeliveryConfig`]); each backend's `config.rs` has its `DEFAULTS`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackendDefaults {
+    /// `every_steps` when neither it nor `interval` is set.
+    pub every_steps: u64,
+    /// Whether `sending_queue.spool.enabled` defaults to true.
+    pub spool: bool,
+    /// The bound `nonfinite: clamp` clamps ±Inf to (the backend's largest finite value).
+    pub clamp_limit: f64,
 }

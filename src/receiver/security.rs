@@ -26,7 +26,9 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{AuthConfig, Problems, RateLimitConfig, TlsConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::problems::Problems;
 
 /// The crypto provider of every TLS config here. Explicit, so nothing depends on which
 /// provider happens to be the process default.
@@ -309,6 +311,45 @@ impl Limiter {
 // The log is shared with the exporters' delivery; it lives in a leaf module so delivery does
 // not depend on the receiver.
 pub use crate::rejections::{RejectionLog, LOG_EVERY};
+
+/// `tls` of a receiver protocol: PEM files, the OpenTelemetry Collector's `configtls` keys
+/// (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates, PEM; when set, clients must present a certificate one of them signed
+    /// (mutual TLS). Default none.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `rate_limit` of a receiver protocol: a token bucket over requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second (at least 1).
+    pub requests_per_second: u32,
+    /// Requests allowed at once; default `requests_per_second`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// `receivers.otlp.auth`: clients must send `Authorization: Bearer <token>`. The token is read
+/// at startup from a file (trimmed) or an environment variable, never written in the YAML.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the token.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding the token.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+}
 
 #[cfg(test)]
 mod tests {

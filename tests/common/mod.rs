@@ -254,13 +254,15 @@ pub fn assert_case_008_log_again(uri: &str, experiment: &str) -> Value {
 }
 
 /// An MLflow exporter config pointing at this binary's server, collecting every 100 ms.
-pub fn mlflow_config(every: u64, metrics: &[(&str, trainmetrics::cadence::Aggregation)]) -> trainmetrics::config::ExporterConfig {
+pub fn mlflow_config(every: u64, metrics: &[(&str, trainmetrics::cadence::Aggregation)]) -> trainmetrics::config::ExporterConfig<trainmetrics::config::MlflowConfig> {
     trainmetrics::config::ExporterConfig {
-        tracking_uri: Some(mlflow_uri()),
-        every_steps: Some(every),
-        reader_interval: Some(Duration::from_millis(100)),
-        metrics: metrics.iter().map(|(k, a)| (k.to_string(), *a)).collect(),
-        ..Default::default()
+        backend: trainmetrics::config::MlflowConfig { tracking_uri: Some(mlflow_uri()), ..Default::default() },
+        delivery: trainmetrics::config::DeliveryConfig {
+            every_steps: Some(every),
+            reader_interval: Some(Duration::from_millis(100)),
+            metrics: metrics.iter().map(|(k, a)| (k.to_string(), *a)).collect(),
+            ..Default::default()
+        },
     }
 }
 

@@ -1,5 +1,6 @@
-//! MLflow exporter settings, validated from [`crate::config::ExporterConfig`] and the MLflow
-//! client's environment conventions (source: mlflow's `environment_variables.py`,
+//! The MLflow exporter's own config keys ([`MlflowConfig`]) and their validation into
+//! [`MlflowSettings`] and [`MlflowRunPolicy`], following the MLflow client's environment
+//! conventions (source: mlflow's `environment_variables.py`,
 //! `utils/credentials.py`):
 //! - `tracking_uri`, else `MLFLOW_TRACKING_URI`; only `http://` and `https://` servers;
 //! - `MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD` → HTTP Basic; else
@@ -22,9 +23,59 @@
 //! - `run_id`, else `MLFLOW_RUN_ID`: an existing MLflow run to continue (meant for the in-process
 //!   library, which has one run).
 
+use std::path::PathBuf;
+
 use base64::Engine;
 
-use crate::config::{ExporterConfig, Problems};
+use serde::{Deserialize, Serialize};
+
+use crate::exporter::BackendDefaults;
+use crate::jobs::RanksConfig;
+use crate::problems::{Problems, MAX_DURATION};
+
+/// What differs from other backends in the keys every exporter has: every 100 steps by default
+/// (MLflow's REST API takes batches, not a stream), a spool by default (the server can be
+/// down for hours), and non-finite values clamped to `f64`'s range.
+pub const DEFAULTS: BackendDefaults = BackendDefaults {
+    every_steps: 100,
+    spool: true,
+    clamp_limit: f64::MAX,
+};
+
+/// The keys only an MLflow exporter has. Unknown keys are refused by the enclosing
+/// [`crate::config::ExporterConfig`] (flattened structs cannot refuse them themselves).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MlflowConfig {
+    /// Server URI; default `MLFLOW_TRACKING_URI`.
+    #[serde(default)]
+    pub tracking_uri: Option<String>,
+    /// Experiment of runs that name none; default `MLFLOW_EXPERIMENT_NAME`, else `Default`.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// An existing MLflow run id to continue; default `MLFLOW_RUN_ID`.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// File holding a Bearer token (trimmed); beats `MLFLOW_TRACKING_TOKEN`. Default none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// File holding the HTTP Basic password (trimmed) of `MLFLOW_TRACKING_USERNAME`; beats
+    /// `MLFLOW_TRACKING_PASSWORD`. Default none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Steps of a resumed run that MLflow already holds: `log_again` (default) or
+    /// `skip_logged` (see README "Resume").
+    #[serde(default)]
+    pub resume: Option<ResumePolicy>,
+    /// End runs without data for a while (`enabled` true, `after` 1h, `status` KILLED; see
+    /// README "Run liveness").
+    #[serde(default)]
+    pub end_idle_runs: EndIdleRunsConfig,
+    /// What the job's run shows of a distributed job's ranks (`view`: rank0 | mean | min | max
+    /// | each, default rank0; `metrics` per series; `wait` 10s; see [`crate::jobs`]).
+    /// TensorBoard writes one run directory per rank instead.
+    #[serde(default)]
+    pub ranks: Option<RanksConfig>,
+}
 
 /// Validated MLflow settings.
 #[derive(Clone, PartialEq, Eq)]
@@ -245,7 +296,7 @@ pub fn strip_userinfo(uri: &str) -> String {
 
 /// The credential file of `token_file` / `password_file` and the `Authorization` value read
 /// from it now, if one is set and usable.
-fn credential_files(c: &ExporterConfig, path: &str, p: &mut Problems) -> Option<(CredentialFile, String)> {
+fn credential_files(c: &MlflowConfig, path: &str, p: &mut Problems) -> Option<(CredentialFile, String)> {
     let (file, key) = match (&c.token_file, &c.password_file) {
         (None, None) => return None,
         (Some(_), Some(_)) => {
@@ -270,10 +321,10 @@ fn credential_files(c: &ExporterConfig, path: &str, p: &mut Problems) -> Option<
     }
 }
 
-impl MlflowSettings {
-    /// Validates the MLflow keys of `c` (at config path `path`), adding problems to `p`.
-    pub fn from_config(c: &ExporterConfig, path: &str, p: &mut Problems) -> Self {
-        p.reject_key(path, "logdir", c.logdir.is_some(), "a tensorboard key");
+impl MlflowConfig {
+    /// Validates the connection keys (at config path `path`), adding problems to `p`.
+    pub fn settings(&self, path: &str, p: &mut Problems) -> MlflowSettings {
+        let c = self;
         let uri = c.tracking_uri.clone().or_else(|| env("MLFLOW_TRACKING_URI")).unwrap_or_default();
         let mut tracking_uri = String::new();
         let mut authorization = match (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD")) {
@@ -307,7 +358,14 @@ impl MlflowSettings {
             p.add(format!("{path}.experiment"), "is longer than MLflow's 500 characters");
         }
         let run_id = c.run_id.clone().or_else(|| env("MLFLOW_RUN_ID"));
-        Self { tracking_uri, authorization, experiment, run_id, credential_file }
+        MlflowSettings { tracking_uri, authorization, experiment, run_id, credential_file }
+    }
+}
+
+impl MlflowSettings {
+    /// Where this exporter writes, for logs and spool headers: `mlflow <tracking URI>`.
+    pub fn destination(&self) -> String {
+        format!("mlflow {}", self.tracking_uri)
     }
 }
 
@@ -378,18 +436,18 @@ mod tests {
                 Err(e) => assert!(!e.contains("s3") && !e.contains("cret"), "{e}"),
             }
         }
-        let c = ExporterConfig { tracking_uri: Some("http://user:sec/retpw@".into()), ..Default::default() };
+        let c = MlflowConfig { tracking_uri: Some("http://user:sec/retpw@".into()), ..Default::default() };
         let mut p = Problems::default();
-        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        let s = c.settings("exporters.mlflow", &mut p);
         let shown = format!("{p:?} {s:?}");
         assert!(shown.contains("has no host") && !shown.contains("sec") && !shown.contains("retpw"), "{shown}");
     }
 
     #[test]
     fn settings_carry_no_credentials_in_the_uri() {
-        let c = ExporterConfig { tracking_uri: Some("http://user:sec/retpw@127.0.0.1:1".into()), ..Default::default() };
+        let c = MlflowConfig { tracking_uri: Some("http://user:sec/retpw@127.0.0.1:1".into()), ..Default::default() };
         let mut p = Problems::default();
-        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        let s = c.settings("exporters.mlflow", &mut p);
         assert_eq!(s.tracking_uri, "http://127.0.0.1:1");
         assert_eq!(s.authorization, Some(b64("user:sec/retpw")));
         assert!(!format!("{s:?}").contains("retpw"));
@@ -397,8 +455,8 @@ mod tests {
 
     #[test]
     fn empty_experiment_is_the_default() {
-        let c = ExporterConfig { tracking_uri: Some("http://h".into()), experiment: Some(String::new()), ..Default::default() };
-        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut Problems::default());
+        let c = MlflowConfig { tracking_uri: Some("http://h".into()), experiment: Some(String::new()), ..Default::default() };
+        let s = c.settings("exporters.mlflow", &mut Problems::default());
         assert!(!s.experiment.is_empty());
     }
 
@@ -408,9 +466,9 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let token = dir.join("token");
         let _ = std::fs::write(&token, "  t0k-s3cret\n");
-        let c = ExporterConfig { tracking_uri: Some("http://h".into()), token_file: Some(token.clone()), ..Default::default() };
+        let c = MlflowConfig { tracking_uri: Some("http://h".into()), token_file: Some(token.clone()), ..Default::default() };
         let mut p = Problems::default();
-        let s = MlflowSettings::from_config(&c, "exporters.mlflow", &mut p);
+        let s = c.settings("exporters.mlflow", &mut p);
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(s.authorization.as_deref(), Some("Bearer t0k-s3cret"));
         // The file is read again when the server refuses the credentials.
@@ -427,14 +485,14 @@ mod tests {
         let _ = std::fs::write(&big, vec![b'x'; MAX_CREDENTIAL_FILE_BYTES as usize + 1]);
         assert!(matches!(CredentialFile::Token(big).authorization(), Err(CredentialFileError::TooLarge { .. })));
         // Credentials in the URI win, and no file is read again.
-        let in_uri = ExporterConfig { tracking_uri: Some("http://u:p@h".into()), ..c.clone() };
-        let s = MlflowSettings::from_config(&in_uri, "exporters.mlflow", &mut Problems::default());
+        let in_uri = MlflowConfig { tracking_uri: Some("http://u:p@h".into()), ..c.clone() };
+        let s = in_uri.settings("exporters.mlflow", &mut Problems::default());
         assert_eq!((s.authorization, s.credential_file), (Some(b64("u:p")), None));
-        let both = ExporterConfig { password_file: Some(token.clone()), ..c.clone() };
-        let missing = ExporterConfig { token_file: Some(dir.join("absent")), ..c };
+        let both = MlflowConfig { password_file: Some(token.clone()), ..c.clone() };
+        let missing = MlflowConfig { token_file: Some(dir.join("absent")), ..c };
         let mut p = Problems::default();
-        MlflowSettings::from_config(&both, "exporters.mlflow", &mut p);
-        MlflowSettings::from_config(&missing, "exporters.mlflow", &mut p);
+        both.settings("exporters.mlflow", &mut p);
+        missing.settings("exporters.mlflow", &mut p);
         let shown = format!("{p:?}");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(shown.contains("not both") && shown.contains("exporters.mlflow.token_file") && shown.contains("absent"), "{shown}");
@@ -522,16 +580,17 @@ pub struct MlflowRunPolicy {
     pub idle_status: IdleStatus,
 }
 
-impl MlflowRunPolicy {
-    /// Validates `resume` and `end_idle_runs` of `c` (at config path `path`): the policy, and
-    /// the idle time for the cadence (`None` when disabled). Problems go to `p`.
-    pub fn from_config(c: &ExporterConfig, path: &str, p: &mut Problems) -> (Self, Option<std::time::Duration>) {
+impl MlflowConfig {
+    /// Validates `resume` and `end_idle_runs` (at config path `path`): the policy, and the idle
+    /// time for the cadence (`None` when disabled). Problems go to `p`.
+    pub fn run_policy(&self, path: &str, p: &mut Problems) -> (MlflowRunPolicy, Option<std::time::Duration>) {
+        let c = self;
         let e = &c.end_idle_runs;
         let after = e.after.unwrap_or(DEFAULT_IDLE_AFTER);
-        if after.is_zero() || after > crate::config::MAX_DURATION {
+        if after.is_zero() || after > MAX_DURATION {
             p.add(format!("{path}.end_idle_runs.after"), "must be positive and at most 24h");
         }
-        let policy = Self { resume: c.resume.unwrap_or_default(), idle_status: e.status.unwrap_or_default() };
+        let policy = MlflowRunPolicy { resume: c.resume.unwrap_or_default(), idle_status: e.status.unwrap_or_default() };
         (policy, e.enabled.unwrap_or(true).then_some(after))
     }
 }

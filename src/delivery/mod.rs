@@ -41,6 +41,10 @@
 //! FAILED; none for `Running`), so whoever delivers the batches later (the next start,
 //! `trainmetrics sync`) ends the run as this process meant to.
 
+pub mod config;
+
+pub use config::{DeliveryConfig, FromBackend, QueueConfig, MAX_QUEUE_SIZE};
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
