@@ -52,6 +52,7 @@ pub mod problems;
 pub mod receiver;
 pub mod rejections;
 pub mod retry;
+pub mod secrets;
 pub mod sdk;
 pub mod serve;
 pub mod spool;

@@ -361,10 +361,7 @@ impl Spool {
             return Err(SpoolError::Io { path: self.settings.directory.clone(), source: std::io::Error::other("segment vanished") });
         };
         let offset = seg.size;
-        let mut frame = Vec::with_capacity(need as usize);
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        frame.extend_from_slice(&payload);
+        let frame = frame(&payload);
         let path = seg.path.clone();
         let written = seg.file.write_all(&frame).and_then(|()| if fsync { seg.file.sync_data() } else { Ok(()) });
         if let Err(source) = written {
@@ -388,11 +385,8 @@ impl Spool {
         let mut file = OpenOptions::new().read(true).append(true).create_new(true).open(&path).map_err(io)?;
         file.try_lock().map_err(|e| io(std::io::Error::other(e.to_string())))?;
         let header = SegmentHeader { version: VERSION, target: self.settings.target.clone(), exporter: self.exporter.clone() }.encode_to_vec();
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
-        frame.extend_from_slice(&header);
-        let written = file.write_all(&frame).and_then(|()| if self.settings.fsync { file.sync_all() } else { Ok(()) });
+        let header = frame(&header);
+        let written = file.write_all(&header).and_then(|()| if self.settings.fsync { file.sync_all() } else { Ok(()) });
         if let Err(e) = written {
             drop(file);
             let _ = std::fs::remove_file(&path);
@@ -406,7 +400,7 @@ impl Spool {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let size = frame.len() as u64;
+        let size = header.len() as u64;
         self.bytes += size;
         self.segments.insert(id, Segment { path, file, size, live: 0 });
         // A sealed segment whose records were all acknowledged is freed now.
@@ -449,11 +443,9 @@ impl Spool {
         if let Err(source) = read {
             return Err(SpoolError::Io { path: seg.path.clone(), source });
         }
-        let (head, payload) = frame.split_at(FRAME as usize);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if crc32c::crc32c(payload) != crc {
+        let Some((payload, _)) = unframe(&frame).filter(|(_, n)| *n == frame.len()) else {
             return Err(corrupt());
-        }
+        };
         SpoolBatch::decode(payload).map(SpoolBatch::into_batch).map_err(|_| corrupt())
     }
 
@@ -514,21 +506,34 @@ impl<'a> Iterator for Frames<'a> {
     /// (offset of the record, payload)
     type Item = (u64, &'a [u8]);
     fn next(&mut self) -> Option<Self::Item> {
-        let head = self.bytes.get(self.at..self.at + FRAME as usize)?;
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if len > MAX_RECORD {
-            return None;
-        }
-        let start = self.at + FRAME as usize;
-        let payload = self.bytes.get(start..start + len as usize)?;
-        if crc32c::crc32c(payload) != crc {
-            return None;
-        }
+        let (payload, n) = unframe(self.bytes.get(self.at..)?)?;
         let offset = self.at as u64;
-        self.at = start + len as usize;
+        self.at += n;
         Some((offset, payload))
     }
+}
+
+/// One framed record: `u32` payload length (LE), `u32` CRC-32C of the payload (LE), payload.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME as usize + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The payload of the record at the start of `bytes` and the bytes the record takes; `None`
+/// when it is torn (cut short), longer than [`MAX_RECORD`], or fails its checksum.
+fn unframe(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let head = bytes.get(..FRAME as usize)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let end = FRAME as usize + len as usize;
+    let payload = bytes.get(FRAME as usize..end)?;
+    (crc32c::crc32c(payload) == crc).then_some((payload, end))
 }
 
 /// First record of a segment.

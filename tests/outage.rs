@@ -9,32 +9,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{history, MlflowServer, Service};
-use trainmetrics::cadence::Aggregation;
-use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, QueueConfig, RetryConfig};
+use trainmetrics::config::{ExporterConfig, MlflowConfig, RetryConfig};
 use trainmetrics::Pipeline;
 
 /// An MLflow exporter that writes every step, spools into `spool`, and retries quickly (so the
 /// tests see the recovery soon after the server is back).
 fn mlflow_exporter(uri: &str, spool: &Path, max_pending_points: Option<usize>) -> ExporterConfig<MlflowConfig> {
-    let mut sending_queue = QueueConfig { max_pending_points, ..Default::default() };
-    sending_queue.spool.directory = Some(spool.to_path_buf());
-    ExporterConfig {
-        backend: MlflowConfig { tracking_uri: Some(uri.to_string()), ..Default::default() },
-        delivery: DeliveryConfig {
-            every_steps: Some(1),
-            aggregation: Some(Aggregation::Last),
-            reader_interval: Some(Duration::from_millis(100)),
-            timeout: Some(Duration::from_secs(2)),
-            retry_on_failure: RetryConfig {
-                initial_interval: Some(Duration::from_millis(200)),
-                max_interval: Some(Duration::from_secs(2)),
-                max_elapsed_time: Some(Duration::from_secs(600)),
-                ..Default::default()
-            },
-            sending_queue,
-            ..Default::default()
-        },
-    }
+    let retry = RetryConfig {
+        initial_interval: Some(Duration::from_millis(200)),
+        max_interval: Some(Duration::from_secs(2)),
+        max_elapsed_time: Some(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    common::spooling_mlflow(uri, spool, retry, max_pending_points)
 }
 
 fn value(step: i64) -> f64 {

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::{history, MlflowServer};
-use trainmetrics::cadence::{Aggregation, OutBatch};
-use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, QueueConfig, RetryConfig};
+use trainmetrics::cadence::OutBatch;
+use trainmetrics::config::{ExporterConfig, MlflowConfig, RetryConfig};
 use trainmetrics::Pipeline;
 
 fn value(step: i64) -> f64 {
@@ -22,20 +22,8 @@ fn value(step: i64) -> f64 {
 /// An MLflow exporter writing every step, spooling into `<root>/mlflow` (the default layout),
 /// retrying after `retry`.
 fn exporter(uri: &str, root: &Path, retry: Duration) -> ExporterConfig<MlflowConfig> {
-    let mut sending_queue = QueueConfig::default();
-    sending_queue.spool.directory = Some(root.join("mlflow"));
-    ExporterConfig {
-        backend: MlflowConfig { tracking_uri: Some(uri.to_string()), ..Default::default() },
-        delivery: DeliveryConfig {
-            every_steps: Some(1),
-            aggregation: Some(Aggregation::Last),
-            reader_interval: Some(Duration::from_millis(100)),
-            timeout: Some(Duration::from_secs(2)),
-            retry_on_failure: RetryConfig { initial_interval: Some(retry), max_interval: Some(retry), ..Default::default() },
-            sending_queue,
-            ..Default::default()
-        },
-    }
+    let retry = RetryConfig { initial_interval: Some(retry), max_interval: Some(retry), ..Default::default() };
+    common::spooling_mlflow(uri, &root.join("mlflow"), retry, None)
 }
 
 /// Runs the binary; (exit success, stdout, stderr). No MLflow variables leak in from the

@@ -163,30 +163,11 @@ where
                 let code = Code::from_i32(code);
                 let outcome = if code == Code::Unavailable { Outcome::Unavailable } else { Outcome::Invalid };
                 let message = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
-                guard.reject(outcome, &format_args!("{code:?} {}", percent_decoded(message)));
+                guard.reject(outcome, &format_args!("{code:?} {}", percent_encoding::percent_decode_str(message).decode_utf8_lossy()));
             }
             Ok(resp)
         })
     }
-}
-
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec); decoded for the log.
-fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How long a client may take for the TLS handshake.

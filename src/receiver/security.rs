@@ -230,14 +230,10 @@ pub fn load_token(c: &AuthConfig, path: &str, p: &mut Problems) -> Option<Bearer
         }
         (Some(file), None) => {
             let at = format!("{path}.bearer_token_file");
-            match std::fs::read_to_string(file) {
-                Ok(t) if t.trim().is_empty() => {
-                    p.add(at, format!("{} is empty", file.display()));
-                    None
-                }
+            match crate::secrets::read_secret_file(file) {
                 Ok(t) => Some(BearerToken::new(&t, TokenSource::File(file.clone()))),
                 Err(e) => {
-                    p.add(at, format!("cannot read {}: {e}", file.display()));
+                    p.add(at, e.to_string());
                     None
                 }
             }

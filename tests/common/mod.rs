@@ -266,6 +266,26 @@ pub fn mlflow_config(every: u64, metrics: &[(&str, trainmetrics::cadence::Aggreg
     }
 }
 
+/// An MLflow exporter that writes every step (last value), spools into `spool` and retries per
+/// `retry`, each export call bounded by 2 s: the shape of the outage and sync tests.
+pub fn spooling_mlflow(uri: &str, spool: &std::path::Path, retry: trainmetrics::config::RetryConfig, max_pending_points: Option<usize>) -> trainmetrics::config::ExporterConfig<trainmetrics::config::MlflowConfig> {
+    use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, QueueConfig};
+    let mut sending_queue = QueueConfig { max_pending_points, ..Default::default() };
+    sending_queue.spool.directory = Some(spool.to_path_buf());
+    ExporterConfig {
+        backend: MlflowConfig { tracking_uri: Some(uri.to_string()), ..Default::default() },
+        delivery: DeliveryConfig {
+            every_steps: Some(1),
+            aggregation: Some(trainmetrics::cadence::Aggregation::Last),
+            reader_interval: Some(Duration::from_millis(100)),
+            timeout: Some(Duration::from_secs(2)),
+            retry_on_failure: retry,
+            sending_queue,
+            ..Default::default()
+        },
+    }
+}
+
 /// The MLflow run id a pipeline reports (panics if it has none yet).
 pub fn mlflow_run_id(p: &trainmetrics::Pipeline) -> String {
     p.locations()

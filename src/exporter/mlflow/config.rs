@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::exporter::BackendDefaults;
 use crate::jobs::RanksConfig;
 use crate::problems::{Problems, MAX_DURATION};
+use crate::secrets::{read_secret_file, SecretFileError, MAX_SECRET_FILE_BYTES};
 
 /// What differs from other backends in the keys every exporter has: every 100 steps by default
 /// (MLflow's REST API takes batches, not a stream), a spool by default (the server can be
@@ -107,40 +108,11 @@ pub enum CredentialFile {
     },
 }
 
-/// Why a credential file gave no credentials. Messages name the file, never its content.
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialFileError {
-    /// The file cannot be read.
-    #[error("cannot read {}: {source}", file.display())]
-    Unreadable {
-        /// The file.
-        file: std::path::PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file holds nothing but white space.
-    #[error("{} is empty", file.display())]
-    Empty {
-        /// The file.
-        file: std::path::PathBuf,
-    },
-    /// Not a regular file (after symlinks): a FIFO would block the exporter on its read, a
-    /// device could be read forever.
-    #[error("{} is not a regular file", file.display())]
-    NotAFile {
-        /// The file.
-        file: std::path::PathBuf,
-    },
-    /// Larger than [`MAX_CREDENTIAL_FILE_BYTES`]: not a credential.
-    #[error("{} is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes", file.display())]
-    TooLarge {
-        /// The file.
-        file: std::path::PathBuf,
-    },
-}
+/// Why a credential file gave no credentials (see [`crate::secrets`]).
+pub type CredentialFileError = SecretFileError;
 
-/// Largest credential file read, in bytes (tokens and passwords are far smaller).
-pub const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
+/// Largest credential file read, in bytes.
+pub const MAX_CREDENTIAL_FILE_BYTES: u64 = MAX_SECRET_FILE_BYTES;
 
 impl CredentialFile {
     /// The file.
@@ -156,25 +128,10 @@ impl CredentialFile {
     /// Errors: the file cannot be read, is not a regular file (symlinks are followed: mounted
     /// secrets are symlinks), is larger than [`MAX_CREDENTIAL_FILE_BYTES`], or is empty.
     pub fn authorization(&self) -> Result<String, CredentialFileError> {
-        use std::io::Read;
-        let file = self.path();
-        let unreadable = |source| CredentialFileError::Unreadable { file: file.to_path_buf(), source };
-        // Checked before the open too: opening a FIFO blocks until it has a writer.
-        let regular = |m: std::fs::Metadata| m.is_file().then_some(m.len()).ok_or(CredentialFileError::NotAFile { file: file.to_path_buf() });
-        regular(std::fs::metadata(file).map_err(unreadable)?)?;
-        let mut f = std::fs::File::open(file).map_err(unreadable)?;
-        if regular(f.metadata().map_err(unreadable)?)? > MAX_CREDENTIAL_FILE_BYTES {
-            return Err(CredentialFileError::TooLarge { file: file.to_path_buf() });
-        }
-        let mut text = String::new();
-        f.by_ref().take(MAX_CREDENTIAL_FILE_BYTES).read_to_string(&mut text).map_err(unreadable)?;
-        let secret = text.trim();
-        if secret.is_empty() {
-            return Err(CredentialFileError::Empty { file: file.to_path_buf() });
-        }
+        let secret = read_secret_file(self.path())?;
         Ok(match self {
             CredentialFile::Token(_) => format!("Bearer {secret}"),
-            CredentialFile::Password { user, .. } => basic(user, secret),
+            CredentialFile::Password { user, .. } => basic(user, &secret),
         })
     }
 }
@@ -208,25 +165,10 @@ fn basic_bytes(user: &[u8], password: &[u8]) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
 }
 
-/// Decodes `%XX` escapes (RFC 3986) to bytes; a `%` not followed by two hex digits is kept as
-/// it is, since a password may well contain a bare `%`.
+/// Decodes `%XX` escapes (RFC 3986) to bytes (the `percent-encoding` crate); a `%` not
+/// followed by two hex digits is kept as it is, since a password may well contain a bare `%`.
 fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
+    percent_encoding::percent_decode_str(s).collect()
 }
 
 /// A tracking URI split into what requests go to and the credentials written into it.
