@@ -25,7 +25,7 @@ use crate::config::{ PipelineSettings, ProtocolSecurity};
 use crate::delivery::Delivery;
 use crate::exporter::RunOutcome;
 use crate::receiver::security::{Limiter, RejectionLog};
-use crate::receiver::{grpc, http, Fanout, Guard, Protocol, ReceiverStats};
+use crate::receiver::{grpc, http, Admission, Fanout, Protocol, ReceiverStats};
 use crate::stats::ExporterReport;
 use crate::telemetry::Telemetry;
 
@@ -152,7 +152,7 @@ pub async fn run(
     let receiver_stats = Arc::new(ReceiverStats::default());
     let log = Arc::new(RejectionLog::default());
     let auth = settings.security.auth.clone().map(Arc::new);
-    let guard = |protocol, sec: &ProtocolSecurity| Guard {
+    let admission = |protocol, sec: &ProtocolSecurity| Admission {
         protocol,
         auth: auth.clone(),
         limiter: sec.rate_limit.map(|r| Arc::new(Limiter::new(r))),
@@ -165,7 +165,7 @@ pub async fn run(
         let l = bind(endpoint).await?;
         listening.grpc = l.local_addr().ok();
         let (f, s) = (fanout.clone(), stopped(stop_rx.clone()));
-        let (max, g, tls) = (*max, guard(Protocol::Grpc, &settings.security.grpc), settings.security.grpc.tls.clone());
+        let (max, g, tls) = (*max, admission(Protocol::Grpc, &settings.security.grpc), settings.security.grpc.tls.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc::serve(l, f, max, tls.as_ref(), g, s).await {
                 tracing::error!("OTLP/gRPC receiver stopped: {e}");
@@ -176,7 +176,7 @@ pub async fn run(
         let l = bind(endpoint).await?;
         listening.http = l.local_addr().ok();
         let (f, s) = (fanout.clone(), stopped(stop_rx.clone()));
-        let (max, g) = (*max, guard(Protocol::Http, &settings.security.http));
+        let (max, g) = (*max, admission(Protocol::Http, &settings.security.http));
         let tls = settings.security.http.tls.as_ref().map(|t| t.server_config.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = http::serve(l, f, max, tls, g, s).await {

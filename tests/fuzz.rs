@@ -357,11 +357,11 @@ impl Receivers {
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let (mut wait_h, mut wait_g) = (stop_rx.clone(), stop_rx);
             let limit = 4 << 20;
-            use trainmetrics::receiver::{Guard, Protocol};
-            tokio::spawn(trainmetrics::receiver::http::serve(h, fanout.clone(), limit, None, Guard::open(Protocol::Http), async move {
+            use trainmetrics::receiver::{Admission, Protocol};
+            tokio::spawn(trainmetrics::receiver::http::serve(h, fanout.clone(), limit, None, Admission::open(Protocol::Http), async move {
                 let _ = wait_h.changed().await;
             }));
-            tokio::spawn(trainmetrics::receiver::grpc::serve(g, fanout, limit, None, Guard::open(Protocol::Grpc), async move {
+            tokio::spawn(trainmetrics::receiver::grpc::serve(g, fanout, limit, None, Admission::open(Protocol::Grpc), async move {
                 let _ = wait_g.changed().await;
             }));
             tokio::spawn(async move {

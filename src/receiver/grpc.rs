@@ -6,7 +6,7 @@
 //! body that is not an `ExportMetricsServiceRequest` is answered `INVALID_ARGUMENT` with the
 //! decode error (the OTLP spec's code for bad data; tonic's prost codec would say `INTERNAL`).
 //!
-//! Before tonic reads the message, the [`Guard`] checks the bearer token (`UNAUTHENTICATED`)
+//! Before tonic reads the message, the [`Admission`] checks the bearer token (`UNAUTHENTICATED`)
 //! and the rate limit (`RESOURCE_EXHAUSTED` with `RetryInfo`). tonic bounds the message both
 //! as sent and after decompression (`max_recv_msg_size_mib`): a larger one is answered
 //! `OUT_OF_RANGE` / `RESOURCE_EXHAUSTED` before more than the limit is buffered, so a gzip bomb
@@ -14,6 +14,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::SERVICE_NAME;
@@ -26,7 +28,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::security::TlsSettings;
-use super::{Fanout, Guard, Outcome, Refused, RETRY_AFTER};
+use super::{Accepted, Admission, Fanout, Refusal, RETRY_AFTER};
 
 /// gRPC path of the one method.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
@@ -72,33 +74,63 @@ impl Codec for RawRequestCodec {
     }
 }
 
-/// The `Export` method over a [`Fanout`].
+/// The gRPC answer to a refusal (OTLP/gRPC spec "Failures": `UNAVAILABLE` is retried, and
+/// `RESOURCE_EXHAUSTED` only with `RetryInfo`).
+impl From<Refusal> for Status {
+    fn from(refusal: Refusal) -> Status {
+        let retry = |code, wait| Status::with_error_details(code, refusal.to_string(), ErrorDetails::with_retry_info(Some(wait)));
+        match &refusal {
+            Refusal::Unauthenticated(_) => Status::unauthenticated(refusal.to_string()),
+            Refusal::Throttled(wait) => retry(Code::ResourceExhausted, *wait),
+            Refusal::Malformed(m) => Status::invalid_argument(m.clone()),
+            Refusal::TooLarge(m) => Status::resource_exhausted(m.clone()),
+            Refusal::Unsupported(m) => Status::unimplemented(m.clone()),
+            Refusal::Busy(_) => retry(Code::Unavailable, RETRY_AFTER),
+        }
+    }
+}
+
+/// The refusal that tonic answered itself, before [`Export`] ran: a message over the size
+/// limit (`OUT_OF_RANGE` as sent, `RESOURCE_EXHAUSTED` decompressed), an unsupported
+/// compression (`UNIMPLEMENTED`), a broken frame.
+fn refused_by_tonic(status: &Status) -> Refusal {
+    let message = format!("{:?} {}", status.code(), status.message());
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => Refusal::TooLarge(message),
+        Code::Unimplemented => Refusal::Unsupported(message),
+        _ => Refusal::Malformed(message),
+    }
+}
+
+/// The `Export` method over a [`Fanout`], for one call.
 #[derive(Debug, Clone)]
 struct Export {
     fanout: Fanout,
-    guard: Guard,
+    admission: Admission,
+    /// Set when this call's answer was recorded, so what tonic answers without calling the
+    /// method is recorded too (and nothing twice).
+    recorded: Arc<AtomicBool>,
+}
+
+impl Export {
+    fn answer(&self, request: &[u8]) -> Result<Accepted, Refusal> {
+        let req = ExportMetricsServiceRequest::decode(request)
+            .map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+        Ok(self.fanout.accept(req)?)
+    }
 }
 
 impl tonic::server::UnaryService<Vec<u8>> for Export {
     type Response = ExportMetricsServiceResponse;
     type Future = BoxFuture<Response<Self::Response>, Status>;
     fn call(&mut self, request: Request<Vec<u8>>) -> Self::Future {
-        let (fanout, guard) = (self.fanout.clone(), self.guard.clone());
+        let export = self.clone();
         Box::pin(async move {
-            // Refusals are counted from the answer's status in `MetricsServer::call`.
-            let req = ExportMetricsServiceRequest::decode(request.get_ref().as_slice())
-                .map_err(|e| Status::invalid_argument(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
-            match fanout.accept(req) {
-                Ok(partial_success) => {
-                    guard.count(if partial_success.is_some() { Outcome::Partial } else { Outcome::Ok });
-                    Ok(Response::new(ExportMetricsServiceResponse { partial_success }))
-                }
-                Err(busy) => Err(Status::with_error_details(
-                    Code::Unavailable,
-                    busy.to_string(),
-                    ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
-                )),
-            }
+            let answer = export.answer(request.get_ref());
+            export.admission.record(&answer);
+            export.recorded.store(true, Ordering::Relaxed);
+            let accepted = answer?;
+            Ok(Response::new(ExportMetricsServiceResponse { partial_success: accepted.partial_success }))
         })
     }
 }
@@ -106,7 +138,8 @@ impl tonic::server::UnaryService<Vec<u8>> for Export {
 /// The `MetricsService` as a tower service for tonic's router.
 #[derive(Debug, Clone)]
 struct MetricsServer {
-    export: Export,
+    fanout: Fanout,
+    admission: Admission,
     max_message: usize,
 }
 
@@ -132,21 +165,11 @@ where
             return Box::pin(async { Ok(Status::unimplemented("only MetricsService/Export is served").into_http()) });
         }
         let auth = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-        match self.export.guard.admit(auth) {
-            Ok(()) => {}
-            Err(e @ Refused::Unauthenticated(_)) => {
-                return Box::pin(async move { Ok(Status::unauthenticated(e.to_string()).into_http()) })
-            }
-            Err(e @ Refused::Throttled(wait)) => {
-                let status = Status::with_error_details(
-                    Code::ResourceExhausted,
-                    e.to_string(),
-                    ErrorDetails::with_retry_info(Some(wait)),
-                );
-                return Box::pin(async move { Ok(status.into_http()) });
-            }
+        if let Err(refusal) = self.admission.admit(auth) {
+            return Box::pin(async move { Ok(Status::from(refusal).into_http()) });
         }
-        let (export, max) = (self.export.clone(), self.max_message);
+        let export = Export { fanout: self.fanout.clone(), admission: self.admission.clone(), recorded: Arc::default() };
+        let max = self.max_message;
         Box::pin(async move {
             let mut accept = EnabledCompressionEncodings::default();
             accept.enable(CompressionEncoding::Gzip);
@@ -154,16 +177,13 @@ where
             let mut grpc = tonic::server::Grpc::new(RawRequestCodec)
                 .apply_compression_config(accept, EnabledCompressionEncodings::default())
                 .apply_max_message_size_config(Some(max), None);
-            let guard = export.guard.clone();
+            let (admission, recorded) = (export.admission.clone(), export.recorded.clone());
             let resp = grpc.unary(export, req).await;
-            // Errors are answered trailers-only, so their status is in the headers; success
-            // was counted by the handler (it knows ok from partial).
-            let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok());
-            if let Some(code) = code.filter(|c| *c != 0) {
-                let code = Code::from_i32(code);
-                let outcome = if code == Code::Unavailable { Outcome::Unavailable } else { Outcome::Invalid };
-                let message = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
-                guard.reject(outcome, &format_args!("{code:?} {}", percent_encoding::percent_decode_str(message).decode_utf8_lossy()));
+            if !recorded.load(Ordering::Relaxed) {
+                // tonic answers its own refusals trailers-only: the status is in the headers.
+                if let Some(status) = Status::from_header_map(resp.headers()) {
+                    admission.record(&Err(refused_by_tonic(&status)));
+                }
             }
             Ok(resp)
         })
@@ -175,7 +195,7 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// Serves OTLP/gRPC on `listener` until `shutdown` resolves. `max_message` bounds a message
 /// before and after decompression, bytes; `tls`, if set, is required of every connection;
-/// `guard` checks every request first.
+/// `admission` checks every request first.
 ///
 /// Errors: the TLS identity was refused or the transport failed (tonic's error).
 pub async fn serve(
@@ -183,7 +203,7 @@ pub async fn serve(
     fanout: Fanout,
     max_message: usize,
     tls: Option<&TlsSettings>,
-    guard: Guard,
+    admission: Admission,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder();
@@ -197,7 +217,7 @@ pub async fn serve(
         builder = builder.tls_config(config)?;
     }
     builder
-        .add_service(MetricsServer { export: Export { fanout, guard }, max_message })
+        .add_service(MetricsServer { fanout, admission, max_message })
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
         .await
 }

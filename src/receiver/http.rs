@@ -4,7 +4,7 @@
 //! refused (413) instead of exhausting memory (OTLP/HTTP spec: 400 for bad data, 503 +
 //! `Retry-After` to make the client retry).
 //!
-//! A middleware runs the [`Guard`] before the body is read: a missing or wrong bearer token is
+//! A middleware runs the [`Admission`] before the body is read: a missing or wrong bearer token is
 //! answered 401 with `WWW-Authenticate: Bearer` (RFC 6750 §3), a request over the rate limit
 //! 429 with `Retry-After` (RFC 6585 §4). With `tls`, connections are served over rustls
 //! (`tokio-rustls`) by hyper's connection builder, each handshake on its own task with a
@@ -27,49 +27,76 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceReq
 use prost::Message;
 use tokio_rustls::rustls::ServerConfig;
 
-use super::{retry_after_secs, Fanout, Guard, Outcome, Refused, RETRY_AFTER};
+use super::{retry_after_secs, Accepted, Admission, Fanout, Refusal, RETRY_AFTER};
 
 #[derive(Clone)]
 struct AppState {
     fanout: Fanout,
     max_body: usize,
-    guard: Guard,
+    admission: Admission,
 }
 
 /// Authentication and rate limit, before the body is read.
 async fn admit(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
     let auth = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    // The body of a refused request is not read, so the connection cannot carry another
-    // request: say so, or a client reusing it finds it closed.
-    let close = (header::CONNECTION, "close");
-    match state.guard.admit(auth) {
+    match state.admission.admit(auth) {
         // The only await inside is reading the body (the data is handed over synchronously
         // after it), so a timeout never cuts an accepted request short.
         Ok(()) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
             Ok(resp) => resp,
             Err(_) => {
-                state.guard.log.reject("OTLP/HTTP request timed out", &format_args!("no complete body within {REQUEST_TIMEOUT:?}"));
-                (StatusCode::REQUEST_TIMEOUT, [close], "the request body did not arrive in time").into_response()
+                state.admission.log.reject("OTLP/HTTP request timed out", &format_args!("no complete body within {REQUEST_TIMEOUT:?}"));
+                (StatusCode::REQUEST_TIMEOUT, [CLOSE], "the request body did not arrive in time").into_response()
             }
         },
-        Err(e @ Refused::Unauthenticated(_)) => {
-            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer"), close], e.to_string()).into_response()
-        }
-        Err(e @ Refused::Throttled(wait)) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, retry_after_secs(wait).to_string().as_str()), close],
-            e.to_string(),
-        )
-            .into_response(),
+        // The body of a refused request is not read, so the connection cannot carry another
+        // request: say so, or a client reusing it finds it closed.
+        Err(refusal) => ([CLOSE], refusal).into_response(),
     }
 }
 
-fn error(status: StatusCode, message: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
+const CLOSE: (header::HeaderName, &str) = (header::CONNECTION, "close");
+
+/// The HTTP answer to a refusal (OTLP/HTTP spec "Failures"; RFC 6750 §3 for 401, RFC 6585 §4
+/// for 429, RFC 9110 §10.2.3 for `Retry-After`).
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let text = (header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        let retry_after = |wait| (header::RETRY_AFTER, retry_after_secs(wait).to_string());
+        let message = self.to_string();
+        match self {
+            Refusal::Unauthenticated(_) => {
+                (StatusCode::UNAUTHORIZED, [text, (header::WWW_AUTHENTICATE, "Bearer")], message).into_response()
+            }
+            Refusal::Throttled(wait) => (StatusCode::TOO_MANY_REQUESTS, [text], [retry_after(wait)], message).into_response(),
+            Refusal::Malformed(_) => (StatusCode::BAD_REQUEST, [text], message).into_response(),
+            Refusal::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, [text], message).into_response(),
+            Refusal::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, [text], message).into_response(),
+            Refusal::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, [text], [retry_after(RETRY_AFTER)], message).into_response(),
+        }
+    }
+}
+
+/// An accepted request's answer, in the body's own format.
+struct Reply {
+    json: bool,
+    accepted: Accepted,
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let resp = ExportMetricsServiceResponse { partial_success: self.accepted.partial_success };
+        if self.json {
+            let body = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec());
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        } else {
+            ([(header::CONTENT_TYPE, "application/x-protobuf")], resp.encode_to_vec()).into_response()
+        }
+    }
 }
 
 /// Decompresses `body` per `encoding`, refusing output beyond `max` bytes.
-fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Box<Response>> {
+fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Refusal> {
     let mut out = Vec::new();
     let limit = max as u64 + 1;
     let read = match encoding {
@@ -79,52 +106,34 @@ fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Box<Re
             Ok(d) => d.take(limit).read_to_end(&mut out),
             Err(e) => Err(e),
         },
-        other => {
-            return Err(Box::new(error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("unsupported Content-Encoding {other:?} (gzip, zstd)"),
-            )))
-        }
+        other => return Err(Refusal::Unsupported(format!("unsupported Content-Encoding {other:?} (gzip, zstd)"))),
     };
     match read {
-        Ok(_) if out.len() > max => {
-            Err(Box::new(error(StatusCode::PAYLOAD_TOO_LARGE, format!("decompressed body exceeds {max} bytes"))))
-        }
+        Ok(_) if out.len() > max => Err(Refusal::TooLarge(format!("decompressed body exceeds {max} bytes"))),
         Ok(_) => Ok(out),
-        Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, format!("cannot decompress the body: {e}")))),
+        Err(e) => Err(Refusal::Malformed(format!("cannot decompress the body: {e}"))),
     }
 }
 
 async fn export(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let resp = handle(&state, &headers, body);
-    let outcome = match resp.status() {
-        StatusCode::OK if resp.headers().contains_key(PARTIAL) => Outcome::Partial,
-        StatusCode::OK => Outcome::Ok,
-        StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
-        _ => Outcome::Invalid,
-    };
-    match outcome {
-        Outcome::Ok | Outcome::Partial => state.guard.count(outcome),
-        _ => state.guard.reject(outcome, &resp.status()),
-    }
-    resp
+    let json = text(&headers, header::CONTENT_TYPE).starts_with("application/json");
+    let answer = handle(&state, &headers, json, body);
+    state.admission.record(&answer);
+    answer.map(|accepted| Reply { json, accepted }).into_response()
 }
 
-/// Internal marker header of a partial success (removed before the answer is sent).
-const PARTIAL: &str = "x-trainmetrics-partial";
+/// A header's value, lowercase (`""` when absent or not text).
+fn text(headers: &HeaderMap, name: header::HeaderName) -> String {
+    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase()
+}
 
-fn handle(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return rejection.into_response(),
-    };
-    let text = |h| headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let (encoding, content_type) = (text(header::CONTENT_ENCODING), text(header::CONTENT_TYPE));
-    let raw = match decompress(encoding.trim(), &body, state.max_body) {
-        Ok(raw) => raw,
-        Err(resp) => return *resp,
-    };
-    let json = content_type.starts_with("application/json");
+fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes, BytesRejection>) -> Result<Accepted, Refusal> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Refusal::TooLarge(rejection.body_text()),
+        _ => Refusal::Malformed(rejection.body_text()),
+    })?;
+    let (encoding, content_type) = (text(headers, header::CONTENT_ENCODING), text(headers, header::CONTENT_TYPE));
+    let raw = decompress(encoding.trim(), &body, state.max_body)?;
     // Data points of a JSON body that the typed decode could not keep (see `decode_json`).
     let mut unreadable = 0;
     let req = if json {
@@ -135,40 +144,14 @@ fn handle(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesReject
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {
         ExportMetricsServiceRequest::decode(raw.as_slice()).map_err(|e| e.to_string())
     } else {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("unsupported Content-Type {content_type:?}"));
+        return Err(Refusal::Unsupported(format!("unsupported Content-Type {content_type:?}")));
     };
-    let req = match req {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot decode ExportMetricsServiceRequest: {e}")),
-    };
-    match state.fanout.accept(req) {
-        Ok(mut partial_success) => {
-            if unreadable > 0 {
-                let p = partial_success.get_or_insert_with(Default::default);
-                p.rejected_data_points += unreadable as i64;
-                let note = format!("{unreadable} data point(s) of the OTLP/JSON body could not be read (a malformed field drops its whole metric in the JSON decoding)");
-                p.error_message = if p.error_message.is_empty() { note } else { format!("{note}; {}", p.error_message) };
-            }
-            let partial = partial_success.is_some();
-            let resp = ExportMetricsServiceResponse { partial_success };
-            let mut resp = if json {
-                let body = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec());
-                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-            } else {
-                ([(header::CONTENT_TYPE, "application/x-protobuf")], resp.encode_to_vec()).into_response()
-            };
-            if partial {
-                resp.headers_mut().insert(PARTIAL, header::HeaderValue::from_static("1"));
-            }
-            resp
-        }
-        Err(busy) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, RETRY_AFTER.as_secs().to_string())],
-            busy.to_string(),
-        )
-            .into_response(),
+    let req = req.map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+    let mut accepted = state.fanout.accept(req)?;
+    if unreadable > 0 {
+        accepted.add_rejected(unreadable, format!("{unreadable} data point(s) of the OTLP/JSON body could not be read (a malformed field drops its whole metric in the JSON decoding)"));
     }
+    Ok(accepted)
 }
 
 /// Decodes an OTLP/JSON body, returning the request and how many data points the JSON held
@@ -239,18 +222,11 @@ fn mark_nonfinite(dp: &mut serde_json::Value) {
     }
 }
 
-/// Removes the internal partial-success marker from an answer.
-async fn strip_marker(req: Request<Body>, next: Next) -> Response {
-    let mut resp = next.run(req).await;
-    resp.headers_mut().remove(PARTIAL);
-    resp
-}
-
 /// How long a client may take for the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves OTLP/HTTP on `listener` until `shutdown` resolves. `max_body` bounds the body before
-/// and after decompression, bytes; `tls`, if set, is required of every connection; `guard`
+/// and after decompression, bytes; `tls`, if set, is required of every connection; `admission`
 /// checks every request before its body is read.
 ///
 /// Errors: accepting connections failed (plaintext; with TLS, accept errors are logged and
@@ -260,17 +236,16 @@ pub async fn serve(
     fanout: Fanout,
     max_body: usize,
     tls: Option<Arc<ServerConfig>>,
-    guard: Guard,
+    admission: Admission,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState { fanout, max_body, guard };
+    let state = AppState { fanout, max_body, admission };
     let app = Router::new()
         .route("/v1/metrics", post(export))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
-        .layer(axum::middleware::from_fn(strip_marker))
         .with_state(state.clone());
-    serve_connections(listener, app, tls.map(tokio_rustls::TlsAcceptor::from), state.guard, shutdown).await;
+    serve_connections(listener, app, tls.map(tokio_rustls::TlsAcceptor::from), state.admission, shutdown).await;
     Ok(())
 }
 
@@ -286,7 +261,7 @@ async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    guard: Guard,
+    admission: Admission,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -304,15 +279,15 @@ async fn serve_connections(
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    guard.log.reject("OTLP/HTTP accept failed", &e);
+                    admission.log.reject("OTLP/HTTP accept failed", &e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
-        let (acceptor, app, builder, watcher, guard) =
-            (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher(), guard.clone());
+        let (acceptor, app, builder, watcher, admission) =
+            (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher(), admission.clone());
         tokio::spawn(async move {
             let Some(acceptor) = acceptor else {
                 let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app)).into_owned();
@@ -321,8 +296,8 @@ async fn serve_connections(
             };
             let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return guard.log.reject("OTLP/HTTP TLS handshake failed", &e),
-                Err(_) => return guard.log.reject("OTLP/HTTP TLS handshake failed", &"timed out"),
+                Ok(Err(e)) => return admission.log.reject("OTLP/HTTP TLS handshake failed", &e),
+                Err(_) => return admission.log.reject("OTLP/HTTP TLS handshake failed", &"timed out"),
             };
             let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app)).into_owned();
             let _ = watcher.watch(conn).await;

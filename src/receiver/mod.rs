@@ -15,8 +15,10 @@
 //! - over the `rate_limit` → `RESOURCE_EXHAUSTED` with `RetryInfo` / 429 with `Retry-After`
 //!   (OTLP spec: `RESOURCE_EXHAUSTED` is retryable only with `RetryInfo`).
 //!
-//! Every answer is counted per protocol and [`Outcome`] ([`ReceiverStats`], shown by
-//! [`crate::telemetry`]); rejections are logged once per cause and then at most every
+//! Each protocol's handler ends in one value, `Result<`[`Accepted`]`, `[`Refusal`]`>`: the
+//! protocol turns it into its answer (an axum `IntoResponse`, a tonic `Status`), and
+//! [`Admission::record`] counts it per protocol and [`Outcome`] ([`ReceiverStats`], shown by
+//! [`crate::telemetry`]); refusals are logged once per cause and then at most every
 //! [`security::LOG_EVERY`] ([`security::RejectionLog`]).
 
 pub mod grpc;
@@ -81,7 +83,7 @@ impl Fanout {
     /// A request whose points are all at or below the newest step already taken for their run
     /// is checked with [`Delivery::room`]'s doubled limits: it is data a collector's other
     /// consumer had in flight, and refusing it while newer data is taken would make it `late`.
-    pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Option<ExportMetricsPartialSuccess>, Busy> {
+    pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Accepted, Busy> {
         // Parsed once here for the answer and for every exporter (each applies its own rules).
         let parsed = parse(&req, &self.decode);
         drop(req);
@@ -119,15 +121,75 @@ impl Fanout {
                 *m = (*m).max(step);
             }
         }
-        Ok((rejected > 0).then(|| ExportMetricsPartialSuccess {
-            rejected_data_points: i64::try_from(rejected).unwrap_or(i64::MAX),
-            error_message: parsed
-                .messages()
-                .iter()
-                .map(|(reason, m)| format!("{reason}: {m}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        }))
+        let mut accepted = Accepted::default();
+        if rejected > 0 {
+            let messages = parsed.messages().iter().map(|(reason, m)| format!("{reason}: {m}")).collect::<Vec<_>>();
+            accepted.add_rejected(rejected, messages.join("; "));
+        }
+        Ok(accepted)
+    }
+}
+
+/// A request taken by every exporter: the answer's `partial_success` (`None` when every data
+/// point is usable).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Accepted {
+    /// Data points that cannot be used, and why (OTLP `ExportMetricsPartialSuccess`).
+    pub partial_success: Option<ExportMetricsPartialSuccess>,
+}
+
+impl Accepted {
+    /// Adds `points` rejected data points; `message` goes first in the error message.
+    pub fn add_rejected(&mut self, points: u64, message: String) {
+        let p = self.partial_success.get_or_insert_with(Default::default);
+        p.rejected_data_points = p.rejected_data_points.saturating_add(i64::try_from(points).unwrap_or(i64::MAX));
+        p.error_message = if p.error_message.is_empty() { message } else { format!("{message}; {}", p.error_message) };
+    }
+
+    /// [`Outcome::Partial`] with a partial success, else [`Outcome::Ok`].
+    pub fn outcome(&self) -> Outcome {
+        if self.partial_success.is_some() {
+            Outcome::Partial
+        } else {
+            Outcome::Ok
+        }
+    }
+}
+
+/// Why a request was refused. Each protocol maps a variant to its answer: HTTP status in
+/// [`http`], gRPC status in [`grpc`] (OTLP spec, "Failures" of OTLP/gRPC and OTLP/HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Missing or wrong bearer token (401 / `UNAUTHENTICATED`).
+    #[error("{0}")]
+    Unauthenticated(security::AuthError),
+    /// Over the rate limit; retry after the delay (429 / `RESOURCE_EXHAUSTED` with `RetryInfo`).
+    #[error("rate limit exceeded; retry after {0:?}")]
+    Throttled(Duration),
+    /// Not an `ExportMetricsServiceRequest`, or a body that cannot be read or decompressed
+    /// (400 / `INVALID_ARGUMENT`); the message says why.
+    #[error("{0}")]
+    Malformed(String),
+    /// Larger than the configured limit, as sent or decompressed (413 / `RESOURCE_EXHAUSTED`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// An encoding or content type not served (415 / `UNIMPLEMENTED`).
+    #[error("{0}")]
+    Unsupported(String),
+    /// An exporter has no room (503 / `UNAVAILABLE`, both with a retry delay of [`RETRY_AFTER`]).
+    #[error(transparent)]
+    Busy(#[from] Busy),
+}
+
+impl Refusal {
+    /// The outcome it is counted as.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Unauthenticated(_) => Outcome::Unauthenticated,
+            Refusal::Throttled(_) => Outcome::Throttled,
+            Refusal::Malformed(_) | Refusal::TooLarge(_) | Refusal::Unsupported(_) => Outcome::Invalid,
+            Refusal::Busy(_) => Outcome::Unavailable,
+        }
     }
 }
 
@@ -206,10 +268,11 @@ impl ReceiverStats {
     }
 }
 
-/// What every request of one protocol passes before its payload is read: the bearer token,
-/// then the rate limit (a client without the token does not use up the others' quota).
+/// The admission of one protocol's requests before their payload is read (the bearer token,
+/// then the rate limit: a client without the token does not use up the others' quota), and the
+/// record of every answer.
 #[derive(Debug, Clone)]
-pub struct Guard {
+pub struct Admission {
     /// The protocol guarded.
     pub protocol: Protocol,
     /// Required token, if authentication is on.
@@ -222,51 +285,46 @@ pub struct Guard {
     pub log: Arc<security::RejectionLog>,
 }
 
-/// Why the [`Guard`] refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    /// Missing or wrong token.
-    #[error("{0}")]
-    Unauthenticated(security::AuthError),
-    /// Over the rate limit; retry after the delay.
-    #[error("rate limit exceeded; retry after {0:?}")]
-    Throttled(Duration),
-}
-
-impl Guard {
+impl Admission {
     /// A guard that admits every request (no token, no rate limit), with counters of its own:
     /// for receivers embedded without the service's security settings (tests, tools).
-    pub fn open(protocol: Protocol) -> Guard {
-        Guard { protocol, auth: None, limiter: None, stats: Default::default(), log: Default::default() }
+    pub fn open(protocol: Protocol) -> Admission {
+        Admission { protocol, auth: None, limiter: None, stats: Default::default(), log: Default::default() }
     }
 
     /// Checks a request's `Authorization` header value and takes one request from the rate
-    /// limit; a refusal is counted and logged (rate-limited).
-    pub fn admit(&self, authorization: Option<&[u8]>) -> Result<(), Refused> {
+    /// limit; a refusal is recorded ([`Admission::record`]).
+    pub fn admit(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+        let checked = self.check(authorization);
+        if let Err(refusal) = &checked {
+            self.refused(refusal);
+        }
+        checked
+    }
+
+    fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
         if let Some(token) = &self.auth {
-            if let Err(e) = token.check(authorization) {
-                self.reject(Outcome::Unauthenticated, &e);
-                return Err(Refused::Unauthenticated(e));
-            }
+            token.check(authorization).map_err(Refusal::Unauthenticated)?;
         }
         if let Some(l) = &self.limiter {
-            if let Err(wait) = l.check() {
-                let r = Refused::Throttled(wait);
-                self.reject(Outcome::Throttled, &r);
-                return Err(r);
-            }
+            l.check().map_err(Refusal::Throttled)?;
         }
         Ok(())
     }
 
-    /// Counts an answer.
-    pub fn count(&self, outcome: Outcome) {
-        self.stats.count(self.protocol, outcome);
+    /// Counts the answer to a request that passed [`Admission::admit`]; a refusal is also
+    /// logged (rate-limited).
+    pub fn record(&self, answer: &Result<Accepted, Refusal>) {
+        match answer {
+            Ok(accepted) => self.stats.count(self.protocol, accepted.outcome()),
+            Err(refusal) => self.refused(refusal),
+        }
     }
 
-    /// Counts a refusal and logs it (rate-limited). `detail` must not hold client secrets.
-    pub fn reject(&self, outcome: Outcome, detail: &dyn std::fmt::Display) {
-        self.count(outcome);
+    /// Counts a refusal and logs it (rate-limited). Refusal messages never hold client secrets.
+    fn refused(&self, refusal: &Refusal) {
+        let outcome = refusal.outcome();
+        self.stats.count(self.protocol, outcome);
         let cause = match (self.protocol, outcome) {
             (Protocol::Grpc, Outcome::Unauthenticated) => "OTLP/gRPC unauthenticated",
             (Protocol::Grpc, Outcome::Throttled) => "OTLP/gRPC over the rate limit",
@@ -277,7 +335,7 @@ impl Guard {
             (Protocol::Http, Outcome::Unavailable) => "OTLP/HTTP exporter has no room",
             (Protocol::Http, _) => "OTLP/HTTP invalid request",
         };
-        self.log.reject(cause, detail);
+        self.log.reject(cause, refusal);
     }
 }
 
@@ -286,4 +344,58 @@ impl Guard {
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     s.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+    use tonic::Code;
+
+    /// Each refusal's outcome, HTTP answer and gRPC answer, as the module documents them.
+    #[test]
+    fn every_refusal_has_its_outcome_and_answers() {
+        let busy = Busy { exporter: "mlflow".into(), reason: NoRoom::Points };
+        let table = [
+            (Refusal::Unauthenticated(security::AuthError::Missing), Outcome::Unauthenticated, 401, Code::Unauthenticated, None),
+            (Refusal::Throttled(Duration::from_millis(1500)), Outcome::Throttled, 429, Code::ResourceExhausted, Some("2")),
+            (Refusal::Malformed("cannot decode".into()), Outcome::Invalid, 400, Code::InvalidArgument, None),
+            (Refusal::TooLarge("too big".into()), Outcome::Invalid, 413, Code::ResourceExhausted, None),
+            (Refusal::Unsupported("br".into()), Outcome::Invalid, 415, Code::Unimplemented, None),
+            (Refusal::Busy(busy), Outcome::Unavailable, 503, Code::Unavailable, Some("1")),
+        ];
+        for (refusal, outcome, http_status, grpc_code, retry_after) in table {
+            assert_eq!(refusal.outcome(), outcome, "{refusal:?}");
+            let resp = refusal.clone().into_response();
+            assert_eq!(resp.status().as_u16(), http_status, "{refusal:?}");
+            let header = resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or("?"));
+            assert_eq!(header, retry_after, "{refusal:?}");
+            let status = tonic::Status::from(refusal.clone());
+            assert_eq!(status.code(), grpc_code, "{refusal:?}");
+            assert_eq!(status.message(), refusal.to_string());
+        }
+    }
+
+    #[test]
+    fn accepted_rejections_add_up_and_the_newest_message_goes_first() {
+        let mut accepted = Accepted::default();
+        assert_eq!(accepted.outcome(), Outcome::Ok);
+        accepted.add_rejected(2, "invalid step: -1".into());
+        accepted.add_rejected(3, "3 data point(s) of the OTLP/JSON body could not be read".into());
+        assert_eq!(accepted.outcome(), Outcome::Partial);
+        let p = accepted.partial_success.expect("a partial success");
+        assert_eq!(p.rejected_data_points, 5);
+        assert_eq!(p.error_message, "3 data point(s) of the OTLP/JSON body could not be read; invalid step: -1");
+    }
+
+    #[test]
+    fn an_admission_counts_its_refusals_and_answers() {
+        let admission = Admission::open(Protocol::Grpc);
+        admission.record(&Ok(Accepted::default()));
+        admission.record(&Err(Refusal::Malformed("x".into())));
+        admission.record(&Err(Refusal::TooLarge("y".into())));
+        let counts: Vec<u64> = Outcome::ALL.iter().map(|o| admission.stats.get(Protocol::Grpc, *o)).collect();
+        assert_eq!(counts, [1, 0, 0, 0, 2, 0]);
+        assert_eq!(admission.stats.get(Protocol::Http, Outcome::Invalid), 0);
+    }
 }
