@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
-use trainmetrics::batch::RunInfo;
+use trainmetrics::decode::RunInfo;
 use trainmetrics::cadence::{OutBatch, OutPoint};
 use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};

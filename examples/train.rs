@@ -98,7 +98,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::EnvFilter;
-use trainmetrics::batch::{EndStatus, IdentityKeys};
+use trainmetrics::decode::{EndStatus, IdentityKeys};
 use trainmetrics::cadence::Aggregation;
 use trainmetrics::config::{default_run_name, DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
 use trainmetrics::{Pipeline, StepRecorder};
@@ -774,7 +774,7 @@ fn run_in_process(args: &Args, data: &Data, model: &Mlp, csv: Option<BufWriter<F
     // After shutdown the MLflow run id is known even when its first batch went out only then.
     let report = pipeline.shutdown();
     println!();
-    for loc in pipeline.locations() {
+    for loc in pipeline.run_destinations() {
         println!("{loc}");
     }
     print!("{report}");

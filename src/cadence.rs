@@ -58,7 +58,7 @@
 //!
 //! # Resume
 //! A trainer restarted from a checkpoint records steps again that its run already passed. It is
-//! told apart from late data by the record time ([`crate::batch::Point::time_unix_nano`]): a
+//! told apart from late data by the record time ([`crate::decode::Point::time_unix_nano`]): a
 //! point whose step is below the largest step its series has seen **and** whose time is newer
 //! than every point seen for that series starts a new session of the run at that step `S` (a
 //! collector's retried or reordered batch is old in time; a restarted trainer is new in time).
@@ -84,7 +84,7 @@
 //!
 //! # Run end
 //! A run end ([`RunEnd`], from the trainer's `trainmetrics.run.end` gauge, see
-//! [`crate::batch`]) is held for the cadence's `reorder_window` after it arrives, so points a
+//! [`crate::decode`]) is held for the cadence's `reorder_window` after it arrives, so points a
 //! collector's other consumers still had in flight are taken; then every open window of the
 //! process is written (stamped as on shutdown: the partial window at its largest step) and the
 //! last batch carries [`OutBatch::ended`] (an empty batch when nothing was open). The same end
@@ -105,8 +105,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::batch::{EndStatus, RunEnd};
-use crate::batch::{Histogram, Point, PointValue, RunInfo, RunPoints};
+pub use crate::decode::{EndStatus, RunEnd};
+use crate::decode::{Histogram, Point, PointValue, RunInfo, RunPoints};
 
 /// Most points in one [`OutBatch`] (see the module docs): one release of held points is cut
 /// into batches of at most this many, so no single export call, spool record or allocation

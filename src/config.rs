@@ -53,7 +53,7 @@
 //! room), `sending_queue` (`queue_size` 1000 requests, `max_queued_mib` 256, `max_pending_points` 100000, `spool`: see
 //! [`SpoolConfig`]), and mlflow `experiment` (default experiment), `run_id`, and
 //! `token_file` / `password_file` (credentials from a file, see [`crate::exporter::mlflow::config`]).
-//! Bad input (see [`crate::batch`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
+//! Bad input (see [`crate::decode`]): `nonfinite` (`keep` | `drop` | `clamp`, default `keep`),
 //! `max_series_per_run` (10000) and `max_runs` (1000), each at least 1.
 
 use std::collections::BTreeMap;
@@ -63,7 +63,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{DecodeSettings, IdentityKeys};
+use crate::decode::{DecodeSettings, IdentityKeys};
 use crate::delivery::{DeliverySettings, FromBackend};
 use crate::exporter::mlflow::config::{self as mlflow_config, MlflowRunPolicy};
 use crate::exporter::mlflow::MlflowSettings;
@@ -139,7 +139,7 @@ pub struct IdentityConfig {
     /// Default `ml.param.`.
     pub param_prefix: String,
     /// The rank of a process in a distributed job, on the resource or a data point (see
-    /// [`crate::batch`] "Ranks"); default `rank` (`ml.rank`, `RANK` are usual alternatives).
+    /// [`crate::decode`] "Ranks"); default `rank` (`ml.rank`, `RANK` are usual alternatives).
     pub rank: String,
 }
 
@@ -817,14 +817,14 @@ fn exporter_settings(name: &str, c: &AnyExporterConfig, decode: &DecodeSettings,
     let (backend, from_backend, run_policy, delivery) = match c {
         AnyExporterConfig::TensorBoard(c) => {
             let tb = c.backend.settings(&path, p);
-            let from = FromBackend { defaults: tensorboard_config::DEFAULTS, target: tb.destination(), jobs: None, idle_after: None };
+            let from = FromBackend { defaults: tensorboard_config::DEFAULTS, destination: tb.destination(), jobs: None, idle_after: None };
             (Backend::TensorBoard(tb), from, MlflowRunPolicy::default(), &c.delivery)
         }
         AnyExporterConfig::Mlflow(c) => {
             let (run_policy, idle_after) = c.backend.run_policy(&path, p);
             let jobs = Some(c.backend.ranks.clone().unwrap_or_default().settings(&path, p));
             let m = c.backend.settings(&path, p);
-            let from = FromBackend { defaults: mlflow_config::DEFAULTS, target: m.destination(), jobs, idle_after };
+            let from = FromBackend { defaults: mlflow_config::DEFAULTS, destination: m.destination(), jobs, idle_after };
             (Backend::Mlflow(m), from, run_policy, &c.delivery)
         }
     };
@@ -999,9 +999,9 @@ exporters:
         let s = c.validate().unwrap_or_else(|e| panic!("{e}"));
         let by_name = |n: &str| s.exporters.iter().find(|e| e.name == n).map(|e| e.delivery.decode.clone());
         let tb = by_name("tensorboard").expect("tensorboard");
-        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (crate::batch::NonFinitePolicy::Clamp, 5, 2));
+        assert_eq!((tb.nonfinite, tb.max_series_per_run, tb.max_runs), (crate::decode::NonFinitePolicy::Clamp, 5, 2));
         let ml = by_name("mlflow").expect("mlflow");
-        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (crate::batch::NonFinitePolicy::Drop, 10_000, 1_000));
+        assert_eq!((ml.nonfinite, ml.max_series_per_run, ml.max_runs), (crate::decode::NonFinitePolicy::Drop, 10_000, 1_000));
         // The receiver's per-request pass cannot know an exporter's series: no limits there.
         assert_eq!((s.decode.max_series_per_run, s.decode.max_runs), (usize::MAX, usize::MAX));
 

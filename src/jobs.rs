@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{EndStatus, RunEnd, RunInfo};
+use crate::decode::{EndStatus, RunEnd, RunInfo};
 use crate::cadence::{Close, OutBatch, OutPoint, MAX_BATCH_POINTS};
 use crate::problems::Problems;
 use crate::stats::DropReason;
@@ -516,7 +516,7 @@ mod tests {
     /// ranks' points, the job ends FAILED with it, and nothing is left open to reopen the run.
     #[test]
     fn a_failed_rank_ends_the_job_with_every_rank_s_last_window() {
-        use crate::batch::{Point, PointValue, RunPoints};
+        use crate::decode::{Point, PointValue, RunPoints};
         use crate::cadence::{Aggregation, CadenceSettings, Windows};
         let reorder = Duration::from_secs(5);
         let cadence = CadenceSettings { every_steps: Some(100), aggregation: Aggregation::Mean, reorder_window: reorder, ..Default::default() };

@@ -40,14 +40,14 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
-pub mod batch;
 pub mod cadence;
 pub mod config;
+pub mod decode;
 pub mod delivery;
 pub mod exporter;
+pub mod factory;
 pub mod jobs;
 pub mod names;
-pub mod pipeline;
 pub mod problems;
 pub mod receiver;
 pub mod rejections;
@@ -60,5 +60,5 @@ pub mod stats;
 pub mod sync;
 pub mod telemetry;
 
-pub use sdk::{BuildError, Location, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};
+pub use sdk::{BuildError, RunDestination, Pipeline, PipelineBuilder, ShutdownReport, StepRecorder};
 pub use stats::{DropReason, ExporterReport};

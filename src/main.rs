@@ -5,7 +5,7 @@
 //! - `sync [--dir DIR] [--tracking-uri URI | --all] [--dry-run] [--timeout D]`: deliver what
 //!   processes that have ended left in a spool ([`trainmetrics::sync`]); exits 1 if anything
 //!   stays;
-//! - `spool [--dir DIR]`: list what waits in a spool, per exporter directory, target and run.
+//! - `spool [--dir DIR]`: list what waits in a spool, per exporter directory, destination and run.
 //!
 //! Without `--config`, `serve` runs a default config: OTLP on 127.0.0.1:14317 (gRPC) and
 //! 127.0.0.1:14318 (HTTP), self-telemetry on 127.0.0.1:14319, TensorBoard into `./runs` every
@@ -63,17 +63,17 @@ enum Command {
         /// in it (user:password@) are used and never printed.
         #[arg(long, value_name = "URI", conflicts_with = "all")]
         tracking_uri: Option<String>,
-        /// Deliver what waits for every target found (MLflow servers and TensorBoard logdirs).
+        /// Deliver what waits for every destination found (MLflow servers and TensorBoard logdirs).
         #[arg(long)]
         all: bool,
         /// List what would be delivered; deliver nothing.
         #[arg(long)]
         dry_run: bool,
-        /// How long to deliver per target before leaving the rest in the spool.
+        /// How long to deliver per destination before leaving the rest in the spool.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
         timeout: std::time::Duration,
     },
-    /// List what waits in a spool: per exporter directory and target, per run: batches, points,
+    /// List what waits in a spool: per exporter directory and destination, per run: batches, points,
     /// bytes, oldest point time; segments held by live processes are listed as skipped.
     Spool {
         /// Spool root, or one exporter's spool directory (default: as for sync).
@@ -102,18 +102,18 @@ fn sync(dir: Option<&Path>, tracking_uri: Option<&str>, all: bool, dry_run: bool
             Some(u) => Selection::TrackingUri(u),
             None => {
                 let found = trainmetrics::sync::list(&root, None)?;
-                let targets: Vec<&str> = found.targets.iter().map(|t| t.target.as_str()).collect();
+                let destinations: Vec<&str> = found.destinations.iter().map(|t| t.destination.as_str()).collect();
                 anyhow::bail!(
-                    "say which target to deliver: --tracking-uri URI (or MLFLOW_TRACKING_URI) or --all; {} waits for: {}",
+                    "say which destination to deliver to: --tracking-uri URI (or MLFLOW_TRACKING_URI) or --all; {} waits for: {}",
                     root.display(),
-                    if targets.is_empty() { "nothing".to_string() } else { targets.join(", ") }
+                    if destinations.is_empty() { "nothing".to_string() } else { destinations.join(", ") }
                 );
             }
         },
     };
     if dry_run {
         let only = match &selection {
-            Selection::TrackingUri(u) => Some(trainmetrics::sync::mlflow_target(u)?),
+            Selection::TrackingUri(u) => Some(trainmetrics::sync::mlflow_destination(u)?),
             Selection::All => None,
         };
         print!("{}", trainmetrics::sync::list(&root, only.as_deref())?);

@@ -9,7 +9,7 @@
 //! only the steps recorded since the last collection are exported, and the SDK's cardinality
 //! limit (set for every instrument by a view to `cardinality_limit`, default 20 000) bounds
 //! the attribute sets of one collection. [`StepRecorder`] keeps under it by collecting early:
-//! after `cardinality_limit / 4` recorded points it wakes a collector thread (the trainer does
+//! after `cardinality_limit / 4` recorded points it wakes the early-collection thread (the trainer does
 //! not wait); only if that thread falls behind to `cardinality_limit / 2` does the trainer
 //! collect itself (the SDK keeps a delta collection's sets until the next one, so two
 //! collections share the limit).
@@ -31,27 +31,27 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::batch::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
+use crate::decode::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
 use crate::config::{
     AnyExporterConfig,ConfigError, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
 use crate::exporter::RunOutcome;
 use crate::names::run_dir_name;
-use crate::pipeline::Target;
+use crate::factory::Destination;
 use crate::stats::ExporterReport;
 
 /// The SDK side of an exporter: converts each collection to OTLP and submits it.
 #[derive(Debug)]
 struct DeliveryExporter {
     delivery: Arc<Delivery>,
-    /// Points recorded since this reader last collected (see [`Collector`]).
+    /// Points recorded since this reader last collected (see [`EarlyCollection`]).
     uncollected: Arc<AtomicU64>,
 }
 
 impl PushMetricExporter for DeliveryExporter {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
         let req = ExportMetricsServiceRequest::from(metrics);
-        uncount(&self.uncollected, crate::batch::count_data_points(&req));
+        uncount(&self.uncollected, crate::decode::count_data_points(&req));
         // A full queue is counted by the delivery; returning an error would only make the SDK
         // log once more, so the reader always sees success.
         let _ = self.delivery.submit(Arc::new(req));
@@ -90,7 +90,7 @@ pub enum BuildError {
 
 /// Where one exporter puts the run, for people to find it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
+pub enum RunDestination {
     /// A TensorBoard run directory (`tensorboard --logdir <logdir>` shows it as `run`).
     TensorBoard {
         /// Exporter name.
@@ -113,22 +113,22 @@ pub enum Location {
     },
 }
 
-impl fmt::Display for Location {
+impl fmt::Display for RunDestination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Location::TensorBoard { exporter, logdir, run_dir } => write!(
+            RunDestination::TensorBoard { exporter, logdir, run_dir } => write!(
                 f,
                 "{exporter}: {} (view: tensorboard --logdir {})",
                 run_dir.display(),
                 logdir.display()
             ),
-            Location::Mlflow { exporter, tracking_uri, experiment_id, run_id: Some(run_id) } => {
+            RunDestination::Mlflow { exporter, tracking_uri, experiment_id, run_id: Some(run_id) } => {
                 match experiment_id.as_deref().filter(|e| !e.is_empty()) {
                     Some(e) => write!(f, "{exporter}: run {run_id} at {tracking_uri}/#/experiments/{e}/runs/{run_id}"),
                     None => write!(f, "{exporter}: run {run_id} at {tracking_uri}/#/runs/{run_id}"),
                 }
             }
-            Location::Mlflow { exporter, tracking_uri, .. } => {
+            RunDestination::Mlflow { exporter, tracking_uri, .. } => {
                 write!(f, "{exporter}: no MLflow run yet at {tracking_uri}")
             }
         }
@@ -172,19 +172,19 @@ impl fmt::Display for ShutdownReport {
 /// FINISHED).
 pub struct Pipeline {
     provider: SdkMeterProvider,
-    deliveries: Vec<(Arc<Delivery>, Target)>,
+    deliveries: Vec<(Arc<Delivery>, Destination)>,
     run: RunSettings,
     step_key: String,
     shutdown_timeout: Duration,
     failed: AtomicBool,
     report: Mutex<Option<ShutdownReport>>,
-    collector: Arc<Collector>,
+    early: Arc<EarlyCollection>,
 }
 
 /// Shared by a pipeline's recorders: counts what they record and collects early enough that no
 /// collection exceeds the SDK's cardinality limit.
 #[derive(Debug)]
-struct Collector {
+struct EarlyCollection {
     /// Wakes the thread that collects early; capacity 1, so a pending wake-up is enough.
     wake: std::sync::mpsc::SyncSender<()>,
     /// Points after which the thread is asked to collect (`cardinality_limit / 4`).
@@ -205,7 +205,7 @@ fn uncount(since: &AtomicU64, n: u64) {
     let _ = since.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
 }
 
-impl Collector {
+impl EarlyCollection {
     /// Starts the early-collection thread: the collection itself (milliseconds for thousands
     /// of points) must not run on the trainer's thread.
     fn start(provider: SdkMeterProvider, limit: usize, uncollected: Vec<Arc<AtomicU64>>) -> std::io::Result<Self> {
@@ -350,23 +350,23 @@ impl Pipeline {
         let mut deliveries = Vec::new();
         let mut uncollected = Vec::new();
         for e in s.exporters {
-            let (delivery, target) =
-                crate::pipeline::start(&e).map_err(|source| BuildError::Spawn { name: e.name.clone(), source })?;
+            let (delivery, destination) =
+                crate::factory::start(&e).map_err(|source| BuildError::Spawn { name: e.name.clone(), source })?;
             let counter = Arc::new(AtomicU64::new(0));
             uncollected.push(counter.clone());
             let reader = PeriodicReader::builder(DeliveryExporter { delivery: delivery.clone(), uncollected: counter })
                 .with_interval(e.reader_interval)
                 .build();
             builder = builder.with_reader(reader);
-            deliveries.push((delivery, target));
+            deliveries.push((delivery, destination));
         }
         let provider = builder.build();
-        let collector = Arc::new(
-            Collector::start(provider.clone(), limit, uncollected)
+        let early = Arc::new(
+            EarlyCollection::start(provider.clone(), limit, uncollected)
                 .map_err(|source| BuildError::Spawn { name: "collector".into(), source })?,
         );
         Ok(Self {
-            collector,
+            early,
             provider,
             deliveries,
             run: s.run,
@@ -390,7 +390,7 @@ impl Pipeline {
     /// A recorder that attaches the step attribute for you.
     pub fn recorder(&self) -> StepRecorder {
         let mut r = StepRecorder::new(self.meter("trainmetrics"), &self.step_key);
-        r.collector = Some(self.collector.clone());
+        r.early = Some(self.early.clone());
         r
     }
 
@@ -400,11 +400,11 @@ impl Pipeline {
     }
 
     /// Where each exporter puts the run.
-    pub fn locations(&self) -> Vec<Location> {
+    pub fn run_destinations(&self) -> Vec<RunDestination> {
         self.deliveries
             .iter()
             .map(|(d, t)| match t {
-                Target::TensorBoard { logdir, run_dirs } => Location::TensorBoard {
+                Destination::TensorBoard { logdir, run_dirs } => RunDestination::TensorBoard {
                     exporter: d.name().to_string(),
                     logdir: logdir.clone(),
                     // Before the first write the directory is not claimed yet: show the name it
@@ -415,9 +415,9 @@ impl Pipeline {
                         .and_then(|m| m.get(&self.run.id).cloned())
                         .unwrap_or_else(|| logdir.join(run_dir_name(&self.run.name))),
                 },
-                Target::Mlflow { tracking_uri, run_ids } => {
+                Destination::Mlflow { tracking_uri, run_ids } => {
                     let r = run_ids.lock().ok().and_then(|m| m.get(&self.run.id).cloned());
-                    Location::Mlflow {
+                    RunDestination::Mlflow {
                         exporter: d.name().to_string(),
                         tracking_uri: tracking_uri.clone(),
                         experiment_id: r.as_ref().map(|r| r.experiment_id.clone()),
@@ -488,7 +488,7 @@ impl Pipeline {
         });
         let report = ShutdownReport {
             outcome,
-            recorded: self.collector.recorded.load(Ordering::Relaxed),
+            recorded: self.early.recorded.load(Ordering::Relaxed),
             exporters,
             elapsed: started.elapsed(),
         };
@@ -508,14 +508,14 @@ impl Drop for Pipeline {
 /// attribute. Instruments are created on first use of a name and cached. Cheap to clone.
 ///
 /// Non-finite scalars (which the OTel SDK discards) are recorded as `0.0` with the attribute
-/// `trainmetrics.nonfinite` and restored by the exporters (see [`crate::batch`]).
+/// `trainmetrics.nonfinite` and restored by the exporters (see [`crate::decode`]).
 #[derive(Clone)]
 pub struct StepRecorder {
     meter: Meter,
     step_key: Key,
     gauges: Arc<Mutex<HashMap<String, Gauge<f64>>>>,
     histograms: Arc<Mutex<HashMap<String, Histogram<f64>>>>,
-    collector: Option<Arc<Collector>>,
+    early: Option<Arc<EarlyCollection>>,
 }
 
 impl fmt::Debug for StepRecorder {
@@ -545,7 +545,7 @@ pub fn is_instrument_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
 }
 
-/// The record time as an attribute (see [`crate::batch`]): timestamps are fixed when the trainer
+/// The record time as an attribute (see [`crate::decode`]): timestamps are fixed when the trainer
 /// records, not when the SDK collects, so TensorBoard's wall time and MLflow's timestamp are the
 /// real time of each step.
 fn record_time() -> KeyValue {
@@ -570,7 +570,7 @@ impl StepRecorder {
             step_key: Key::new(step_key.to_string()),
             gauges: Arc::default(),
             histograms: Arc::default(),
-            collector: None,
+            early: None,
         }
     }
 
@@ -584,7 +584,7 @@ impl StepRecorder {
         Some(x)
     }
 
-    /// The instrument name and extra attribute for metric `name` (see [`crate::batch`]).
+    /// The instrument name and extra attribute for metric `name` (see [`crate::decode`]).
     fn instrument_for(name: &str) -> (&str, Option<KeyValue>) {
         if is_instrument_name(name) {
             (name, None)
@@ -593,14 +593,14 @@ impl StepRecorder {
         }
     }
 
-    /// Ends the run by the run-end convention (see [`crate::batch`] "Run end"): records the
-    /// gauge [`crate::batch::RUN_END_METRIC`] once, with the attribute `status`. Made for the
+    /// Ends the run by the run-end convention (see [`crate::decode`] "Run end"): records the
+    /// gauge [`crate::decode::RUN_END_METRIC`] once, with the attribute `status`. Made for the
     /// OTLP route (a collector and `trainmetrics serve` end the run when it arrives, FINISHED,
     /// FAILED or KILLED); a [`Pipeline`] in process takes it the same way, and also ends its
     /// runs at shutdown.
-    pub fn record_run_end(&self, status: crate::batch::EndStatus) {
-        if let Some(g) = self.gauge(crate::batch::RUN_END_METRIC) {
-            g.record(1.0, &[KeyValue::new(crate::batch::RUN_END_STATUS_ATTRIBUTE, status.as_str())]);
+    pub fn record_run_end(&self, status: crate::decode::EndStatus) {
+        if let Some(g) = self.gauge(crate::decode::RUN_END_METRIC) {
+            g.record(1.0, &[KeyValue::new(crate::decode::RUN_END_STATUS_ATTRIBUTE, status.as_str())]);
         }
     }
 
@@ -619,7 +619,7 @@ impl StepRecorder {
         if attributes.is_empty() && name_attr.is_none() && value.is_finite() {
             // The common case without a heap allocation.
             g.record(value, &[KeyValue::new(self.step_key.clone(), step), record_time()]);
-            if let Some(c) = &self.collector {
+            if let Some(c) = &self.early {
                 c.recorded_one();
             }
             return;
@@ -636,7 +636,7 @@ impl StepRecorder {
                 g.record(0.0, &attrs);
             }
         }
-        if let Some(c) = &self.collector {
+        if let Some(c) = &self.early {
             c.recorded_one();
         }
     }
@@ -683,7 +683,7 @@ impl StepRecorder {
         for v in values {
             h.record(*v, &attrs);
         }
-        if let Some(c) = &self.collector {
+        if let Some(c) = &self.early {
             c.recorded_one();
         }
     }

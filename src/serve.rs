@@ -103,7 +103,7 @@ fn log_summary(settings: &PipelineSettings) {
     tracing::info!("telemetry: {}", settings.telemetry.as_deref().map_or("off".to_string(), |e| format!("{e} (/metrics, /health)")));
     for e in &settings.exporters {
         let c = &e.delivery.cadence;
-        let target = crate::pipeline::describe(&e.backend);
+        let target = crate::factory::describe(&e.backend);
         let d = &e.delivery;
         let every = c.every_steps.map_or("-".to_string(), |n| n.to_string());
         let interval = c.interval.map_or("-".to_string(), |i| humantime::format_duration(i).to_string());
@@ -140,7 +140,7 @@ pub async fn run(
     }
     let mut deliveries: Vec<Arc<Delivery>> = Vec::new();
     for e in &settings.exporters {
-        let (d, _) = crate::pipeline::start(e).map_err(|source| ServeError::Spawn { name: e.name.clone(), source })?;
+        let (d, _) = crate::factory::start(e).map_err(|source| ServeError::Spawn { name: e.name.clone(), source })?;
         deliveries.push(d);
     }
     log_summary(&settings);

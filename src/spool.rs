@@ -17,7 +17,7 @@
 //! ```
 //!
 //! The first record of a segment is a [`SegmentHeader`] (format version, exporter name and the
-//! exporter's target, e.g. the MLflow tracking URI without credentials); every later record is one
+//! exporter's destination, e.g. the MLflow tracking URI without credentials); every later record is one
 //! [`SpoolBatch`]. A record whose length runs past the end of the file or whose checksum does not
 //! match ends the segment (a torn write from a crash): what came before it is replayed, the rest
 //! is reported as corrupt bytes.
@@ -32,11 +32,11 @@
 //! # Ownership and replay
 //! A process holds an exclusive `flock` on every segment it writes or replays, so two trainers (or
 //! a trainer and a service) sharing a spool directory never replay each other's live segments. At
-//! start, segments that no live process holds and whose header names the same exporter target
+//! start, segments that no live process holds and whose header names the same exporter destination
 //! are adopted: their batches are put at the front of the queue, in the order they were written,
 //! and delivered again with their original timestamps. MLflow stores a metric row once per
 //! (key, step, timestamp, value), so a batch that was in fact committed before the crash is not
-//! duplicated. Segments of another target are left alone (logged once).
+//! duplicated. Segments of another destination are left alone (logged once).
 //!
 //! A segment is deleted once every batch in it is delivered or dropped.
 //!
@@ -56,7 +56,7 @@ use prost::Message;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Histogram, RunInfo};
+use crate::decode::{Histogram, RunInfo};
 use crate::cadence::{EndStatus, OutBatch, OutPoint, RunEnd};
 use crate::problems::Problems;
 
@@ -121,13 +121,13 @@ pub fn default_spool_root() -> PathBuf {
 
 impl SpoolConfig {
     /// Validates (at config path `path`, e.g. `exporters.mlflow.sending_queue.spool`) into
-    /// settings for the exporter `exporter` writing to `target`; `None` when the spool is off
+    /// settings for the exporter `exporter` writing to `destination`; `None` when the spool is off
     /// (`enabled`, default `on_by_default`). Problems go to `p`.
     pub fn settings(
         &self,
         path: &str,
         exporter: &str,
-        target: String,
+        destination: String,
         on_by_default: bool,
         p: &mut Problems,
     ) -> Option<SpoolSettings> {
@@ -144,7 +144,7 @@ impl SpoolConfig {
                 max_bytes: self.max_size_mib.unwrap_or(1024).saturating_mul(1 << 20),
                 when_full: self.when_full.unwrap_or(WhenFull::DropNewest),
                 fsync: self.fsync.unwrap_or(true),
-                target,
+                destination,
             })
     }
 }
@@ -161,8 +161,8 @@ pub struct SpoolSettings {
     /// `fdatasync` after every appended record. Default true.
     pub fsync: bool,
     /// What the batches are for (e.g. `mlflow http://127.0.0.1:5000`): only segments with the
-    /// same target are replayed.
-    pub target: String,
+    /// same destination are replayed.
+    pub destination: String,
 }
 
 /// Where one spooled batch lives.
@@ -221,7 +221,7 @@ pub struct Replayed {
 pub struct Opened {
     /// Batches left by earlier processes, oldest first.
     pub replayed: Vec<Replayed>,
-    /// Segments skipped because they belong to another target or format version.
+    /// Segments skipped because they belong to another destination or format version.
     pub foreign_segments: usize,
     /// Bytes at the end of segments that could not be read (torn or damaged records).
     pub corrupt_bytes: u64,
@@ -278,7 +278,7 @@ impl Spool {
         }
         if opened.foreign_segments > 0 {
             tracing::warn!(exporter = %spool.exporter, segments = opened.foreign_segments, dir = %dir.display(),
-                "spool segments of another target or format left in place");
+                "spool segments of another destination or format left in place");
         }
         Ok((spool, opened))
     }
@@ -310,7 +310,7 @@ impl Spool {
         let mut records = Frames { bytes: &bytes, at: 0 };
         let header = records.next().and_then(|(_, p)| SegmentHeader::decode(p).ok());
         match header {
-            Some(h) if h.version == VERSION && h.target == self.settings.target => {}
+            Some(h) if h.version == VERSION && h.destination == self.settings.destination => {}
             _ => {
                 opened.foreign_segments += 1;
                 return Ok(());
@@ -384,7 +384,7 @@ impl Spool {
         std::fs::create_dir_all(&self.settings.directory).map_err(|source| SpoolError::Io { path: self.settings.directory.clone(), source })?;
         let mut file = OpenOptions::new().read(true).append(true).create_new(true).open(&path).map_err(io)?;
         file.try_lock().map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        let header = SegmentHeader { version: VERSION, target: self.settings.target.clone(), exporter: self.exporter.clone() }.encode_to_vec();
+        let header = SegmentHeader { version: VERSION, destination: self.settings.destination.clone(), exporter: self.exporter.clone() }.encode_to_vec();
         let header = frame(&header);
         let written = file.write_all(&header).and_then(|()| if self.settings.fsync { file.sync_all() } else { Ok(()) });
         if let Err(e) = written {
@@ -542,9 +542,9 @@ pub struct SegmentHeader {
     /// Format version ([`VERSION`]).
     #[prost(uint32, tag = "1")]
     pub version: u32,
-    /// The exporter's target (see [`SpoolSettings::target`]).
+    /// The exporter's destination (see [`SpoolSettings::destination`]).
     #[prost(string, tag = "2")]
-    pub target: String,
+    pub destination: String,
     /// The exporter's configured name (informational).
     #[prost(string, tag = "3")]
     pub exporter: String,
@@ -724,7 +724,7 @@ impl SpoolBatch {
 }
 
 /// Every batch in a spool directory, in write order, whoever holds the segments and whatever
-/// their target (read-only, no locks taken; for tools and tests that inspect a spool). Torn or
+/// their destination (read-only, no locks taken; for tools and tests that inspect a spool). Torn or
 /// damaged records end their segment, as in replay.
 pub fn inspect(dir: &Path) -> Vec<OutBatch> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -773,10 +773,10 @@ pub struct ScannedSegment {
 }
 
 impl ScannedSegment {
-    /// Whether replay by an exporter of `target` would adopt it (this format version, that
-    /// target, no live holder).
-    pub fn adoptable_by(&self, target: &str) -> bool {
-        !self.locked && self.header.as_ref().is_some_and(|h| h.version == VERSION && h.target == target)
+    /// Whether replay by an exporter of `destination` would adopt it (this format version, that
+    /// destination, no live holder).
+    pub fn adoptable_by(&self, destination: &str) -> bool {
+        !self.locked && self.header.as_ref().is_some_and(|h| h.version == VERSION && h.destination == destination)
     }
 }
 
@@ -850,7 +850,7 @@ mod tests {
     use super::*;
 
     fn settings(dir: &Path, max: u64) -> SpoolSettings {
-        SpoolSettings { directory: dir.to_path_buf(), max_bytes: max, when_full: WhenFull::DropNewest, fsync: true, target: "t".into() }
+        SpoolSettings { directory: dir.to_path_buf(), max_bytes: max, when_full: WhenFull::DropNewest, fsync: true, destination: "t".into() }
     }
 
     fn batch(step: i64, v: f64) -> OutBatch {
@@ -926,7 +926,7 @@ mod tests {
         assert!(other.replayed.is_empty(), "segments held by a live spool are not replayed");
         drop(s);
         let mut foreign = settings(dir.path(), 1 << 20);
-        foreign.target = "u".into();
+        foreign.destination = "u".into();
         let (_, opened) = Spool::open("mlflow", foreign).expect("foreign");
         assert_eq!((opened.replayed.len(), opened.foreign_segments), (0, 1));
         let small = tempfile::tempdir().expect("tempdir");

@@ -15,7 +15,7 @@ pub enum DropReason {
     QueueFull,
     /// The SDK folded new attribute sets into its overflow series (cardinality limit reached).
     CardinalityOverflow,
-    /// The step attribute was not an integer (see [`crate::batch`]).
+    /// The step attribute was not an integer (see [`crate::decode`]).
     InvalidStep,
     /// A number data point without a value, or with an unreadable `trainmetrics.nonfinite`.
     InvalidValue,
@@ -51,7 +51,7 @@ pub enum DropReason {
     /// aggregated again (see [`crate::cadence`], "Duplicates").
     Duplicate,
     /// The metric name is empty or maps to no name (only `/` and white space): no TensorBoard
-    /// tag or MLflow key can stand for it (see [`crate::batch`]).
+    /// tag or MLflow key can stand for it (see [`crate::decode`]).
     InvalidName,
     /// A point of a rank that the exporter's job view does not show (`ranks: rank0` shows rank
     /// 0 of a distributed job; see [`crate::jobs`]).

@@ -3,11 +3,11 @@
 //!
 //! A spool root holds one directory per exporter (`<root>/<exporter>`, see
 //! [`crate::config::default_spool_root`]); each holds segment files whose header names the
-//! exporter's target (`mlflow <tracking URI without credentials>`, `tensorboard <logdir>`). Both
+//! exporter's destination (`mlflow <tracking URI without credentials>`, `tensorboard <logdir>`). Both
 //! commands read the root itself and every directory directly under it, so `--dir` may name a
 //! root or one exporter's directory.
 //!
-//! Delivery is the library's own: per (directory, target) one [`Delivery`] with the backend's
+//! Delivery is the library's own: per (directory, destination) one [`Delivery`] with the backend's
 //! exporter and that spool, which adopts the segments no live process holds and delivers them in
 //! write order, exactly as the next start of the trainer would ([`crate::spool`] "Ownership and
 //! replay"); then it is shut down within the timeout with [`RunOutcome::Running`], so run
@@ -19,7 +19,7 @@
 //! Segments held by a live process (`flock`) are neither read for delivery nor changed: they are
 //! listed as skipped. Credentials come as the exporter has them: `MLFLOW_TRACKING_USERNAME` /
 //! `MLFLOW_TRACKING_PASSWORD`, `MLFLOW_TRACKING_TOKEN`, or userinfo in `--tracking-uri`; nothing
-//! printed here contains them (targets carry no credentials by construction).
+//! printed here contains them (destinations carry no credentials by construction).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::batch::RunInfo;
+use crate::decode::RunInfo;
 use crate::cadence::{EndStatus, OutBatch};
 use crate::delivery::{Delivery, DeliverySettings};
 use crate::exporter::mlflow::config::{parse_tracking_uri, MlflowConfig};
@@ -41,13 +41,13 @@ use crate::stats::{ExporterReport, ExporterStats};
 /// Default of `--timeout`: how long one sync delivers before it leaves the rest in the spool.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Which targets a sync delivers.
+/// Which destinations a sync delivers.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Selection {
     /// The MLflow server at this tracking URI (userinfo `user:password@` allowed: it becomes
     /// Basic auth and is never shown).
     TrackingUri(String),
-    /// Every target found (MLflow and TensorBoard).
+    /// Every destination found (MLflow and TensorBoard).
     All,
 }
 
@@ -76,16 +76,16 @@ pub enum SyncError {
     #[error("--tracking-uri {0}")]
     TrackingUri(&'static str),
     /// The OS refused to start a delivery thread.
-    #[error("cannot start delivering to {target}: {source}")]
+    #[error("cannot start delivering to {destination}: {source}")]
     Start {
-        /// The target.
-        target: String,
+        /// The destination.
+        destination: String,
         /// The OS error.
         source: std::io::Error,
     },
 }
 
-/// What waits for one run in one spool directory and target.
+/// What waits for one run in one spool directory and destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunWaiting {
     /// The run key (trainmetrics' run identity).
@@ -106,13 +106,13 @@ pub struct RunWaiting {
     pub ended: Option<EndStatus>,
 }
 
-/// Segments of one target in one spool directory.
+/// Segments of one destination in one spool directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TargetWaiting {
+pub struct DestinationWaiting {
     /// The spool directory.
     pub directory: PathBuf,
-    /// The target (`mlflow <uri>`, `tensorboard <logdir>`), without credentials.
-    pub target: String,
+    /// The destination (`mlflow <uri>`, `tensorboard <logdir>`), without credentials.
+    pub destination: String,
     /// The exporter name in the segment headers (informational).
     pub exporter: String,
     /// Segment files no live process holds.
@@ -130,8 +130,8 @@ pub struct TargetWaiting {
 pub struct SkippedSegment {
     /// The file.
     pub path: PathBuf,
-    /// Its target, when its header is readable.
-    pub target: Option<String>,
+    /// Its destination, when its header is readable.
+    pub destination: Option<String>,
     /// Why it is skipped: `locked by a live process`, `another format version`, …
     pub why: String,
     /// Its size.
@@ -147,8 +147,8 @@ pub struct SkippedSegment {
 pub struct Listing {
     /// The root that was read.
     pub root: PathBuf,
-    /// Per directory and target, what a sync can deliver.
-    pub targets: Vec<TargetWaiting>,
+    /// Per directory and destination, what a sync can deliver.
+    pub destinations: Vec<DestinationWaiting>,
     /// Segments a sync does not touch (held by a live process, unreadable, other format).
     pub skipped: Vec<SkippedSegment>,
 }
@@ -156,7 +156,7 @@ pub struct Listing {
 impl Listing {
     /// Whether nothing waits (skipped segments aside).
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+        self.destinations.is_empty()
     }
 }
 
@@ -185,7 +185,7 @@ fn data_batches(seg: &ScannedSegment) -> (u64, u64) {
 }
 
 /// Lists what waits under `root` (see the module docs for which directories are read). With
-/// `only`, only that target's segments are listed as waiting (others are left out).
+/// `only`, only that destination's segments are listed as waiting (others are left out).
 ///
 /// Errors: a directory exists but cannot be listed.
 pub fn list(root: &Path, only: Option<&str>) -> Result<Listing, SyncError> {
@@ -193,29 +193,29 @@ pub fn list(root: &Path, only: Option<&str>) -> Result<Listing, SyncError> {
     for dir in directories(root)? {
         let scan = spool::scan(&dir)?;
         for (path, why) in scan.skipped {
-            listing.skipped.push(SkippedSegment { path, target: None, why, bytes: 0, batches: 0, points: 0 });
+            listing.skipped.push(SkippedSegment { path, destination: None, why, bytes: 0, batches: 0, points: 0 });
         }
-        let mut by_target: BTreeMap<String, TargetWaiting> = BTreeMap::new();
+        let mut by_destination: BTreeMap<String, DestinationWaiting> = BTreeMap::new();
         for seg in scan.segments {
-            let target = seg.header.as_ref().map(|h| h.target.clone());
-            if only.is_some_and(|t| target.as_deref() != Some(t)) {
+            let destination = seg.header.as_ref().map(|h| h.destination.clone());
+            if only.is_some_and(|t| destination.as_deref() != Some(t)) {
                 continue;
             }
             let why = match &seg.header {
                 _ if seg.locked => Some("locked by a live process"),
                 None => Some("no readable header"),
-                Some(h) if !seg.adoptable_by(&h.target) => Some("another format version"),
+                Some(h) if !seg.adoptable_by(&h.destination) => Some("another format version"),
                 Some(_) => None,
             };
             if let Some(why) = why {
                 let (batches, points) = data_batches(&seg);
-                listing.skipped.push(SkippedSegment { path: seg.path.clone(), target, why: why.into(), bytes: seg.bytes, batches, points });
+                listing.skipped.push(SkippedSegment { path: seg.path.clone(), destination, why: why.into(), bytes: seg.bytes, batches, points });
                 continue;
             }
             let Some(h) = seg.header else { continue };
-            let t = by_target.entry(h.target.clone()).or_insert_with(|| TargetWaiting {
+            let t = by_destination.entry(h.destination.clone()).or_insert_with(|| DestinationWaiting {
                 directory: dir.clone(),
-                target: h.target.clone(),
+                destination: h.destination.clone(),
                 exporter: h.exporter.clone(),
                 ..Default::default()
             });
@@ -226,7 +226,7 @@ pub fn list(root: &Path, only: Option<&str>) -> Result<Listing, SyncError> {
                 add_batch(&mut t.runs, batch, *bytes);
             }
         }
-        listing.targets.extend(by_target.into_values());
+        listing.destinations.extend(by_destination.into_values());
     }
     Ok(listing)
 }
@@ -275,17 +275,17 @@ pub struct RunSynced {
     pub ended: Option<EndStatus>,
 }
 
-/// One (directory, target) after a sync.
+/// One (directory, destination) after a sync.
 #[derive(Debug, Clone)]
 pub struct TargetSynced {
     /// What waited before.
-    pub before: TargetWaiting,
+    pub before: DestinationWaiting,
     /// What was delivered, per run.
     pub runs: Vec<RunSynced>,
     /// The delivery's report (received = replayed data points).
     pub report: ExporterReport,
-    /// What stays in the spool for this target (`None`: nothing).
-    pub left: Option<TargetWaiting>,
+    /// What stays in the spool for this destination (`None`: nothing).
+    pub left: Option<DestinationWaiting>,
 }
 
 /// What a sync did.
@@ -295,19 +295,19 @@ pub struct SyncReport {
     pub root: PathBuf,
     /// What was selected (shown without credentials).
     pub selected: String,
-    /// Per directory and target delivered.
-    pub targets: Vec<TargetSynced>,
-    /// Segments not touched (live processes' and unreadable ones), of the selected targets.
+    /// Per directory and destination delivered.
+    pub destinations: Vec<TargetSynced>,
+    /// Segments not touched (live processes' and unreadable ones), of the selected destinations.
     pub skipped: Vec<SkippedSegment>,
-    /// Targets found but not selected (`--tracking-uri` names another one).
+    /// Destinations found but not selected (`--tracking-uri` names another one).
     pub not_selected: Vec<String>,
 }
 
 impl SyncReport {
-    /// Whether batches of the selected targets stay in the spool (the command then exits
+    /// Whether batches of the selected destinations stay in the spool (the command then exits
     /// non-zero).
     pub fn anything_left(&self) -> bool {
-        self.targets.iter().any(|t| t.left.is_some())
+        self.destinations.iter().any(|t| t.left.is_some())
     }
 }
 
@@ -356,43 +356,43 @@ impl<E: Exporter> Exporter for Counting<E> {
     }
 }
 
-/// The MLflow target string of a tracking URI (`mlflow <base>`), as exporters write it.
+/// The MLflow destination string of a tracking URI (`mlflow <base>`), as exporters write it.
 ///
 /// Errors: the URI is not a usable tracking URI.
-pub fn mlflow_target(uri: &str) -> Result<String, SyncError> {
+pub fn mlflow_destination(uri: &str) -> Result<String, SyncError> {
     parse_tracking_uri(uri).map(|t| format!("mlflow {}", t.base)).map_err(SyncError::TrackingUri)
 }
 
-/// Delivers the selected targets' spooled batches under `root` within `timeout` per target (see
+/// Delivers the selected destinations' spooled batches under `root` within `timeout` per destination (see
 /// the module docs). A backend that cannot be reached leaves its batches where they are.
 ///
 /// Errors: a spool directory cannot be read, `--tracking-uri` is invalid, or a thread cannot
 /// be started.
 pub fn sync(root: &Path, selection: &Selection, timeout: Duration) -> Result<SyncReport, SyncError> {
     let only = match selection {
-        Selection::TrackingUri(uri) => Some(mlflow_target(uri)?),
+        Selection::TrackingUri(uri) => Some(mlflow_destination(uri)?),
         Selection::All => None,
     };
     let everything = list(root, None)?;
     let listing = list(root, only.as_deref())?;
     let mut report = SyncReport {
         root: root.to_path_buf(),
-        selected: only.clone().unwrap_or_else(|| "all targets".into()),
+        selected: only.clone().unwrap_or_else(|| "all destinations".into()),
         skipped: listing.skipped.clone(),
         ..Default::default()
     };
-    for t in &everything.targets {
-        if only.as_deref().is_some_and(|o| o != t.target) && !report.not_selected.contains(&t.target) {
-            report.not_selected.push(t.target.clone());
+    for t in &everything.destinations {
+        if only.as_deref().is_some_and(|o| o != t.destination) && !report.not_selected.contains(&t.destination) {
+            report.not_selected.push(t.destination.clone());
         }
     }
-    for before in listing.targets {
-        report.targets.push(sync_target(before, selection, timeout)?);
+    for before in listing.destinations {
+        report.destinations.push(sync_target(before, selection, timeout)?);
     }
     Ok(report)
 }
 
-fn sync_target(before: TargetWaiting, selection: &Selection, timeout: Duration) -> Result<TargetSynced, SyncError> {
+fn sync_target(before: DestinationWaiting, selection: &Selection, timeout: Duration) -> Result<TargetSynced, SyncError> {
     let runs = Arc::new(Mutex::new(Vec::new()));
     let per_call = timeout.min(Duration::from_secs(10));
     let settings = DeliverySettings {
@@ -404,26 +404,26 @@ fn sync_target(before: TargetWaiting, selection: &Selection, timeout: Duration) 
             max_bytes: 1 << 50,
             when_full: WhenFull::DropNewest,
             fsync: true,
-            target: before.target.clone(),
+            destination: before.destination.clone(),
         }),
         ..Default::default()
     };
     let name = if before.exporter.is_empty() { "sync".to_string() } else { before.exporter.clone() };
-    let start_err = |source| SyncError::Start { target: before.target.clone(), source };
+    let start_err = |source| SyncError::Start { destination: before.destination.clone(), source };
     enum Dest {
         Mlflow(crate::exporter::mlflow::exporter::RunIds),
         TensorBoard(crate::exporter::tensorboard::exporter::RunDirs),
     }
-    let (delivery, dest) = if let Some(base) = before.target.strip_prefix("mlflow ") {
+    let (delivery, dest) = if let Some(base) = before.destination.strip_prefix("mlflow ") {
         let exporter = MlflowExporter::new(mlflow_settings(base, selection)?);
         let ids = exporter.run_ids();
         (Delivery::start(&name, Counting { inner: exporter, runs: runs.clone() }, settings).map_err(start_err)?, Dest::Mlflow(ids))
-    } else if let Some(logdir) = before.target.strip_prefix("tensorboard ") {
+    } else if let Some(logdir) = before.destination.strip_prefix("tensorboard ") {
         let exporter = TensorBoardExporter::new(TensorBoardSettings { logdir: PathBuf::from(logdir) });
         let dirs = exporter.run_dirs();
         (Delivery::start(&name, Counting { inner: exporter, runs: runs.clone() }, settings).map_err(start_err)?, Dest::TensorBoard(dirs))
     } else {
-        // A target this version cannot deliver to: listed as left, untouched.
+        // A destination this version cannot deliver to: listed as left, untouched.
         let report = ExporterReport { name, ..Default::default() };
         return Ok(TargetSynced { left: Some(before.clone()), before, runs: Vec::new(), report });
     };
@@ -436,18 +436,18 @@ fn sync_target(before: TargetWaiting, selection: &Selection, timeout: Duration) 
             Dest::TensorBoard(dirs) => dirs.lock().ok().and_then(|m| m.get(&r.key).map(|p| p.display().to_string())),
         };
     }
-    let after = list(&before.directory, Some(&before.target))?;
+    let after = list(&before.directory, Some(&before.destination))?;
     // Only this directory's own segments: `list` also reads directories under it.
-    let left = after.targets.into_iter().find(|t| t.directory == before.directory);
+    let left = after.destinations.into_iter().find(|t| t.directory == before.directory);
     Ok(TargetSynced { before, runs, report, left })
 }
 
-/// The exporter's MLflow settings for a target's base URI: credentials from `--tracking-uri`
+/// The exporter's MLflow settings for a destination's base URI: credentials from `--tracking-uri`
 /// when it names this server, else from the environment, as the exporter reads them. A
 /// configured `MLFLOW_RUN_ID` is not used: spooled runs go to their own MLflow runs.
 fn mlflow_settings(base: &str, selection: &Selection) -> Result<MlflowSettings, SyncError> {
     let uri = match selection {
-        Selection::TrackingUri(u) if mlflow_target(u)? == format!("mlflow {base}") => u.clone(),
+        Selection::TrackingUri(u) if mlflow_destination(u)? == format!("mlflow {base}") => u.clone(),
         _ => base.to_string(),
     };
     let config = MlflowConfig { tracking_uri: Some(uri), ..Default::default() };
@@ -468,8 +468,8 @@ fn run_label(key: &str, name: Option<&str>) -> String {
     }
 }
 
-fn fmt_waiting(f: &mut fmt::Formatter<'_>, t: &TargetWaiting) -> fmt::Result {
-    writeln!(f, "{} ({}): {} segment(s), {} bytes", t.directory.display(), t.target, t.segments, t.bytes)?;
+fn fmt_waiting(f: &mut fmt::Formatter<'_>, t: &DestinationWaiting) -> fmt::Result {
+    writeln!(f, "{} ({}): {} segment(s), {} bytes", t.directory.display(), t.destination, t.segments, t.bytes)?;
     for r in &t.runs {
         write!(f, "  {}: {} batches, {} points", run_label(&r.key, r.run_name.as_deref()), r.batches, r.points)?;
         if r.data_points != r.points {
@@ -493,7 +493,7 @@ fn fmt_waiting(f: &mut fmt::Formatter<'_>, t: &TargetWaiting) -> fmt::Result {
 fn fmt_skipped(f: &mut fmt::Formatter<'_>, skipped: &[SkippedSegment]) -> fmt::Result {
     for s in skipped {
         write!(f, "skipped {}: {}", s.path.display(), s.why)?;
-        if let Some(t) = &s.target {
+        if let Some(t) = &s.destination {
             write!(f, " ({t}, {} batches, {} points, {} bytes)", s.batches, s.points, s.bytes)?;
         }
         writeln!(f)?;
@@ -501,32 +501,32 @@ fn fmt_skipped(f: &mut fmt::Formatter<'_>, skipped: &[SkippedSegment]) -> fmt::R
     Ok(())
 }
 
-/// The `trainmetrics spool` / `sync --dry-run` text: per directory and target, per run:
+/// The `trainmetrics spool` / `sync --dry-run` text: per directory and destination, per run:
 /// batches, points, bytes, oldest point time; then skipped segments.
 impl fmt::Display for Listing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.targets.is_empty() {
+        if self.destinations.is_empty() {
             writeln!(f, "nothing waits in {}", self.root.display())?;
         }
-        for t in &self.targets {
+        for t in &self.destinations {
             fmt_waiting(f, t)?;
         }
         fmt_skipped(f, &self.skipped)
     }
 }
 
-/// The `trainmetrics sync` text: per target, per run what was delivered and where; what stays.
+/// The `trainmetrics sync` text: per destination, per run what was delivered and where; what stays.
 impl fmt::Display for SyncReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.targets.is_empty() {
+        if self.destinations.is_empty() {
             writeln!(f, "nothing to sync for {} in {}: nothing delivered", self.selected, self.root.display())?;
         }
-        for t in &self.targets {
-            writeln!(f, "{} ({}):", t.before.directory.display(), t.before.target)?;
+        for t in &self.destinations {
+            writeln!(f, "{} ({}):", t.before.directory.display(), t.before.destination)?;
             for r in &t.runs {
                 write!(f, "  {}", run_label(&r.key, r.run_name.as_deref()))?;
                 if let Some(d) = &r.destination {
-                    let what = if t.before.target.starts_with("mlflow ") { "MLflow run" } else { "run directory" };
+                    let what = if t.before.destination.starts_with("mlflow ") { "MLflow run" } else { "run directory" };
                     write!(f, " -> {what} {d}")?;
                 }
                 write!(f, ": delivered {} points in {} batches", r.points, r.batches)?;

@@ -197,7 +197,7 @@ fn nonfinite_drop_counts_non_finite() {
 #[test]
 fn nonfinite_clamp_maps_infinities_to_the_largest_finite_f64_and_drops_nan() {
     let (tb, ml, report) = with_policy("clamp");
-    // TensorBoard stores float32: its own largest finite value (batch::NonFinitePolicy).
+    // TensorBoard stores float32: its own largest finite value (decode::NonFinitePolicy).
     assert_eq!(tb, pts(&[(2, "3.4028234663852886e38"), (3, "-3.4028234663852886e38"), (4, "1.5")]));
     assert_eq!(ml, pts(&[(2, "1.7976931348623157e308"), (3, "-1.7976931348623157e308"), (4, "1.5")]));
     for e in ["tensorboard", "mlflow"] {

@@ -86,8 +86,8 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The MLflow run id once the exporter has one.
 fn mlflow_id(p: &Pipeline) -> Option<String> {
-    p.locations().into_iter().find_map(|l| match l {
-        trainmetrics::Location::Mlflow { run_id, .. } => run_id,
+    p.run_destinations().into_iter().find_map(|l| match l {
+        trainmetrics::RunDestination::Mlflow { run_id, .. } => run_id,
         _ => None,
     })
 }
@@ -342,7 +342,7 @@ fn a_symlink_planted_in_the_logdir_is_never_written_through() {
         }
         let report = p.shutdown();
         assert_eq!((report.exporters[0].delivered, report.exporters[0].dropped_total()), (5, 0), "{}", report.exporters[0]);
-        let dirs = p.locations().iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" ");
+        let dirs = p.run_destinations().iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" ");
         assert!(dirs.contains(&format!("{name}~")), "the run went to a suffixed directory: {dirs}");
     }
     assert_eq!(std::fs::read_dir(&outside).expect("outside").count(), 0, "nothing written outside the logdir");

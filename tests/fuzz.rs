@@ -13,7 +13,7 @@
 //! - `generated_requests_to_tensorboard_and_mlflow`: generated `ExportMetricsServiceRequest`s
 //!   (every data point type, wrong-length buckets, huge exponential scales/offsets, empty,
 //!   unicode and 10 kB names, NaN/±Inf, steps of every type and range, times 0 and `u64::MAX`,
-//!   huge attribute sets) through `batch::Decoder` → cadence `Windows` → the real TensorBoard
+//!   huge attribute sets) through `decode::Decoder` → cadence `Windows` → the real TensorBoard
 //!   exporter into a tempdir (event files checked frame by frame) and the MLflow request builder
 //!   (keys, values, timestamps, JSON, entity counts and sizes checked against MLflow's rules).
 //! - `generated_requests_load_in_tensorboard`: generated cases written into one logdir and read
@@ -60,7 +60,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
 use prost::Message;
 use serde_json::Value;
-use trainmetrics::batch::{count_data_points, DecodeSettings, Decoded, Decoder, NonFinitePolicy};
+use trainmetrics::decode::{count_data_points, DecodeSettings, Decoded, Decoder, NonFinitePolicy};
 use trainmetrics::cadence::{Aggregation, CadenceSettings, Close, Windows};
 use trainmetrics::delivery::{Delivery, DeliverySettings};
 use trainmetrics::exporter::mlflow::request_builder::{self, MAX_BODY_BYTES, MAX_ENTITIES, MAX_METRICS};
@@ -1124,7 +1124,7 @@ fn regression_exponential_histogram_extremes() {
         let outs = check_decoder(&req, DecodeSettings::default());
         for rp in &outs[0].runs {
             for p in &rp.points {
-                if let trainmetrics::batch::PointValue::Histogram(h) = &p.value {
+                if let trainmetrics::decode::PointValue::Histogram(h) = &p.value {
                     assert!(h.bounds.iter().all(|b| b.is_finite()) && h.bounds.windows(2).all(|w| w[0] < w[1]), "{scale} {offset}: {:?}", h.bounds);
                 }
             }

@@ -153,7 +153,7 @@ fn sync_delivers_what_trainers_left_while_mlflow_was_down_and_a_second_sync_deli
     }
     failed.fail();
     let r = failed.shutdown();
-    // The second trainer adopted the first one's segment too (same spool directory and target)
+    // The second trainer adopted the first one's segment too (same spool directory and destination)
     // and could not deliver it either.
     let ml = &r.exporters[0];
     assert_eq!((ml.received, ml.spooled, ml.events.get("replayed_from_spool")), (95, 95, Some(&80)), "{ml}");
@@ -169,8 +169,8 @@ fn sync_delivers_what_trainers_left_while_mlflow_was_down_and_a_second_sync_deli
     let (success, listing, err) = trainmetrics(&["spool", "--dir", root_s], &[]);
     assert!(success, "{listing}{err}");
     eprintln!("trainmetrics spool:\n{listing}");
-    let target = format!("mlflow {uri}");
-    assert!(listing.contains(&format!("{} ({target}): 2 segment(s), {total_bytes} bytes", dir.display())), "{listing}");
+    let destination = format!("mlflow {uri}");
+    assert!(listing.contains(&format!("{} ({destination}): 2 segment(s), {total_bytes} bytes", dir.display())), "{listing}");
     for (name, s) in [("offline-ok", a), ("offline-failed", b)] {
         let line = line_of(&listing, name);
         let want = format!("{} batches, {} points, ", s.batches, s.points);
@@ -220,7 +220,7 @@ fn sync_delivers_what_trainers_left_while_mlflow_was_down_and_a_second_sync_deli
 
     let (success, out, err) = trainmetrics(&["sync", "--dir", root_s, "--tracking-uri", &uri], &[]);
     assert!(success, "{out}{err}");
-    assert_eq!(out, format!("nothing to sync for {target} in {root_s}: nothing delivered\n"));
+    assert_eq!(out, format!("nothing to sync for {destination} in {root_s}: nothing delivered\n"));
     assert_eq!(history(&uri, ok_id, "loss").len(), 40, "the second sync delivered nothing");
     assert_eq!(history(&uri, failed_id, "loss").len(), 15);
     let (success, out, _) = trainmetrics(&["spool", "--dir", root_s], &[]);

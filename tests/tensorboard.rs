@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::{read_tb, Loader};
-use trainmetrics::batch::RunInfo;
+use trainmetrics::decode::RunInfo;
 use trainmetrics::cadence::{OutBatch, OutPoint};
 use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::exporter::{MAX_OPEN_FILES, RUN_MARKER};

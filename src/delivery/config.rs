@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::DeliverySettings;
-use crate::batch::{DecodeSettings, NonFinitePolicy, DEFAULT_MAX_RUNS, DEFAULT_MAX_SERIES_PER_RUN};
+use crate::decode::{DecodeSettings, NonFinitePolicy, DEFAULT_MAX_RUNS, DEFAULT_MAX_SERIES_PER_RUN};
 use crate::cadence::{Aggregation, CadenceSettings};
 use crate::exporter::BackendDefaults;
 use crate::jobs::JobSettings;
@@ -55,7 +55,7 @@ pub struct DeliveryConfig {
     /// Queue sizes.
     #[serde(default)]
     pub sending_queue: QueueConfig,
-    /// NaN/±Inf scalars: `keep` | `drop` | `clamp` (see [`crate::batch::NonFinitePolicy`]);
+    /// NaN/±Inf scalars: `keep` | `drop` | `clamp` (see [`crate::decode::NonFinitePolicy`]);
     /// default `keep`.
     #[serde(default)]
     pub nonfinite: Option<NonFinitePolicy>,
@@ -103,7 +103,7 @@ pub struct FromBackend {
     /// The backend's defaults.
     pub defaults: BackendDefaults,
     /// Where the exporter writes (spool segments name it; see [`crate::spool::SpoolSettings`]).
-    pub target: String,
+    pub destination: String,
     /// The job view of distributed jobs; `None`: each rank is a run of its own.
     pub jobs: Option<JobSettings>,
     /// Quiet time after which a run is ended; `None`: runs are never ended for being idle.
@@ -170,7 +170,7 @@ impl DeliveryConfig {
         let spool = q.spool.settings(
             &format!("{path}.sending_queue.spool"),
             name,
-            backend.target,
+            backend.destination,
             backend.defaults.spool,
             p,
         );

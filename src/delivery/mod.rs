@@ -1,5 +1,5 @@
 //! Delivery: what is wrapped once around every exporter. Each exporter gets its own thread with a
-//! bounded queue of OTLP requests in front; the thread decodes them ([`crate::batch`]), applies the
+//! bounded queue of OTLP requests in front; the thread decodes them ([`crate::decode`]), applies the
 //! exporter's cadence and aggregation ([`crate::cadence`]), keeps the resulting batches in order
 //! (bounded), and calls the exporter with a timeout, retrying per [`RetrySettings`]. Submitting
 //! never blocks: a full queue drops the request and counts it (`queue_full`), so the trainer's
@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
-use crate::batch::{parse, DecodeSettings, Decoder, Parsed};
+use crate::decode::{parse, DecodeSettings, Decoder, Parsed};
 use crate::cadence::{CadenceSettings, Close, EndStatus, OutBatch, RunEnd, Windows};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};

@@ -7,14 +7,14 @@
 //! `exporter.rs` (the [`Exporter`] impl), an encoder or request builder (backend format), and a
 //! transport (`record.rs` file framing / `client.rs` HTTP).
 //!
-//! This module is the contract only; [`crate::pipeline`] builds started exporters from settings.
+//! This module is the contract only; [`crate::factory`] builds started exporters from settings.
 
 pub mod mlflow;
 pub mod tensorboard;
 
 use std::time::Duration;
 
-use crate::batch::RunInfo;
+use crate::decode::RunInfo;
 use crate::cadence::OutBatch;
 use crate::stats::{DropReason, ExporterStats};
 

@@ -160,7 +160,7 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
 /// Two gaps of the typed (opentelemetry-proto serde) decoding are closed here:
 /// - The proto3 JSON mapping writes non-finite doubles as the strings `"NaN"`, `"Infinity"`,
 ///   `"-Infinity"`, which the typed decoding refuses: such an `asDouble` becomes `0.0` with the
-///   attribute `trainmetrics.nonfinite` (the convention of [`crate::batch`]), so the value
+///   attribute `trainmetrics.nonfinite` (the convention of [`crate::decode`]), so the value
 ///   arrives as sent.
 /// - A malformed field inside a metric (e.g. `"timeUnixNano": "-5"`) makes the typed decoding
 ///   drop the whole metric without an error. Counting `dataPoints` in the JSON first turns that
@@ -172,7 +172,7 @@ pub fn decode_json(raw: &[u8]) -> Result<(ExportMetricsServiceRequest, u64), Str
     let mut points = 0u64;
     visit_points(&mut value, &mut points);
     let req: ExportMetricsServiceRequest = serde_json::from_value(value).map_err(|e| e.to_string())?;
-    let kept = crate::batch::count_data_points(&req);
+    let kept = crate::decode::count_data_points(&req);
     Ok((req, points.saturating_sub(kept)))
 }
 
@@ -213,7 +213,7 @@ fn mark_nonfinite(dp: &mut serde_json::Value) {
         _ => return,
     };
     map.insert(key.to_string(), Value::from(0.0));
-    let attr = serde_json::json!({"key": crate::batch::NONFINITE_ATTRIBUTE, "value": {"stringValue": text}});
+    let attr = serde_json::json!({"key": crate::decode::NONFINITE_ATTRIBUTE, "value": {"stringValue": text}});
     match map.get_mut("attributes") {
         Some(Value::Array(a)) => a.push(attr),
         _ => {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest};
 
-use crate::batch::{parse, DecodeSettings, CUMULATIVE_NOTICE};
+use crate::decode::{parse, DecodeSettings, CUMULATIVE_NOTICE};
 use crate::delivery::{Delivery, NoRoom};
 
 /// How long a sender is asked to wait when an exporter has no room. Short: held points drain

@@ -288,10 +288,10 @@ pub fn spooling_mlflow(uri: &str, spool: &std::path::Path, retry: trainmetrics::
 
 /// The MLflow run id a pipeline reports (panics if it has none yet).
 pub fn mlflow_run_id(p: &trainmetrics::Pipeline) -> String {
-    p.locations()
+    p.run_destinations()
         .into_iter()
         .find_map(|l| match l {
-            trainmetrics::Location::Mlflow { run_id: Some(id), .. } => Some(id),
+            trainmetrics::RunDestination::Mlflow { run_id: Some(id), .. } => Some(id),
             _ => None,
         })
         .expect("the pipeline has an MLflow run")

@@ -1,4 +1,4 @@
-"""The conventions `trainmetrics serve` reads from OTLP (source: the Rust crate's `src/batch.rs`
+"""The conventions `trainmetrics serve` reads from OTLP (source: the Rust crate's `src/decode/mod.rs`
 and the README's "Rules"), in one place for the whole package."""
 
 from __future__ import annotations

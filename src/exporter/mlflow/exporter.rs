@@ -68,7 +68,7 @@ use super::config::{MlflowRunPolicy, MlflowSettings, ResumePolicy};
 use super::request_builder::{
     key_value, metric, split_log_batch, truncate_chars, MAX_PARAM_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
 };
-use crate::batch::RunInfo;
+use crate::decode::RunInfo;
 use crate::cadence::{OutBatch, RunEnd};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{mlflow_key, mlflow_run_name, MlflowKeys};

@@ -70,7 +70,7 @@ use prost::Message;
 use super::config::TensorBoardSettings;
 use super::encoder::{self, HParamValue};
 use super::record::append_record;
-use crate::batch::RunInfo;
+use crate::decode::RunInfo;
 use crate::cadence::{OutBatch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{fnv1a32, run_dir_name};

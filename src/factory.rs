@@ -10,9 +10,9 @@ use crate::config::{Backend, ExporterSettings};
 use crate::delivery::Delivery;
 use crate::exporter::{mlflow, tensorboard};
 
-/// Where a started exporter puts runs, readable while it runs (for [`crate::Location`]).
+/// Where a started exporter puts runs, readable while it runs (for [`crate::RunDestination`]).
 #[derive(Debug, Clone)]
-pub enum Target {
+pub enum Destination {
     /// TensorBoard: the logdir and the directory each run key claimed.
     TensorBoard {
         /// The logdir.
@@ -32,34 +32,34 @@ pub enum Target {
 /// Starts one configured exporter behind its [`Delivery`].
 ///
 /// Errors: the OS refused to spawn the delivery thread.
-pub fn start(e: &ExporterSettings) -> std::io::Result<(Arc<Delivery>, Target)> {
-    let (delivery, target) = match &e.backend {
+pub fn start(e: &ExporterSettings) -> std::io::Result<(Arc<Delivery>, Destination)> {
+    let (delivery, destination) = match &e.backend {
         Backend::TensorBoard(tb) => {
             let exporter = tensorboard::TensorBoardExporter::new(tb.clone());
             let run_dirs = exporter.run_dirs();
-            let target = Target::TensorBoard {
+            let destination = Destination::TensorBoard {
                 logdir: tb.logdir.clone(),
                 run_dirs,
             };
             (
                 Delivery::start(&e.name, exporter, e.delivery.clone())?,
-                target,
+                destination,
             )
         }
         Backend::Mlflow(m) => {
             let exporter = mlflow::MlflowExporter::new(m.clone()).with_run_policy(e.run_policy);
             let run_ids = exporter.run_ids();
-            let target = Target::Mlflow {
+            let destination = Destination::Mlflow {
                 tracking_uri: m.tracking_uri.clone(),
                 run_ids,
             };
             (
                 Delivery::start(&e.name, exporter, e.delivery.clone())?,
-                target,
+                destination,
             )
         }
     };
-    Ok((Arc::new(delivery), target))
+    Ok((Arc::new(delivery), destination))
 }
 
 /// One line on where an exporter writes, for the service's startup log (never a secret: MLflow
