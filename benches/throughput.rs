@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
 use trainmetrics::decode::RunInfo;
-use trainmetrics::cadence::{OutBatch, OutPoint};
+use trainmetrics::cadence::{Batch, OutPoint};
 use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
 use trainmetrics::exporter::Exporter;
@@ -86,7 +86,7 @@ fn main() {
                     inputs: 1,
                 })
                 .collect();
-            let _ = exporter.export(&OutBatch { run: run.clone(), points, ..Default::default() }, Duration::from_secs(5));
+            let _ = exporter.export(&Batch { run: run.clone(), points, ..Default::default() }, Duration::from_secs(5));
         }
         rates.push(100_000.0 / t.elapsed().as_secs_f64());
     }

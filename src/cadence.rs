@@ -79,7 +79,7 @@
 //! - the run's series accept steps from `S` on again;
 //! - later points of the run at step `S` or above that are older than the resuming point (the
 //!   old session's, retried by a collector) are counted `superseded`;
-//! - the run's next [`OutBatch`] carries `resumed_at: Some(S)`, so exporters start a new
+//! - the run's next [`Batch`] carries `resumed_at: Some(S)`, so exporters start a new
 //!   session (TensorBoard: a new event file beginning with `SessionLog START` at `S`).
 //!
 //! # Run end
@@ -87,7 +87,7 @@
 //! [`crate::decode`]) is held for the cadence's `reorder_window` after it arrives, so points a
 //! collector's other consumers still had in flight are taken; then every open window of the
 //! process is written (stamped as on shutdown: the partial window at its largest step) and the
-//! last batch carries [`OutBatch::ended`] (an empty batch when nothing was open). The same end
+//! last batch carries [`Batch::ended`] (an empty batch when nothing was open). The same end
 //! arriving again (a retry, or a cumulative SDK re-sending its gauge) with no point taken in
 //! between ends nothing more. Windows are keyed by [`RunInfo::process_key`]: each rank of a job
 //! has its own steps, windows, resumes and end.
@@ -108,7 +108,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::decode::{EndStatus, RunEnd};
 use crate::decode::{Histogram, Point, PointValue, RunInfo, RunPoints};
 
-/// Most points in one [`OutBatch`] (see the module docs): one release of held points is cut
+/// Most points in one [`Batch`] (see the module docs): one release of held points is cut
 /// into batches of at most this many, so no single export call, spool record or allocation
 /// grows with the length of a hold. 10 000 points are about 2.5 MB in memory and one MLflow
 /// exporter call of 10 `log-batch` requests.
@@ -212,7 +212,7 @@ pub struct OutPoint {
 
 /// The points of one run ready for an exporter, sorted by (step, series).
 #[derive(Debug, Clone, Default)]
-pub struct OutBatch {
+pub struct Batch {
     /// The run.
     pub run: Arc<RunInfo>,
     /// Its points.
@@ -232,7 +232,7 @@ pub struct OutBatch {
     pub ended: Option<RunEnd>,
 }
 
-impl OutBatch {
+impl Batch {
     /// Input data points this batch stands for.
     pub fn inputs(&self) -> u64 {
         self.points.iter().map(|p| p.inputs).sum()
@@ -422,7 +422,7 @@ enum Taken {
 /// `duplicate`, from a changed total, `late`). A producer with cumulative temporality and a
 /// step attribute re-sends every step at each collection until its SDK's cardinality limit
 /// (2000 attribute sets by default), so this covers it with room to spare.
-const WRITTEN_CUMULATIVE_STEPS: usize = 4096;
+pub const WRITTEN_CUMULATIVE_STEPS: usize = 4096;
 
 /// The identity of a data point within its series (see "Duplicates" in the module docs):
 /// step, time and value; for a cumulative point, step, start time and value (its time changes
@@ -515,7 +515,7 @@ struct RunState {
     /// The latest resume: (step S, time of the resuming point). Older points at S or above
     /// belong to the session it replaced.
     resumed: Option<(i64, u64)>,
-    /// A resume not yet announced in an [`OutBatch`].
+    /// A resume not yet announced in an [`Batch`].
     announce_resume: Option<i64>,
     last_arrival: Instant,
     /// An idle batch was emitted and no point arrived since.
@@ -766,7 +766,7 @@ impl Windows {
     }
 
     /// Closes the windows that are due (or all) and returns their points, one batch per run.
-    pub fn take_ready(&mut self, now: Instant, close: Close) -> Vec<OutBatch> {
+    pub fn take_ready(&mut self, now: Instant, close: Close) -> Vec<Batch> {
         let interval_due = self
             .settings
             .interval
@@ -830,7 +830,7 @@ impl Windows {
                 let pieces = points.len().div_ceil(MAX_BATCH_POINTS).max(1);
                 let mut rest = points.into_iter();
                 for i in 0..pieces {
-                    out.push(OutBatch {
+                    out.push(Batch {
                         run: state.run.clone(),
                         points: rest.by_ref().take(MAX_BATCH_POINTS).collect(),
                         resumed_at: if i == 0 { resumed_at } else { None },
@@ -875,7 +875,7 @@ mod tests {
         CadenceSettings { every_steps: every, aggregation: agg, ..Default::default() }
     }
 
-    fn flat(batches: Vec<OutBatch>) -> Vec<(String, i64, f64, u64)> {
+    fn flat(batches: Vec<Batch>) -> Vec<(String, i64, f64, u64)> {
         batches
             .into_iter()
             .flat_map(|b| b.points)

@@ -21,12 +21,12 @@
 //! Points of runs without a rank pass unchanged.
 //!
 //! # Resume, idle and end
-//! - A rank's resume ([`OutBatch::resumed_at`]) drops its combined-view points still waiting at
+//! - A rank's resume ([`Batch::resumed_at`]) drops its combined-view points still waiting at
 //!   that step or above (`superseded`); the job's batch carries the resume of rank 0 (of any
 //!   rank when the job has no rank 0).
-//! - The job is idle (an [`OutBatch::idle`] batch, which may end the MLflow run by idle time)
+//! - The job is idle (an [`Batch::idle`] batch, which may end the MLflow run by idle time)
 //!   once every known rank's last batch was idle.
-//! - The job ends ([`OutBatch::ended`]) on the first rank that ends `FAILED`, and when every
+//! - The job ends ([`Batch::ended`]) on the first rank that ends `FAILED`, and when every
 //!   known rank has ended: `FAILED` if one did, else `KILLED` if one was, else `FINISHED`, at
 //!   the latest end time. Waiting combined points are written first. A job whose ranks send
 //!   points again after its end is running again and ends again by the same rule.
@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{EndStatus, RunEnd, RunInfo};
-use crate::cadence::{Close, OutBatch, OutPoint, MAX_BATCH_POINTS};
+use crate::cadence::{Close, Batch, OutPoint, MAX_BATCH_POINTS};
 use crate::problems::Problems;
 use crate::stats::DropReason;
 
@@ -199,7 +199,7 @@ impl JobView {
 
     /// Takes the cadence's batches and returns the batches for the exporter: rank-less runs'
     /// batches unchanged, then each job's batch of what is ready (`Close::All`: everything).
-    pub fn process(&mut self, batches: Vec<OutBatch>, now: Instant, close: Close) -> Vec<OutBatch> {
+    pub fn process(&mut self, batches: Vec<Batch>, now: Instant, close: Close) -> Vec<Batch> {
         let mut out = Vec::new();
         for b in batches {
             match b.run.rank {
@@ -269,7 +269,7 @@ impl JobView {
             let mut rest = points.into_iter();
             for i in 0..pieces {
                 let last = i + 1 == pieces;
-                out.push(OutBatch {
+                out.push(Batch {
                     run: job.run.clone(),
                     points: rest.by_ref().take(MAX_BATCH_POINTS).collect(),
                     resumed_at: if i == 0 { resumed_at } else { None },
@@ -281,7 +281,7 @@ impl JobView {
         out
     }
 
-    fn take(&mut self, b: OutBatch, rank: i64, now: Instant) {
+    fn take(&mut self, b: Batch, rank: i64, now: Instant) {
         let job = self.jobs.entry(b.run.key.clone()).or_insert_with(|| Job {
             run: b.run.job(),
             ranks: BTreeMap::new(),
@@ -398,8 +398,8 @@ mod tests {
         Arc::new(RunInfo { key: "job".into(), rank: Some(rank), ..Default::default() })
     }
 
-    fn batch(rank: i64, points: &[(&str, i64, f64)]) -> OutBatch {
-        OutBatch {
+    fn batch(rank: i64, points: &[(&str, i64, f64)]) -> Batch {
+        Batch {
             run: run(rank),
             points: points
                 .iter()
@@ -409,7 +409,7 @@ mod tests {
         }
     }
 
-    fn values(out: &[OutBatch]) -> Vec<(String, i64, f64, u64)> {
+    fn values(out: &[Batch]) -> Vec<(String, i64, f64, u64)> {
         out.iter().flat_map(|b| &b.points).map(|p| (p.series.to_string(), p.step, p.scalar, p.inputs)).collect()
     }
 
@@ -575,7 +575,7 @@ mod tests {
     fn runs_without_a_rank_pass_unchanged_and_the_job_goes_idle_with_its_last_rank() {
         let mut j = view(RankView::Rank0);
         let t = Instant::now();
-        let plain = OutBatch { run: Arc::new(RunInfo { key: "solo".into(), ..Default::default() }), ..batch(0, &[("a", 1, 1.0)]) };
+        let plain = Batch { run: Arc::new(RunInfo { key: "solo".into(), ..Default::default() }), ..batch(0, &[("a", 1, 1.0)]) };
         let out = j.process(vec![plain], t, Close::Due);
         assert_eq!(out[0].run.key, "solo");
         assert_eq!(out[0].points.len(), 1);

@@ -57,11 +57,11 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{Histogram, RunInfo};
-use crate::cadence::{EndStatus, OutBatch, OutPoint, RunEnd};
+use crate::cadence::{EndStatus, Batch, OutPoint, RunEnd};
 use crate::problems::Problems;
 
 /// Format version written in every segment header; a segment of another version is not replayed.
-const VERSION: u32 = 1;
+pub const VERSION: u32 = 1;
 /// A segment is sealed and a new one started past this size, so delivered data is freed in
 /// pieces rather than only when a whole outage is over.
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -211,7 +211,7 @@ pub enum SpoolError {
 #[derive(Debug)]
 pub struct Replayed {
     /// The batch.
-    pub batch: OutBatch,
+    pub batch: Batch,
     /// Where it is on disk (ack it once delivered or dropped).
     pub at: RecordRef,
 }
@@ -346,7 +346,7 @@ impl Spool {
     ///
     /// Errors: [`SpoolError::Full`] past `max_bytes`; [`SpoolError::Io`] when the file cannot be
     /// written (the batch is then not spooled).
-    pub fn append(&mut self, batch: &OutBatch) -> Result<RecordRef, SpoolError> {
+    pub fn append(&mut self, batch: &Batch) -> Result<RecordRef, SpoolError> {
         let payload = SpoolBatch::from_batch(batch).encode_to_vec();
         let need = FRAME + payload.len() as u64;
         if self.bytes + need > self.settings.max_bytes {
@@ -433,7 +433,7 @@ impl Spool {
     /// Reads a spooled batch back.
     ///
     /// Errors: the file cannot be read, or the record is damaged (checksum or decoding).
-    pub fn read(&mut self, at: RecordRef) -> Result<OutBatch, SpoolError> {
+    pub fn read(&mut self, at: RecordRef) -> Result<Batch, SpoolError> {
         let Some(seg) = self.segments.get_mut(&at.segment) else {
             return Err(SpoolError::Corrupt { path: self.settings.directory.clone(), offset: at.offset });
         };
@@ -550,7 +550,7 @@ pub struct SegmentHeader {
     pub exporter: String,
 }
 
-/// One spooled batch: an [`OutBatch`] field by field.
+/// One spooled batch: an [`Batch`] field by field.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SpoolBatch {
     /// The run.
@@ -559,16 +559,16 @@ pub struct SpoolBatch {
     /// Its points.
     #[prost(message, repeated, tag = "2")]
     pub points: Vec<SpoolPoint>,
-    /// [`OutBatch::resumed_at`].
+    /// [`Batch::resumed_at`].
     #[prost(int64, optional, tag = "3")]
     pub resumed_at: Option<i64>,
-    /// [`OutBatch::idle`].
+    /// [`Batch::idle`].
     #[prost(bool, tag = "4")]
     pub idle: bool,
-    /// [`OutBatch::ended`]: the status (`FINISHED`, `FAILED`, `KILLED`) of an end record.
+    /// [`Batch::ended`]: the status (`FINISHED`, `FAILED`, `KILLED`) of an end record.
     #[prost(string, optional, tag = "5")]
     pub ended: Option<String>,
-    /// [`OutBatch::ended`]: when the process ended the run, ns since the Unix epoch.
+    /// [`Batch::ended`]: when the process ended the run, ns since the Unix epoch.
     #[prost(fixed64, tag = "6")]
     pub ended_unix_nano: u64,
 }
@@ -646,7 +646,7 @@ pub struct SpoolHistogram {
 }
 
 impl SpoolBatch {
-    fn from_batch(b: &OutBatch) -> Self {
+    fn from_batch(b: &Batch) -> Self {
         let r = &b.run;
         SpoolBatch {
             run: Some(SpoolRun {
@@ -684,9 +684,9 @@ impl SpoolBatch {
         }
     }
 
-    fn into_batch(self) -> OutBatch {
+    fn into_batch(self) -> Batch {
         let r = self.run.unwrap_or_default();
-        OutBatch {
+        Batch {
             run: Arc::new(RunInfo {
                 key: r.key,
                 experiment: r.experiment,
@@ -726,7 +726,7 @@ impl SpoolBatch {
 /// Every batch in a spool directory, in write order, whoever holds the segments and whatever
 /// their destination (read-only, no locks taken; for tools and tests that inspect a spool). Torn or
 /// damaged records end their segment, as in replay.
-pub fn inspect(dir: &Path) -> Vec<OutBatch> {
+pub fn inspect(dir: &Path) -> Vec<Batch> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|it| it.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "spool")).collect())
         .unwrap_or_default();
@@ -766,7 +766,7 @@ pub struct ScannedSegment {
     /// it, and so does `trainmetrics sync`.
     pub locked: bool,
     /// Its batches in write order, each with the bytes its record takes (framing included).
-    pub batches: Vec<(OutBatch, u64)>,
+    pub batches: Vec<(Batch, u64)>,
     /// Bytes after the last readable record (a torn or damaged tail; for a locked segment, also
     /// a record being written right now).
     pub corrupt_bytes: u64,
@@ -853,9 +853,9 @@ mod tests {
         SpoolSettings { directory: dir.to_path_buf(), max_bytes: max, when_full: WhenFull::DropNewest, fsync: true, destination: "t".into() }
     }
 
-    fn batch(step: i64, v: f64) -> OutBatch {
+    fn batch(step: i64, v: f64) -> Batch {
         let run = RunInfo { key: "r".into(), experiment: Some("e".into()), run_name: None, run_id: Some("id".into()), params: BTreeMap::new(), tags: BTreeMap::new(), rank: Some(3) };
-        OutBatch {
+        Batch {
             run: Arc::new(run),
             points: vec![OutPoint { series: "loss".into(), step, time_unix_nano: 7, scalar: v, histogram: None, inputs: 3 }],
             resumed_at: (step == 2).then_some(2),

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::decode::RunInfo;
-use crate::cadence::{EndStatus, OutBatch};
+use crate::cadence::{EndStatus, Batch};
 use crate::delivery::{Delivery, DeliverySettings};
 use crate::exporter::mlflow::config::{parse_tracking_uri, MlflowConfig};
 use crate::exporter::mlflow::{MlflowExporter, MlflowSettings};
@@ -231,7 +231,7 @@ pub fn list(root: &Path, only: Option<&str>) -> Result<Listing, SyncError> {
     Ok(listing)
 }
 
-fn add_batch(runs: &mut Vec<RunWaiting>, batch: &OutBatch, bytes: u64) {
+fn add_batch(runs: &mut Vec<RunWaiting>, batch: &Batch, bytes: u64) {
     let i = match runs.iter().position(|r| r.key == batch.run.key) {
         Some(i) => i,
         None => {
@@ -318,7 +318,7 @@ struct Counting<E> {
 }
 
 impl<E: Exporter> Exporter for Counting<E> {
-    fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError> {
+    fn export(&mut self, batch: &Batch, timeout: Duration) -> Result<Exported, ExportError> {
         let result = self.inner.export(batch, timeout);
         if let (Ok(exported), Ok(mut runs)) = (&result, self.runs.lock()) {
             let i = match runs.iter().position(|r| r.key == batch.run.key) {

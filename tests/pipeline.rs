@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{history, mlflow_run_id, mlflow_uri, otlp, read_tb, run, runs_of_experiment, unique, Loader};
-use trainmetrics::cadence::{Aggregation, CadenceSettings, OutBatch};
+use trainmetrics::cadence::{Aggregation, CadenceSettings, Batch};
 use trainmetrics::config::{DeliveryConfig, ExporterConfig, MlflowConfig, TensorBoardConfig};
 use trainmetrics::delivery::{Delivery, DeliverySettings, SubmitError};
 use trainmetrics::exporter::mlflow::{MlflowExporter, MlflowSettings};
@@ -161,7 +161,7 @@ struct Stuck {
 }
 
 impl Exporter for Stuck {
-    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+    fn export(&mut self, batch: &Batch, _timeout: Duration) -> Result<Exported, ExportError> {
         while !*self.release.lock().expect("lock") {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -299,7 +299,7 @@ struct Scripted {
 }
 
 impl Exporter for Scripted {
-    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+    fn export(&mut self, batch: &Batch, _timeout: Duration) -> Result<Exported, ExportError> {
         if self.hang {
             std::thread::sleep(Duration::from_secs(3600));
         }

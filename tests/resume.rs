@@ -11,7 +11,7 @@ use common::{history, kv, mlflow_uri, otlp, read_csv, read_tb_both, run, runs_of
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
-use trainmetrics::exporter::tensorboard::encoder::{event, Event};
+use trainmetrics::exporter::tensorboard::proto::{event, Event};
 
 /// One request with `loss` at `step`, recorded at `time_unix_nano`.
 fn point(exp: &str, step: i64, value: f64, time_unix_nano: u64) -> ExportMetricsServiceRequest {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::{history, MlflowServer};
-use trainmetrics::cadence::OutBatch;
+use trainmetrics::cadence::Batch;
 use trainmetrics::config::{ExporterConfig, MlflowConfig, RetryConfig};
 use trainmetrics::Pipeline;
 
@@ -62,7 +62,7 @@ fn spooled(dir: &Path) -> BTreeMap<String, Spooled> {
     out
 }
 
-fn note(s: &mut Spooled, b: &OutBatch) {
+fn note(s: &mut Spooled, b: &Batch) {
     if !b.points.is_empty() {
         s.batches += 1;
         s.points += b.points.len() as u64;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{read_tb, Loader};
 use trainmetrics::decode::RunInfo;
-use trainmetrics::cadence::{OutBatch, OutPoint};
+use trainmetrics::cadence::{Batch, OutPoint};
 use trainmetrics::config::{DeliveryConfig, ExporterConfig, TensorBoardConfig};
 use trainmetrics::exporter::tensorboard::exporter::{MAX_OPEN_FILES, RUN_MARKER};
 use trainmetrics::exporter::tensorboard::{TensorBoardExporter, TensorBoardSettings};
@@ -37,8 +37,8 @@ fn run(key: &str, name: &str) -> Arc<RunInfo> {
 }
 
 /// One `loss` point per step.
-fn batch(run: &Arc<RunInfo>, steps: &[(i64, f64)]) -> OutBatch {
-    OutBatch {
+fn batch(run: &Arc<RunInfo>, steps: &[(i64, f64)]) -> Batch {
+    Batch {
         run: run.clone(),
         points: steps
             .iter()

@@ -80,7 +80,7 @@
 //! The SDK stamps data points with the collection time; [`crate::StepRecorder`] adds the record
 //! time as `trainmetrics.time_unix_nano` (int), which, when present, is the point's time.
 //!
-//! # Bad input (the rules, tested in `tests/bad_input.rs` and fuzzed in `tests/fuzz.rs`)
+//! # Bad input (the rules, tested in `tests/bad_input.rs` and fuzzed in `tests/fuzz/`)
 //! - **Steps** are int64 (TensorBoard's `Event.step` and MLflow's `step` are both int64).
 //!   Negative steps are accepted as they are. A double outside `[-2^63, 2^63)` (e.g. `1e30`), a
 //!   numeric string outside that range (e.g. `"99999999999999999999"`), a fractional value, NaN,

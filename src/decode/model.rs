@@ -25,7 +25,7 @@ pub const RUN_END_METRIC: &str = "trainmetrics.run.end";
 /// Attribute of [`RUN_END_METRIC`] with the run's final status (`FINISHED`, `FAILED`, `KILLED`).
 pub const RUN_END_STATUS_ATTRIBUTE: &str = "status";
 
-/// How and when a run ended: by its process at shutdown ([`crate::cadence::OutBatch::ended`]) or
+/// How and when a run ended: by its process at shutdown ([`crate::cadence::Batch::ended`]) or
 /// by the trainer's run-end gauge ([`RUN_END_METRIC`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunEnd {

@@ -37,7 +37,7 @@
 //! Shutdown closes every window, delivers within its timeout, spools what could not be delivered
 //! (or, without a spool, counts it `shutdown_timeout`), ends the exporter's runs, and returns a
 //! report. It is idempotent: a second call returns the first report. A run of this process with
-//! batches left in the spool also gets an end record there ([`OutBatch::ended`]: FINISHED or
+//! batches left in the spool also gets an end record there ([`Batch::ended`]: FINISHED or
 //! FAILED; none for `Running`), so whoever delivers the batches later (the next start,
 //! `trainmetrics sync`) ends the run as this process meant to.
 
@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
 use crate::decode::{parse, DecodeSettings, Decoder, Parsed};
-use crate::cadence::{CadenceSettings, Close, EndStatus, OutBatch, RunEnd, Windows};
+use crate::cadence::{CadenceSettings, Close, EndStatus, Batch, RunEnd, Windows};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::jobs::{JobSettings, JobView};
@@ -172,7 +172,7 @@ pub enum FlushError {
 
 enum Msg {
     /// A request, parsed once for every exporter.
-    Batch(Arc<Parsed>),
+    Request(Arc<Parsed>),
     Flush(mpsc::Sender<u64>),
     Shutdown { outcome: RunOutcome, deadline: Instant, ack: mpsc::Sender<()> },
 }
@@ -305,7 +305,7 @@ impl Delivery {
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
         self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.shared.queued_requests.fetch_add(1, Ordering::Relaxed);
-        let err = match self.tx.try_send(Msg::Batch(parsed)) {
+        let err = match self.tx.try_send(Msg::Request(parsed)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(_)) => SubmitError::QueueFull,
             Err(TrySendError::Disconnected(_)) => SubmitError::Closed,
@@ -465,7 +465,7 @@ struct Queued {
     key: String,
     inputs: u64,
     /// `None` while only the spool has it (read back when its turn comes).
-    batch: Option<OutBatch>,
+    batch: Option<Batch>,
     spooled: Option<RecordRef>,
 }
 
@@ -525,7 +525,7 @@ impl<E: Exporter> Worker<E> {
                 },
             };
             match msg {
-                Some(Msg::Batch(parsed)) => self.ingest(&parsed),
+                Some(Msg::Request(parsed)) => self.ingest(&parsed),
                 Some(Msg::Flush(ack)) => {
                     self.drain_queue(&rx);
                     self.close_windows(Close::Due);
@@ -722,7 +722,7 @@ impl<E: Exporter> Worker<E> {
     fn drain_queue(&mut self, rx: &Receiver<Msg>) {
         while let Ok(m) = rx.try_recv() {
             match m {
-                Msg::Batch(parsed) => self.ingest(&parsed),
+                Msg::Request(parsed) => self.ingest(&parsed),
                 m => self.control.push_back(m),
             }
         }
@@ -961,7 +961,7 @@ impl<E: Exporter> Worker<E> {
                     }
                 },
             };
-            let end = OutBatch { run, ended: Some(RunEnd { status, time_unix_nano }), ..Default::default() };
+            let end = Batch { run, ended: Some(RunEnd { status, time_unix_nano }), ..Default::default() };
             if let Err(e) = spool.append(&end) {
                 tracing::warn!(exporter = %self.name, run = %q.key, "could not spool the run's end ({}): {e}", status.as_str());
             }

@@ -1,4 +1,4 @@
-//! Exporters: plain "batch in, result out" parts, one per backend. Each takes an [`OutBatch`] (the
+//! Exporters: plain "batch in, result out" parts, one per backend. Each takes an [`Batch`] (the
 //! points of one run after cadence and aggregation) and writes it, or says whether trying again
 //! can help. Queueing, cadence, retry, timeouts and shutdown are wrapped around every exporter
 //! once, in [`crate::delivery`]; no exporter implements them itself.
@@ -15,7 +15,7 @@ pub mod tensorboard;
 use std::time::Duration;
 
 use crate::decode::RunInfo;
-use crate::cadence::OutBatch;
+use crate::cadence::Batch;
 use crate::stats::{DropReason, ExporterStats};
 
 /// How a run ended, as the trainer (or the process) reports it.
@@ -64,7 +64,7 @@ pub trait Exporter: Send + 'static {
     /// Must be idempotent for a retried batch (the same batch may be passed again after a
     /// `Retryable` error): TensorBoard skips steps already written, MLflow relies on the
     /// server's deduplication of identical (key, step, timestamp, value) rows.
-    fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError>;
+    fn export(&mut self, batch: &Batch, timeout: Duration) -> Result<Exported, ExportError>;
 
     /// Ends every run this exporter started (MLflow: status per `outcome`; TensorBoard: flush and
     /// close files). Bounded by `timeout`.

@@ -28,7 +28,7 @@
 //!   time.
 //!
 //! Resume (see `README.md` "Resume"): a run resumes when the cadence says so
-//! ([`OutBatch::resumed_at`], the service route), or when an exporter continues an existing
+//! ([`Batch::resumed_at`], the service route), or when an exporter continues an existing
 //! MLflow run whose largest logged step (`runs/get` `data.metrics`) is at or above the first
 //! step of its first batch (a new process of the same run, the in-process route). Then the tag
 //! [`RESUMED_AT_TAG`] is set to the step S it resumed from, and the policy
@@ -36,7 +36,7 @@
 //! (MLflow keeps every value it was sent), `skip_logged` refuses each point at or below the
 //! largest step its key had when the run resumed, counted `superseded`.
 //!
-//! Liveness (see `README.md` "Run liveness"): a batch flagged [`OutBatch::idle`] (no data point
+//! Liveness (see `README.md` "Run liveness"): a batch flagged [`Batch::idle`] (no data point
 //! for `end_idle_runs.after`) is logged, then its run is ended with the configured status
 //! (`KILLED` by default) and an end time. A later batch of that run sets it RUNNING again first.
 //!
@@ -69,7 +69,7 @@ use super::request_builder::{
     key_value, metric, split_log_batch, truncate_chars, MAX_PARAM_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
 };
 use crate::decode::RunInfo;
-use crate::cadence::{OutBatch, RunEnd};
+use crate::cadence::{Batch, RunEnd};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{mlflow_key, mlflow_run_name, MlflowKeys};
 use crate::stats::{DropReason, ExporterStats};
@@ -461,7 +461,7 @@ impl MlflowExporter {
     /// Applies the resume rules of the module docs before `batch` is logged: sets the run
     /// RUNNING again after an idle end, detects a resume of a continued run, records
     /// [`RESUMED_AT_TAG`] and the steps `skip_logged` skips.
-    fn begin_batch(&mut self, batch: &OutBatch, budget: &Budget) -> Result<(), ExportError> {
+    fn begin_batch(&mut self, batch: &Batch, budget: &Budget) -> Result<(), ExportError> {
         let Some(state) = self.runs.get(&batch.run.key) else { return Ok(()) };
         let (run_id, ended_idle, continued_unchecked) = (state.mlflow_run_id.clone(), state.ended_idle, state.continued_unchecked);
         if ended_idle && !batch.points.is_empty() {
@@ -524,7 +524,7 @@ impl MlflowExporter {
         Ok(())
     }
 
-    /// Ends `run`'s MLflow run as an end record says (see [`OutBatch::ended`]): the status and
+    /// Ends `run`'s MLflow run as an end record says (see [`Batch::ended`]): the status and
     /// end time its process would have set. A run this exporter has not used is looked up by
     /// its run key tag (its batches may have been delivered by an earlier replay); one that
     /// does not exist in MLflow is left alone.
@@ -657,7 +657,7 @@ impl MlflowExporter {
 }
 
 impl Exporter for MlflowExporter {
-    fn export(&mut self, batch: &OutBatch, timeout: Duration) -> Result<Exported, ExportError> {
+    fn export(&mut self, batch: &Batch, timeout: Duration) -> Result<Exported, ExportError> {
         let budget = Budget(Instant::now() + timeout);
         if self.client.credentials_refused() {
             self.reload_credentials();

@@ -48,9 +48,9 @@
 //!   run key as above, and each writes its own event files in `<run dir>/rank-<N>`
 //!   ([`rank_dir_name`]), which TensorBoard shows as the run `<run dir>/rank-<N>`: every rank's
 //!   curve is whole, and a rank's steps never look like a resume of another's.
-//! - A batch that ends its run ([`OutBatch::ended`]: the trainer's run-end gauge) has its event
+//! - A batch that ends its run ([`Batch::ended`]: the trainer's run-end gauge) has its event
 //!   file synced and closed after its points are written.
-//! - A resumed run ([`OutBatch::resumed_at`]: a trainer restarted from a checkpoint at step S
+//! - A resumed run ([`Batch::resumed_at`]: a trainer restarted from a checkpoint at step S
 //!   while this exporter ran on) starts a new event file whose session begins with a
 //!   `SessionLog START` at S: TensorBoard's Python loader purges the run's points at S and above
 //!   on it, and RustBoard drops a tag's points from a step that goes back. Each tag accepts
@@ -71,7 +71,7 @@ use super::config::TensorBoardSettings;
 use super::encoder::{self, HParamValue};
 use super::record::append_record;
 use crate::decode::RunInfo;
-use crate::cadence::{OutBatch, OutPoint};
+use crate::cadence::{Batch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
 use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
@@ -104,7 +104,7 @@ struct RunFile {
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
-    /// The resume step last handled (see [`OutBatch::resumed_at`]), so a retried batch does not
+    /// The resume step last handled (see [`Batch::resumed_at`]), so a retried batch does not
     /// start yet another session.
     resumed_at: Option<i64>,
 }
@@ -593,7 +593,7 @@ impl TensorBoardExporter {
 }
 
 impl Exporter for TensorBoardExporter {
-    fn export(&mut self, batch: &OutBatch, _timeout: Duration) -> Result<Exported, ExportError> {
+    fn export(&mut self, batch: &Batch, _timeout: Duration) -> Result<Exported, ExportError> {
         let exported = self.export_batch(batch)?;
         if batch.ended.is_some() {
             self.close_run(&batch.run.process_key())?;
@@ -617,7 +617,7 @@ impl Exporter for TensorBoardExporter {
 
 impl TensorBoardExporter {
     /// Writes a batch's points, starting a new session on a resume (see the module docs).
-    fn export_batch(&mut self, batch: &OutBatch) -> Result<Exported, ExportError> {
+    fn export_batch(&mut self, batch: &Batch) -> Result<Exported, ExportError> {
         let Some(resumed) = batch.resumed_at else {
             return Ok(Exported { refused: self.export_points(&batch.run, &batch.points, 0, None)? });
         };
@@ -658,8 +658,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn batch(run: &str, pts: &[(i64, &str, f64)]) -> OutBatch {
-        OutBatch {
+    fn batch(run: &str, pts: &[(i64, &str, f64)]) -> Batch {
+        Batch {
             run: Arc::new(RunInfo { key: run.into(), run_name: Some(run.into()), ..Default::default() }),
             points: pts
                 .iter()

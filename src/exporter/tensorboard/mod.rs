@@ -1,10 +1,11 @@
 //! TensorBoard exporter: writes each run's points as TensorBoard event files under
-//! `<logdir>/<run>/` (see [`exporter`] for the file rules, [`encoder`] for the protobufs, [`record`]
-//! for the TFRecord framing).
+//! `<logdir>/<run>/` (see [`exporter`] for the file rules, [`proto`] for the protobuf messages,
+//! [`encoder`] for the summaries built from them, [`record`] for the TFRecord framing).
 
 pub mod config;
 pub mod encoder;
 pub mod exporter;
+pub mod proto;
 pub mod record;
 
 pub use config::TensorBoardSettings;
