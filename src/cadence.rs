@@ -776,6 +776,9 @@ impl Windows {
         }
         let all = close == Close::All || interval_due;
         let linger = self.settings.linger;
+        // Without `every_steps` a window never closes by steps (its end, `i64::MAX`, is a key,
+        // not a step), while with it a window may end at `i64::MAX` like any other.
+        let steps_close = self.settings.every_steps.is_some();
         let mut out = Vec::new();
         for state in self.runs.values_mut() {
             let run_max = state.max_step;
@@ -788,7 +791,7 @@ impl Windows {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
                 while let Some((&end, first)) = s.windows.first_key_value() {
                     let settled = now.saturating_duration_since(first.opened) >= self.settings.reorder_window;
-                    let reached = settled && end != i64::MAX && (s.max_step > end || (quiet && run_max >= end));
+                    let reached = settled && steps_close && (s.max_step > end || (quiet && run_max >= end));
                     if !(reached || all) {
                         break;
                     }
@@ -917,6 +920,17 @@ mod tests {
         assert_eq!([1, 100, 101, 0, -1, -100].map(|x| s.window_end(x)), [100, 100, 200, 0, 0, -100]);
         assert_eq!(settings(Some(1), Aggregation::Last).window_end(7), 7);
         assert_eq!(s.window_end(i64::MAX - 3), i64::MAX);
+    }
+
+    #[test]
+    fn a_window_ending_at_the_largest_step_closes_like_any_other() {
+        let t = Instant::now();
+        let mut w = Windows::new(settings(Some(1), Aggregation::Last), t);
+        let mut p = pts("loss", [(1, 1.0)]);
+        p.points[0].step = i64::MAX;
+        w.push(p, t);
+        let out = flat(w.take_ready(t + Duration::from_secs(3600), Close::Due));
+        assert_eq!(out, vec![("loss".to_string(), i64::MAX, 1.0, 1)]);
     }
 
     #[test]

@@ -32,4 +32,36 @@ impl RejectionLog {
             tracing::warn!("{cause}: {n} time(s) since the last report on this cause; latest: {detail}");
         }
     }
+
+    /// Logs every cause counted since its last report (at shutdown, so the counts of a flood
+    /// are never lost to the rate limit) and returns them, sorted by cause.
+    pub fn flush(&self) -> Vec<(&'static str, u64)> {
+        let Ok(mut causes) = self.causes.lock() else { return Vec::new() };
+        let mut pending: Vec<(&'static str, u64)> = causes.iter().filter(|(_, (_, n))| *n > 0).map(|(c, (_, n))| (*c, *n)).collect();
+        pending.sort();
+        for (cause, (_, n)) in causes.iter_mut() {
+            if *n > 0 {
+                tracing::warn!("{cause}: {n} more time(s) since the last report on this cause");
+                *n = 0;
+            }
+        }
+        pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_reports_what_the_rate_limit_held_back_once() {
+        let log = RejectionLog::default();
+        for _ in 0..5 {
+            log.reject("OTLP/HTTP exporter has no room", &"busy");
+        }
+        log.reject("OTLP/gRPC invalid request", &"bad");
+        // The first of each cause was logged at once; the other 4 were held back.
+        assert_eq!(log.flush(), vec![("OTLP/HTTP exporter has no room", 4)]);
+        assert_eq!(log.flush(), vec![]);
+    }
 }

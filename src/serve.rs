@@ -209,6 +209,7 @@ pub async fn run(
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
+    log.flush();
     let left = settings.shutdown_timeout.saturating_sub(started.elapsed());
     let exporters = tokio::task::spawn_blocking(move || {
         std::thread::scope(|s| {

@@ -248,6 +248,7 @@ fn histogram_shapes_are_checked() {
     assert!(histogram(&dp(vec![1, 2], vec![1.0], 4)).is_err());
     assert!(histogram(&dp(vec![1, 2, 0], vec![2.0, 1.0], 3)).is_err());
     assert_eq!(histogram(&dp(vec![], vec![], 5)).map(|h| h.counts), Ok(vec![5]));
+    assert_eq!(histogram(&dp(vec![], vec![1.0, 2.0], 5)), Err("no bucket counts for 2 bounds (OTLP requires none)".to_string()));
 }
 
 fn stepped(n: usize, series_of: impl Fn(usize) -> String) -> ExportMetricsServiceRequest {

@@ -95,7 +95,10 @@ pub(crate) fn exponential_histogram(
 }
 
 pub(crate) fn histogram(dp: &HistogramDataPoint) -> Result<Histogram, String> {
-    let (bounds, counts) = if dp.bucket_counts.is_empty() {
+    let (bounds, counts) = if dp.bucket_counts.is_empty() && !dp.explicit_bounds.is_empty() {
+        // OTLP: no bucket counts requires no bounds.
+        return Err(format!("no bucket counts for {} bounds (OTLP requires none)", dp.explicit_bounds.len()));
+    } else if dp.bucket_counts.is_empty() {
         (Vec::new(), vec![dp.count])
     } else if dp.bucket_counts.len() == dp.explicit_bounds.len() + 1 {
         (dp.explicit_bounds.clone(), dp.bucket_counts.clone())

@@ -1007,6 +1007,7 @@ impl<E: Exporter> Worker<E> {
             self.stats.set_last_error(e.to_string());
         }
         let spooled: u64 = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
+        self.rejections.flush();
         if lost > 0 {
             self.stats.add_dropped(DropReason::ShutdownTimeout, lost);
             tracing::warn!(exporter = %self.name, not_delivered = lost, "shutdown deadline reached before delivery");

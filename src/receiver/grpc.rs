@@ -8,9 +8,11 @@
 //!
 //! Before tonic reads the message, the [`Admission`] checks the bearer token (`UNAUTHENTICATED`)
 //! and the rate limit (`RESOURCE_EXHAUSTED` with `RetryInfo`). tonic bounds the message both
-//! as sent and after decompression (`max_recv_msg_size_mib`): a larger one is answered
-//! `OUT_OF_RANGE` / `RESOURCE_EXHAUSTED` before more than the limit is buffered, so a gzip bomb
-//! costs at most the limit in memory. With `tls`, tonic serves TLS (rustls, `ring`).
+//! as sent and after decompression (`max_recv_msg_size_mib`): a larger one is refused before more
+//! than the limit is buffered, so a gzip bomb costs at most the limit in memory. What tonic
+//! refuses itself is answered from our [`Refusal`]: too large → `RESOURCE_EXHAUSTED` without
+//! `RetryInfo` (not retried, OTLP spec), a broken frame or compression → `INVALID_ARGUMENT`.
+//! With `tls`, tonic serves TLS (rustls, `ring`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -90,11 +92,11 @@ impl From<Refusal> for Status {
     }
 }
 
-/// The refusal that tonic answered itself, before [`Export`] ran: a message over the size
-/// limit (`OUT_OF_RANGE` as sent, `RESOURCE_EXHAUSTED` decompressed), an unsupported
-/// compression (`UNIMPLEMENTED`), a broken frame.
+/// The refusal behind what tonic answered itself, before [`Export`] ran: a message over the
+/// size limit (tonic's `OUT_OF_RANGE` as sent, `RESOURCE_EXHAUSTED` decompressed), an
+/// unsupported compression (`UNIMPLEMENTED`), a broken frame or body (`INTERNAL` and others).
 fn refused_by_tonic(status: &Status) -> Refusal {
-    let message = format!("{:?} {}", status.code(), status.message());
+    let message = status.message().to_string();
     match status.code() {
         Code::OutOfRange | Code::ResourceExhausted => Refusal::TooLarge(message),
         Code::Unimplemented => Refusal::Unsupported(message),
@@ -179,13 +181,21 @@ where
                 .apply_max_message_size_config(Some(max), None);
             let (admission, recorded) = (export.admission.clone(), export.recorded.clone());
             let resp = grpc.unary(export, req).await;
-            if !recorded.load(Ordering::Relaxed) {
-                // tonic answers its own refusals trailers-only: the status is in the headers.
-                if let Some(status) = Status::from_header_map(resp.headers()) {
-                    admission.record(&Err(refused_by_tonic(&status)));
-                }
+            if recorded.load(Ordering::Relaxed) {
+                return Ok(resp);
             }
-            Ok(resp)
+            // tonic refused the message before `Export` ran; its answer is trailers-only, so the
+            // status is in the headers. Answered from our refusal instead: tonic's codes for
+            // these (OUT_OF_RANGE, INTERNAL) would make a collector retry data that can never
+            // be taken, or misname a client's fault.
+            match Status::from_header_map(resp.headers()).filter(|s| s.code() != Code::Ok) {
+                Some(status) => {
+                    let refusal = refused_by_tonic(&status);
+                    admission.record(&Err(refusal.clone()));
+                    Ok(Status::from(refusal).into_http())
+                }
+                None => Ok(resp),
+            }
         })
     }
 }

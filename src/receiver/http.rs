@@ -166,9 +166,15 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
 ///   drop the whole metric without an error. Counting `dataPoints` in the JSON first turns that
 ///   loss into rejected data points in `partial_success`, never a silent 200.
 ///
-/// Errors: the body is not JSON, or not an `ExportMetricsServiceRequest` at all (400).
+/// Errors: the body is not JSON, not a JSON object, or not an `ExportMetricsServiceRequest` at
+/// all (400).
 pub fn decode_json(raw: &[u8]) -> Result<(ExportMetricsServiceRequest, u64), String> {
     let mut value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    // serde reads a struct from an array too (`[]` would be an empty request): the proto3 JSON
+    // mapping of a message is an object.
+    if !value.is_object() {
+        return Err("an OTLP/JSON body is a JSON object".to_string());
+    }
     let mut points = 0u64;
     visit_points(&mut value, &mut points);
     let req: ExportMetricsServiceRequest = serde_json::from_value(value).map_err(|e| e.to_string())?;
@@ -305,4 +311,18 @@ async fn serve_connections(
     }
     // Requests in flight finish (serve bounds the wait); idle keep-alive connections close.
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_body_must_be_an_object() {
+        for body in ["[]", "[[]]", "42", "null", "\"text\""] {
+            assert_eq!(decode_json(body.as_bytes()).err().as_deref(), Some("an OTLP/JSON body is a JSON object"), "{body}");
+        }
+        let (req, lost) = decode_json(b"{}").expect("an empty object is an empty request");
+        assert_eq!((req.resource_metrics.len(), lost), (0, 0));
+    }
 }

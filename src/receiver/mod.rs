@@ -372,6 +372,10 @@ mod tests {
             assert_eq!(header, retry_after, "{refusal:?}");
             let status = tonic::Status::from(refusal.clone());
             assert_eq!(status.code(), grpc_code, "{refusal:?}");
+            // RetryInfo exactly where the sender should retry (OTLP spec).
+            use tonic_types::StatusExt;
+            let retry = status.get_details_retry_info().and_then(|r| r.retry_delay);
+            assert_eq!(retry.is_some(), retry_after.is_some(), "{refusal:?}");
             assert_eq!(status.message(), refusal.to_string());
         }
     }
