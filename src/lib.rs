@@ -56,6 +56,7 @@ pub mod secrets;
 pub mod sdk;
 pub mod serve;
 pub mod spool;
+pub mod stage;
 pub mod stats;
 pub mod sync;
 pub mod telemetry;

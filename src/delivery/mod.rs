@@ -1,7 +1,7 @@
 //! Delivery: what is wrapped once around every exporter. Each exporter gets its own thread with a
-//! bounded queue of OTLP requests in front; the thread decodes them ([`crate::decode`]), applies the
-//! exporter's cadence and aggregation ([`crate::cadence`]), keeps the resulting batches in order
-//! (bounded), and calls the exporter with a timeout, retrying per [`RetrySettings`]. Submitting
+//! bounded queue of OTLP requests (parsed once for the pipeline) in front; the thread hands them
+//! to the exporter's [`Stage`] (its decoding rules, cadence windows and job view), keeps the
+//! batches the stage emits in order (bounded), and calls the exporter with a timeout, retrying per [`RetrySettings`]. Submitting
 //! never blocks: a full queue drops the request and counts it (`queue_full`), so the trainer's
 //! hot path and the SDK's reader thread never wait on disk or network.
 //!
@@ -54,12 +54,13 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
-use crate::decode::{parse, DecodeSettings, Decoder, Parsed};
-use crate::cadence::{CadenceSettings, Close, EndStatus, Batch, RunEnd, Windows};
+use crate::cadence::{Batch, CadenceSettings, Close, EndStatus, RunEnd};
+use crate::decode::{parse, DecodeSettings, Parsed};
 use crate::spool::{RecordRef, Spool, SpoolError, SpoolSettings, WhenFull};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
-use crate::jobs::{JobSettings, JobView};
+use crate::jobs::JobSettings;
 use crate::retry::RetrySettings;
+use crate::stage::Stage;
 use crate::stats::{DropReason, ExporterReport, ExporterStats};
 
 /// Validated settings of one exporter's delivery.
@@ -238,15 +239,12 @@ impl Delivery {
         let mut worker = Worker {
             name: name.to_string(),
             exporter,
-            decoder: Decoder::new(settings.decode.clone()),
-            windows: Windows::new(settings.cadence.clone(), Instant::now()),
-            jobs: settings.jobs.clone().map(JobView::new),
+            stage: Stage::new(name, settings.decode.clone(), settings.cadence.clone(), settings.jobs.clone(), stats.clone(), Instant::now()),
             out: VecDeque::new(),
             out_points: 0,
             failing: HashMap::new(),
             control: VecDeque::new(),
             spool: None,
-            rejections: Default::default(),
             spooling_logged: false,
             own_runs: Default::default(),
             settings,
@@ -478,10 +476,8 @@ impl Queued {
 struct Worker<E: Exporter> {
     name: String,
     exporter: E,
-    decoder: Decoder,
-    windows: Windows,
-    /// The job view between the cadence and the exporter, if the exporter shows jobs whole.
-    jobs: Option<JobView>,
+    /// Decoding, windows and job view: requests in, batches out.
+    stage: Stage,
     out: VecDeque<Queued>,
     /// Points of the batches in `out` that are in memory (what `max_pending_points` bounds).
     out_points: usize,
@@ -491,8 +487,6 @@ struct Worker<E: Exporter> {
     /// Control messages found while draining batches, handled in arrival order.
     control: VecDeque<Msg>,
     spool: Option<Spool>,
-    /// Unusable data points are logged once per reason, then at most every 10 s with a count.
-    rejections: crate::rejections::RejectionLog,
     /// Whether "spooling to disk" was logged for the current stretch of spooling.
     spooling_logged: bool,
     /// With a spool: run keys whose data this process received (not only adopted), the runs
@@ -548,10 +542,7 @@ impl<E: Exporter> Worker<E> {
     /// How long to wait for input: until the next window may close or a failing run may retry.
     fn wait(&self, now: Instant) -> Duration {
         let mut wake = now + TICK;
-        if let Some(due) = self.windows.next_due(now) {
-            wake = wake.min(due);
-        }
-        if let Some(due) = self.jobs.as_ref().and_then(|j| j.next_due(now)) {
+        if let Some(due) = self.stage.next_due(now) {
             wake = wake.min(due);
         }
         for b in &self.out {
@@ -565,10 +556,9 @@ impl<E: Exporter> Worker<E> {
     }
 
     fn publish_held(&self) {
-        let (job_inputs, job_entries) = self.jobs.as_ref().map_or((0, 0), |j| (j.pending_inputs(), j.held_entries()));
-        let held = self.windows.pending_inputs() + job_inputs + self.out.iter().map(|q| q.inputs).sum::<u64>();
+        let held = self.stage.pending_inputs() + self.out.iter().map(|q| q.inputs).sum::<u64>();
         self.shared.held.store(held, Ordering::Relaxed);
-        self.shared.window_entries.store(self.windows.held_entries() + job_entries, Ordering::Relaxed);
+        self.shared.window_entries.store(self.stage.held_entries(), Ordering::Relaxed);
         self.shared.batch_points.store(self.out_points as u64, Ordering::Relaxed);
         let spooled = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
         self.shared.spooled.store(spooled, Ordering::Relaxed);
@@ -660,57 +650,16 @@ impl<E: Exporter> Worker<E> {
 
     fn ingest(&mut self, parsed: &Parsed) {
         let (n, bytes) = (parsed.data_points, parsed.bytes);
-        let decoded = self.decoder.decode_parsed(parsed);
-        for (reason, count) in &decoded.dropped {
-            self.stats.add_dropped(*reason, *count);
-        }
-        for (name, count) in &decoded.events {
-            self.stats.add_event(name, *count);
-        }
-        for (reason, message) in &decoded.messages {
-            self.rejections.reject(reason.as_str(), &format_args!("exporter {}: {message}", self.name));
-        }
-        for message in &decoded.end_errors {
-            self.rejections.reject("run_end", &format_args!("exporter {}: {message}", self.name));
-        }
-        let now = Instant::now();
-        for rp in decoded.runs {
+        for run in self.stage.ingest(parsed, Instant::now()) {
             if self.spool.is_some() {
                 // Batches are queued under the process (a rank) or, after a job view, the job.
-                for key in [rp.run.process_key().into_owned(), rp.run.key.clone()] {
+                for key in [run.process_key().into_owned(), run.key.clone()] {
                     if !self.own_runs.contains(&key) {
                         self.own_runs.insert(key);
                     }
                 }
             }
-            self.exporter.observe_run(&rp.run);
-            let late = self.windows.push(rp, now);
-            if late > 0 {
-                self.stats.add_dropped(DropReason::Late, late);
-                tracing::debug!(exporter = %self.name, late, "points at or below a step already written");
-            }
-        }
-        for (run, end) in decoded.ends {
-            let key = run.process_key().into_owned();
-            // A job view ends the job on its first failed rank: the other ranks end with it.
-            let job_fails = self.jobs.is_some() && end.status == EndStatus::Failed && run.rank.is_some();
-            let others = if job_fails { self.windows.end_job(&run, end, now) } else { Vec::new() };
-            if self.windows.end(run, end, now) {
-                tracing::info!(exporter = %self.name, run = %key, status = end.status.as_str(), "the trainer ended its run; its open windows are written after the reorder window");
-            }
-            if !others.is_empty() {
-                tracing::info!(exporter = %self.name, run = %key, ranks = others.len(), "a rank failed: the job ends FAILED; every rank's open windows are written with it");
-            }
-        }
-        let duplicates = self.windows.take_duplicates();
-        if duplicates > 0 {
-            self.stats.add_dropped(DropReason::Duplicate, duplicates);
-            tracing::debug!(exporter = %self.name, duplicates, "data points identical to ones already taken (a retried request or a cumulative re-send)");
-        }
-        let superseded = self.windows.take_superseded();
-        if superseded > 0 {
-            self.stats.add_dropped(DropReason::Superseded, superseded);
-            tracing::info!(exporter = %self.name, superseded, "a run resumed from an earlier step; the old session's points from there on are superseded");
+            self.exporter.observe_run(&run);
         }
         // Publish before the queue count drops, so the points are always counted somewhere.
         self.publish_held();
@@ -730,14 +679,7 @@ impl<E: Exporter> Worker<E> {
 
     fn close_windows(&mut self, close: Close) {
         let now = Instant::now();
-        let mut batches = self.windows.take_ready(now, close);
-        if let Some(jobs) = self.jobs.as_mut() {
-            batches = jobs.process(batches, now, close);
-            for (reason, n) in jobs.take_dropped() {
-                self.stats.add_dropped(reason, n);
-            }
-        }
-        for b in batches {
+        for b in self.stage.take_ready(now, close) {
             self.out_points += b.points.len();
             let key = b.run.process_key().into_owned();
             let failing = self.failing.contains_key(&key);
@@ -767,7 +709,7 @@ impl<E: Exporter> Worker<E> {
             return;
         }
         let target = self.settings.max_pending_points / 2;
-        let windows = self.windows.held_entries() as usize;
+        let windows = self.stage.window_entries() as usize;
         let mut i = 0;
         while self.out_points + windows > target && i < self.out.len() {
             if self.out[i].spooled.is_none() && self.persist(i).is_err() {
@@ -1007,7 +949,7 @@ impl<E: Exporter> Worker<E> {
             self.stats.set_last_error(e.to_string());
         }
         let spooled: u64 = self.out.iter().filter(|q| q.spooled.is_some()).map(|q| q.inputs).sum();
-        self.rejections.flush();
+        self.stage.flush_log();
         if lost > 0 {
             self.stats.add_dropped(DropReason::ShutdownTimeout, lost);
             tracing::warn!(exporter = %self.name, not_delivered = lost, "shutdown deadline reached before delivery");
