@@ -514,6 +514,9 @@ pub struct StepRecorder {
     meter: Meter,
     step_key: Key,
     gauges: Arc<Mutex<HashMap<String, Gauge<f64>>>>,
+    /// Per metric name: its gauge and, for a name the OTel API rejects, the attribute that
+    /// carries it, so a record call checks the name once per metric, not once per call.
+    by_name: Arc<Mutex<HashMap<String, NamedGauge>>>,
     histograms: Arc<Mutex<HashMap<String, Histogram<f64>>>>,
     early: Option<Arc<EarlyCollection>>,
 }
@@ -556,6 +559,12 @@ fn record_time() -> KeyValue {
     KeyValue::new(TIME_ATTRIBUTE, ns)
 }
 
+/// A metric's gauge and, for a name the OTel API rejects, its [`NAME_ATTRIBUTE`].
+type NamedGauge = (Gauge<f64>, Option<KeyValue>);
+
+/// Metric names a [`StepRecorder`] remembers the gauge of; further names look theirs up per call.
+const MAX_NAMES: usize = 10_000;
+
 /// Instrument that carries scalars whose names are not valid instrument names.
 const NAMED_GAUGE: &str = "trainmetrics.named";
 /// Instrument that carries histograms whose names are not valid instrument names.
@@ -569,6 +578,7 @@ impl StepRecorder {
             meter,
             step_key: Key::new(step_key.to_string()),
             gauges: Arc::default(),
+            by_name: Arc::default(),
             histograms: Arc::default(),
             early: None,
         }
@@ -582,6 +592,21 @@ impl StepRecorder {
         let x = self.meter.f64_gauge(name.to_string()).build();
         g.insert(name.to_string(), x.clone());
         Some(x)
+    }
+
+    /// The gauge and extra attribute for metric `name` ([`StepRecorder::instrument_for`]),
+    /// remembered for the first [`MAX_NAMES`] names.
+    fn gauge_for(&self, name: &str) -> Option<NamedGauge> {
+        if let Some(found) = self.by_name.lock().ok()?.get(name) {
+            return Some(found.clone());
+        }
+        let (instrument, attr) = Self::instrument_for(name);
+        let named = (self.gauge(instrument)?, attr);
+        let mut by_name = self.by_name.lock().ok()?;
+        if by_name.len() < MAX_NAMES {
+            by_name.insert(name.to_string(), named.clone());
+        }
+        Some(named)
     }
 
     /// The instrument name and extra attribute for metric `name` (see [`crate::decode`]).
@@ -614,8 +639,7 @@ impl StepRecorder {
     /// Names the OTel API rejects (`acc@1`, `lossé`, …) are recorded on a shared instrument
     /// with the attribute `trainmetrics.name`, which the exporters turn back into the name.
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
-        let (instrument, name_attr) = Self::instrument_for(name);
-        let Some(g) = self.gauge(instrument) else { return };
+        let Some((g, name_attr)) = self.gauge_for(name) else { return };
         if attributes.is_empty() && name_attr.is_none() && value.is_finite() {
             // The common case without a heap allocation.
             g.record(value, &[KeyValue::new(self.step_key.clone(), step), record_time()]);

@@ -259,7 +259,7 @@ fn a_redirect_is_not_followed_and_says_where_to_point_the_tracking_uri() {
         let host = target.lock().map(|p| p.clone()).unwrap_or_default();
         let path = line.split_whitespace().nth(1).unwrap_or("/");
         // Points back at this server, so a followed redirect would show as a second request.
-        let location = format!("RunDestination: http://user:s3cret@{host}/final{path}\r\n");
+        let location = format!("Location: http://user:s3cret@{host}/final{path}\r\n");
         (308, location, String::new())
     });
     if let Ok(mut p) = port.lock() {

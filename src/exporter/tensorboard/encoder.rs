@@ -136,6 +136,93 @@ pub fn scalar_value(tag: &str, value: f32, with_metadata: bool) -> summary::Valu
     }
 }
 
+/// One scalar of a [`ScalarEvent`]: its tag, its float32 value, and whether it carries the
+/// scalars plugin metadata (the first value of its tag in a file).
+pub type Scalar<'a> = (&'a str, f32, bool);
+
+/// A summary event of scalars only, encoded straight into a buffer: the bytes equal
+/// `summary_event(wall_time, step, scalars mapped with scalar_value).encode_to_vec()` (prost
+/// writes fields in tag order and leaves out proto3 defaults; the test checks equality), without
+/// building the messages. The scalars are most of what a trainer writes, so this is the hot path.
+#[derive(Debug, Clone, Copy)]
+pub struct ScalarEvent<'a> {
+    /// Seconds since the Unix epoch; a non-finite value is written as 0.0 (see
+    /// [`summary_event`]).
+    pub wall_time: f64,
+    /// The step.
+    pub step: i64,
+    /// The values, in order.
+    pub scalars: &'a [Scalar<'a>],
+}
+
+/// `SummaryMetadata { plugin_data: { plugin_name: "scalars" }, data_class: DATA_CLASS_SCALAR }`.
+const SCALAR_METADATA: &[u8] = &[0x0a, 0x09, 0x0a, 0x07, b's', b'c', b'a', b'l', b'a', b'r', b's', 0x20, 0x01];
+/// `TensorProto { dtype: DT_FLOAT, tensor_shape: {}, float_val: [..] }` up to the 4 value bytes.
+const SCALAR_TENSOR_HEAD: &[u8] = &[0x08, 0x01, 0x12, 0x00, 0x2a, 0x04];
+/// Length of that tensor with its value.
+const SCALAR_TENSOR_LEN: usize = SCALAR_TENSOR_HEAD.len() + 4;
+
+impl ScalarEvent<'_> {
+    fn value_len((tag, _, first): &Scalar<'_>) -> usize {
+        // proto3 leaves an empty string out.
+        let tag = if tag.is_empty() { 0 } else { 1 + prost::encoding::encoded_len_varint(tag.len() as u64) + tag.len() };
+        let tensor = 2 + SCALAR_TENSOR_LEN;
+        let metadata = if *first { 2 + SCALAR_METADATA.len() } else { 0 };
+        tag + tensor + metadata
+    }
+
+    fn summary_len(&self) -> usize {
+        self.scalars.iter().map(|v| {
+            let n = Self::value_len(v);
+            1 + prost::encoding::encoded_len_varint(n as u64) + n
+        }).sum()
+    }
+
+    /// The encoded event's length, bytes.
+    pub fn encoded_len(&self) -> usize {
+        let wall = if finite_wall_time(self.wall_time) != 0.0 { 9 } else { 0 };
+        let step = if self.step != 0 { 1 + prost::encoding::encoded_len_varint(self.step as u64) } else { 0 };
+        let summary = self.summary_len();
+        wall + step + 1 + prost::encoding::encoded_len_varint(summary as u64) + summary
+    }
+
+    /// Appends the encoded event ([`ScalarEvent::encoded_len`] bytes) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use prost::encoding::encode_varint;
+        out.reserve(self.encoded_len());
+        let wall = finite_wall_time(self.wall_time);
+        if wall != 0.0 {
+            out.push(0x09); // Event.wall_time, field 1, fixed64
+            out.extend_from_slice(&wall.to_le_bytes());
+        }
+        if self.step != 0 {
+            out.push(0x10); // Event.step, field 2, varint
+            encode_varint(self.step as u64, out);
+        }
+        out.push(0x2a); // Event.summary, field 5
+        encode_varint(self.summary_len() as u64, out);
+        for v in self.scalars {
+            let (tag, value, first) = *v;
+            out.push(0x0a); // Summary.value, field 1
+            encode_varint(Self::value_len(v) as u64, out);
+            if !tag.is_empty() {
+                out.push(0x0a); // Value.tag, field 1
+                encode_varint(tag.len() as u64, out);
+                out.extend_from_slice(tag.as_bytes());
+            }
+            out.push(0x42); // Value.tensor, field 8
+            out.push(SCALAR_TENSOR_LEN as u8);
+            out.extend_from_slice(SCALAR_TENSOR_HEAD);
+            out.extend_from_slice(&value.to_le_bytes());
+            if first {
+                out.push(0x4a); // Value.metadata, field 9
+                out.push(SCALAR_METADATA.len() as u8);
+                out.extend_from_slice(SCALAR_METADATA);
+            }
+        }
+    }
+}
+
 /// Converts an OpenTelemetry explicit-bucket histogram into the rows
 /// `[left_edge, right_edge, count]` of a TensorBoard histogram.
 ///
@@ -352,6 +439,34 @@ mod tests {
         0x12, 0x00, // empty shape
         0x2a, 0x04, 0xa4, 0x70, 0x7d, 0x3f, // float_val packed [0.99f32]
     ];
+
+    /// The direct encoding equals prost's encoding of the same messages, for steps and wall
+    /// times at the edges of their encodings and tags around the one-byte length limit.
+    #[test]
+    fn scalar_events_encode_as_prost_encodes_their_messages() {
+        let long = "t".repeat(300);
+        let tags = ["", "loss", "train/loss/k=v", &long[..127], &long[..128], &long];
+        let values = [0.0f32, -0.0, 1.5, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE];
+        let steps = [0, 1, 127, 128, -1, i64::MIN, i64::MAX];
+        let walls = [0.0, -0.0, 1.7e9, f64::NAN, f64::INFINITY, 1e-300];
+        let mut cases = 0;
+        for (i, step) in steps.iter().enumerate() {
+            for (j, wall) in walls.iter().enumerate() {
+                let scalars: Vec<Scalar<'_>> = (0..(i + j) % 5)
+                    .map(|k| (tags[(i + j + k) % tags.len()], values[(i * 3 + k) % values.len()], (i + k) % 2 == 0))
+                    .collect();
+                let event = ScalarEvent { wall_time: *wall, step: *step, scalars: &scalars };
+                let mut direct = Vec::new();
+                event.encode(&mut direct);
+                let messages = scalars.iter().map(|(t, v, first)| scalar_value(t, *v, *first)).collect();
+                let prost = summary_event(*wall, *step, messages).encode_to_vec();
+                assert_eq!(direct, prost, "step {step}, wall {wall}, {} scalars", scalars.len());
+                assert_eq!(event.encoded_len(), prost.len());
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, steps.len() * walls.len());
+    }
 
     #[test]
     fn scalar_matches_tensorboard_writer_bytes_plus_data_class() {

@@ -69,7 +69,7 @@ use prost::Message;
 
 use super::config::TensorBoardSettings;
 use super::encoder::{self, HParamValue};
-use super::record::append_record;
+use super::record::{append_record, append_record_with};
 use crate::decode::RunInfo;
 use crate::cadence::{Batch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
@@ -507,6 +507,9 @@ fn encode_step(
 ) -> usize {
     let step = points[i].step;
     let mut j = i;
+    // Scalars are encoded straight into the buffer; a step with a histogram goes through the
+    // messages (its order kept).
+    let mut scalars: Vec<encoder::Scalar<'_>> = Vec::new();
     let mut values = Vec::new();
     let mut time = 0u64;
     while j < points.len() && points[j].step == step {
@@ -522,15 +525,19 @@ fn encode_step(
                 }
             }
             let first = !p.tags_in_file.contains(&*pt.series) && p.tags_in_file.insert(pt.series.clone());
-            values.push(match &pt.histogram {
-                Some(h) => encoder::histogram_value(&pt.series, h.count, h.sum, h.min, h.max, &h.bounds, &h.counts, first),
-                None => encoder::scalar_value(&pt.series, pt.scalar as f32, first),
-            });
+            match &pt.histogram {
+                None if values.is_empty() => scalars.push((&*pt.series, pt.scalar as f32, first)),
+                None => values.push(encoder::scalar_value(&pt.series, pt.scalar as f32, first)),
+                Some(h) => {
+                    values.extend(scalars.drain(..).map(|(tag, v, first)| encoder::scalar_value(tag, v, first)));
+                    values.push(encoder::histogram_value(&pt.series, h.count, h.sum, h.min, h.max, &h.bounds, &h.counts, first));
+                }
+            }
             time = time.max(pt.time_unix_nano);
         }
         j += 1;
     }
-    if values.is_empty() {
+    if values.is_empty() && scalars.is_empty() {
         return j;
     }
     // A wall time of NaN makes RustBoard abandon the whole file; ours is always finite.
@@ -544,7 +551,12 @@ fn encode_step(
             append_record(&mut p.buf, &encoder::summary_event(wall, step, vec![v]).encode_to_vec());
         }
     }
-    append_record(&mut p.buf, &encoder::summary_event(wall, step, values).encode_to_vec());
+    if values.is_empty() {
+        let event = encoder::ScalarEvent { wall_time: wall, step, scalars: &scalars };
+        append_record_with(&mut p.buf, event.encoded_len(), |out| event.encode(out));
+    } else {
+        append_record(&mut p.buf, &encoder::summary_event(wall, step, values).encode_to_vec());
+    }
     j
 }
 

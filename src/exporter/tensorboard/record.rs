@@ -47,13 +47,22 @@ pub fn masked_crc32c(data: &[u8]) -> u32 {
 /// which lets a caller batch several records into one buffer and write it with a
 /// single `write_all`.
 pub fn append_record(out: &mut Vec<u8>, data: &[u8]) {
-    // usize -> u64 is lossless on every platform Rust supports (usize <= 64 bits).
-    let length = (data.len() as u64).to_le_bytes();
-    out.reserve(data.len() + RECORD_OVERHEAD);
+    append_record_with(out, data.len(), |out| out.extend_from_slice(data));
+}
+
+/// Appends one TFRecord of `len` data bytes that `write` appends to `out`, so a record can be
+/// encoded in place instead of through a copy. `write` must append exactly `len` bytes (checked:
+/// a shorter or longer write would corrupt the file, so it panics, a bug of ours, not input).
+pub fn append_record_with(out: &mut Vec<u8>, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    let length = (len as u64).to_le_bytes();
+    out.reserve(len + RECORD_OVERHEAD);
     out.extend_from_slice(&length);
     out.extend_from_slice(&masked_crc32c(&length).to_le_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(&masked_crc32c(data).to_le_bytes());
+    let start = out.len();
+    write(out);
+    assert_eq!(out.len() - start, len, "a TFRecord's data must be the length its header says");
+    let crc = masked_crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
 }
 
 #[cfg(test)]
