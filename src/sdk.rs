@@ -576,7 +576,8 @@ impl StepRecorder {
     pub fn new(meter: Meter, step_key: &str) -> Self {
         Self {
             meter,
-            step_key: Key::new(step_key.to_string()),
+            // Shared, so the clone each record call makes is a reference count, not a copy.
+            step_key: Key::from(Arc::<str>::from(step_key)),
             gauges: Arc::default(),
             by_name: Arc::default(),
             histograms: Arc::default(),
