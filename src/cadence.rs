@@ -205,7 +205,7 @@ pub struct OutPoint {
     /// The aggregated scalar (for histograms, per the module docs).
     pub scalar: f64,
     /// The merged histogram, when the window held histograms.
-    pub histogram: Option<Histogram>,
+    pub histogram: Option<Box<Histogram>>,
     /// How many input data points this point stands for.
     pub inputs: u64,
 }
@@ -811,7 +811,7 @@ impl Windows {
                         step,
                         time_unix_nano: acc.time,
                         scalar: acc.scalar(),
-                        histogram: acc.hist.clone(),
+                        histogram: acc.hist.clone().map(Box::new),
                         inputs: acc.inputs,
                     });
                 }
@@ -1015,7 +1015,7 @@ mod tests {
                 series: "h".into(),
                 step,
                 time_unix_nano: 1,
-                value: PointValue::Histogram(hist),
+                value: PointValue::Histogram(Box::new(hist)),
                 cumulative: None,
                 collected: false,
             });
@@ -1197,7 +1197,7 @@ mod tests {
     }
 
     fn hist(count: u64, sum: f64) -> PointValue {
-        PointValue::Histogram(Histogram { count, sum, min: None, max: None, bounds: vec![1.0], counts: vec![count, 0] })
+        PointValue::Histogram(Box::new(Histogram { count, sum, min: None, max: None, bounds: vec![1.0], counts: vec![count, 0] }))
     }
 
     /// Case 015 at the cadence: cumulative re-sends replace, never add; unchanged ones are

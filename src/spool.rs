@@ -704,13 +704,8 @@ impl SpoolBatch {
                     step: p.step,
                     time_unix_nano: p.time_unix_nano,
                     scalar: p.scalar,
-                    histogram: p.histogram.map(|h| Histogram {
-                        count: h.count,
-                        sum: h.sum,
-                        min: h.min,
-                        max: h.max,
-                        bounds: h.bounds,
-                        counts: h.counts,
+                    histogram: p.histogram.map(|h| {
+                        Box::new(Histogram { count: h.count, sum: h.sum, min: h.min, max: h.max, bounds: h.bounds, counts: h.counts })
                     }),
                     inputs: p.inputs,
                 })

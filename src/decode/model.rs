@@ -140,7 +140,7 @@ pub enum PointValue {
     /// A scalar (gauge or sum), possibly NaN or ±Inf.
     Scalar(f64),
     /// A histogram.
-    Histogram(Histogram),
+    Histogram(Box<Histogram>),
 }
 
 /// One data point at one step of one series.

@@ -330,7 +330,7 @@ fn parse_metric(
             for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                 let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
                 match histogram(dp) {
-                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
+                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), cum, out),
                     Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                 }
             }
@@ -340,7 +340,7 @@ fn parse_metric(
             for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
                 let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
                 match exponential_histogram(dp) {
-                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), cum, out),
+                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), cum, out),
                     Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
                 }
             }
@@ -349,7 +349,7 @@ fn parse_metric(
             for dp in &sm.data_points {
                 // Quantiles cannot be aggregated across windows; count and sum can.
                 let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
-                push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(v), None, out);
+                push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), None, out);
             }
         }
         None => {}

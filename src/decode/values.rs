@@ -30,14 +30,14 @@ pub(crate) fn per_collection(last: &mut HashMap<Arc<str>, (u64, PointValue)>, se
                 && h.count >= prev.count
                 && h.counts.iter().zip(&prev.counts).all(|(a, b)| a >= b) =>
         {
-            PointValue::Histogram(Histogram {
+            PointValue::Histogram(Box::new(Histogram {
                 count: h.count - prev.count,
                 sum: h.sum - prev.sum,
                 min: None,
                 max: None,
                 bounds: h.bounds.clone(),
                 counts: h.counts.iter().zip(&prev.counts).map(|(a, b)| a - b).collect(),
-            })
+            }))
         }
         _ => value.clone(),
     };
