@@ -260,7 +260,8 @@ struct Acc {
     last_step: i64,
     max_step: i64,
     time: u64,
-    hist: Option<Histogram>,
+    /// Boxed: most windows hold scalars, and an accumulator is moved in and out of its queue.
+    hist: Option<Box<Histogram>>,
     hist_count: u64,
 }
 
@@ -368,7 +369,7 @@ impl Acc {
             }
             // Bounds changed inside a window (a producer reconfigured its buckets): the buckets
             // cannot be merged, so the latest layout is kept; the scalar stays exact.
-            _ => self.hist = Some(h.clone()),
+            _ => self.hist = Some(Box::new(h.clone())),
         }
     }
 
@@ -779,6 +780,7 @@ impl Windows {
         // Without `every_steps` a window never closes by steps (its end, `i64::MAX`, is a key,
         // not a step), while with it a window may end at `i64::MAX` like any other.
         let steps_close = self.settings.every_steps.is_some();
+        let reorder = self.settings.reorder_window;
         let mut out = Vec::new();
         for state in self.runs.values_mut() {
             let run_max = state.max_step;
@@ -787,7 +789,20 @@ impl Windows {
             let ending = state.ending.filter(|(_, at)| now >= *at || close == Close::All).map(|(end, _)| end);
             let all = all || idle || ending.is_some();
             let mut points = Vec::new();
-            for (series, s) in state.series.iter_mut() {
+            // Whether a series' first window closes now (the loop below closes it and the next).
+            let due = |s: &SeriesState| {
+                s.windows.first_key_value().is_some_and(|(&end, first)| {
+                    all || (steps_close
+                        && now.saturating_duration_since(first.opened) >= reorder
+                        && (s.max_step > end || (now.saturating_duration_since(s.last_arrival) >= linger && run_max >= end)))
+                })
+            };
+            // The series that write, in name order, so the batch is in (step, series) order
+            // after a stable sort by step alone: names are compared once per series, not once
+            // per point.
+            let mut ready: Vec<(&Arc<str>, &mut SeriesState)> = state.series.iter_mut().filter(|(_, s)| due(s)).collect();
+            ready.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (series, s) in ready {
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
                 while let Some((&end, first)) = s.windows.first_key_value() {
                     let settled = now.saturating_duration_since(first.opened) >= self.settings.reorder_window;
@@ -811,7 +826,7 @@ impl Windows {
                         step,
                         time_unix_nano: acc.time,
                         scalar: acc.scalar(),
-                        histogram: acc.hist.clone().map(Box::new),
+                        histogram: acc.hist.take(),
                         inputs: acc.inputs,
                     });
                 }
@@ -827,7 +842,7 @@ impl Windows {
             }
             if !points.is_empty() || idle || ending.is_some() {
                 // (step, series) is unique in a batch: one window per series end.
-                points.sort_unstable_by(|a, b| (a.step, &a.series).cmp(&(b.step, &b.series)));
+                points.sort_by_key(|p| p.step);
                 let resumed_at = state.announce_resume.take();
                 // Cut into pieces of at most MAX_BATCH_POINTS, in order (see the module docs).
                 let pieces = points.len().div_ceil(MAX_BATCH_POINTS).max(1);
