@@ -99,6 +99,8 @@
 //! A point arriving afterwards makes the run active again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::fastmap::FastMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,7 +252,8 @@ struct Acc {
     cumulative: BTreeMap<i64, (u64, u64, PointValue)>,
     /// (step, identity) of each gauge point stamped with its collection time, remembered
     /// like cumulative steps once written (a cumulative SDK re-sends them).
-    collected: Vec<(i64, u64)>,
+    /// Usually one (a window of one step), so it holds one without an allocation.
+    collected: smallvec::SmallVec<[(i64, u64); 1]>,
     inputs: u64,
     n: u64,
     sum: f64,
@@ -272,7 +275,7 @@ impl Acc {
             opened,
             seen: Seen::None,
             cumulative: BTreeMap::new(),
-            collected: Vec::new(),
+            collected: smallvec::SmallVec::new(),
             inputs: 0,
             n: 0,
             sum: 0.0,
@@ -491,11 +494,43 @@ impl OpenWindows {
     }
 }
 
+/// The identity written per step for the last [`WRITTEN_CUMULATIVE_STEPS`] steps, in step order.
+/// Steps are written in nearly ascending order (windows close in order; only the steps of one
+/// window may come unordered), so a sorted queue inserts at or near its back and drops its
+/// front, where a B-tree allocated and moved nodes for every written point.
+#[derive(Debug, Default)]
+struct WrittenSteps(std::collections::VecDeque<(i64, u64)>);
+
+impl WrittenSteps {
+    fn position(&self, step: i64) -> Result<usize, usize> {
+        match self.0.back() {
+            Some((last, _)) if *last < step => Err(self.0.len()),
+            None => Err(0),
+            Some(_) => self.0.binary_search_by_key(&step, |(s, _)| *s),
+        }
+    }
+
+    fn get(&self, step: i64) -> Option<u64> {
+        self.position(step).ok().map(|i| self.0[i].1)
+    }
+
+    /// Sets `step`'s identity, then forgets the oldest steps past the bound.
+    fn insert(&mut self, step: i64, id: u64) {
+        match self.position(step) {
+            Ok(i) => self.0[i].1 = id,
+            Err(i) => self.0.insert(i, (step, id)),
+        }
+        while self.0.len() > WRITTEN_CUMULATIVE_STEPS {
+            self.0.pop_front();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SeriesState {
     windows: OpenWindows,
     /// Identity of the cumulative value written per step (the last [`WRITTEN_CUMULATIVE_STEPS`]).
-    written_cumulative: BTreeMap<i64, u64>,
+    written_cumulative: WrittenSteps,
     /// Largest start time of the series' cumulative points: an older or equal one is a re-send
     /// of the same producer session, never a resume.
     max_start: u64,
@@ -512,7 +547,7 @@ struct SeriesState {
 struct RunState {
     run: Arc<RunInfo>,
     max_step: i64,
-    series: HashMap<Arc<str>, SeriesState>,
+    series: FastMap<Arc<str>, SeriesState>,
     /// The latest resume: (step S, time of the resuming point). Older points at S or above
     /// belong to the session it replaced.
     resumed: Option<(i64, u64)>,
@@ -532,7 +567,7 @@ impl RunState {
         RunState {
             run,
             max_step: i64::MIN,
-            series: HashMap::new(),
+            series: FastMap::default(),
             resumed: None,
             announce_resume: None,
             last_arrival: now,
@@ -579,7 +614,7 @@ fn fingerprint(v: &PointValue) -> u64 {
 /// does not repeat the series' point at its largest step unchanged.
 fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
     // Per series: (smallest step of the newer points, whether the largest-step point repeats).
-    let mut per: HashMap<&str, (i64, bool)> = HashMap::new();
+    let mut per: FastMap<&str, (i64, bool)> = FastMap::default();
     for p in points {
         let Some(s) = state.series.get(&*p.series) else { continue };
         let e = per.entry(&*p.series).or_insert((i64::MAX, false));
@@ -603,7 +638,7 @@ fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
 #[derive(Debug)]
 pub struct Windows {
     settings: CadenceSettings,
-    runs: HashMap<String, RunState>,
+    runs: FastMap<String, RunState>,
     interval_started: Instant,
     pending: u64,
     superseded: u64,
@@ -622,7 +657,7 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: HashMap::new(), interval_started: now, pending: 0, superseded: 0, duplicates: 0 }
+        Self { settings, runs: FastMap::default(), interval_started: now, pending: 0, superseded: 0, duplicates: 0 }
     }
 
     /// Adds points. Returns the number of points that were late (see the module docs); points
@@ -648,7 +683,7 @@ impl Windows {
             }
             let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
                 windows: OpenWindows::default(),
-                written_cumulative: BTreeMap::new(),
+                written_cumulative: WrittenSteps::default(),
                 max_start: 0,
                 written_upto: None,
                 max_step: i64::MIN,
@@ -659,7 +694,7 @@ impl Windows {
             s.max_time = s.max_time.max(p.time_unix_nano);
             let id = identity(p);
             if s.written_upto.is_some_and(|w| p.step <= w) {
-                if (p.cumulative.is_some() || p.collected) && s.written_cumulative.get(&p.step) == Some(&id) {
+                if (p.cumulative.is_some() || p.collected) && s.written_cumulative.get(p.step) == Some(id) {
                     self.duplicates += 1;
                 } else {
                     late += 1;
@@ -813,9 +848,6 @@ impl Windows {
                     let Some((_, mut acc)) = s.windows.pop_first() else { break };
                     for (step, id) in acc.cumulative.iter().map(|(step, (_, id, _))| (step, id)).chain(acc.collected.iter().map(|(s, i)| (s, i))) {
                         s.written_cumulative.insert(*step, *id);
-                    }
-                    while s.written_cumulative.len() > WRITTEN_CUMULATIVE_STEPS {
-                        s.written_cumulative.pop_first();
                     }
                     acc.fold_cumulative();
                     let step = if reached { end } else { acc.max_step };

@@ -46,6 +46,7 @@ pub mod decode;
 pub mod delivery;
 pub mod exporter;
 pub mod factory;
+pub mod fastmap;
 pub mod jobs;
 pub mod names;
 pub mod problems;

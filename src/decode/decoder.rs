@@ -1,7 +1,6 @@
 //! One exporter's decoding ([`Decoder`]): its prefix, limits and non-finite policy applied to a
 //! request [`parse`]d once for the whole pipeline.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -10,6 +9,7 @@ use super::model::{short, Decoded, Pending, PointValue, RunInfo, RunPoints};
 use super::request::{parse, Parsed, ParsedPoint};
 use super::runs::Runs;
 use super::settings::{DecodeSettings, NonFinitePolicy, CLAMPED_EVENT};
+use crate::fastmap::FastMap;
 use crate::names::{self, series_name};
 use crate::stats::DropReason;
 
@@ -48,7 +48,7 @@ impl Decoder {
         };
         // Where each run's points are in `out.runs`: a request may hold many resources (a
         // linear search per resource made one request of 100 000 runs take minutes).
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: FastMap<String, usize> = FastMap::default();
         for res in &parsed.resources {
             let run = self.runs.run_info(&self.settings, &res.run);
             // Points of one resource may carry ranks of their own: each rank is a process.

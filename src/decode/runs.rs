@@ -2,7 +2,7 @@
 //! of tracked processes, which admits runs under `max_runs` (forgetting idle ones) and series
 //! under `max_series_per_run`, and bounds each run's params and tags.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use super::model::{any_value_text, short, Decoded, Pending, PointValue, RunInfo};
 use super::settings::{DecodeSettings, IdentityKeys};
 use super::steps::{parse_step, StepState};
+use crate::fastmap::FastMap;
 use crate::names::bounded_name;
 use crate::stats::DropReason;
 
@@ -19,7 +20,7 @@ pub(crate) struct RunState {
     /// Steps and cumulative totals so far.
     pub(crate) steps: StepState,
     /// Series admitted under `max_series_per_run`, with their kind (true: histogram).
-    pub(crate) series: HashMap<Arc<str>, bool>,
+    pub(crate) series: FastMap<Arc<str>, bool>,
     /// Whether the series limit has been reported for this run.
     limit_reported: bool,
     /// Param (`p`) and tag (`t`) keys passed on for this run, at most [`MAX_RUN_ATTRIBUTES`].
@@ -34,8 +35,8 @@ pub(crate) struct RunState {
 /// on and its state; both maps hold the same keys.
 #[derive(Debug, Default)]
 pub(crate) struct Runs {
-    pub(crate) states: HashMap<String, RunState>,
-    pub(crate) infos: HashMap<String, Arc<RunInfo>>,
+    pub(crate) states: FastMap<String, RunState>,
+    pub(crate) infos: FastMap<String, Arc<RunInfo>>,
     /// Whether the `max_runs` limit has been reported.
     run_limit_reported: bool,
     /// Until when no tracked run can be idle long enough to forget (see `run_admitted`).

@@ -57,7 +57,7 @@
 //!   steps from S on again.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -73,6 +73,7 @@ use super::record::{append_record, append_record_with};
 use crate::decode::RunInfo;
 use crate::cadence::{Batch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
+use crate::fastmap::{FastMap, FastSet};
 use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
 
@@ -99,8 +100,8 @@ struct RunFile {
     dir: Option<PathBuf>,
     /// The current event file (open or not); `None` makes the next write start a new one.
     path: Option<PathBuf>,
-    tags_in_file: HashSet<Arc<str>>,
-    written: HashMap<Arc<str>, i64>,
+    tags_in_file: FastSet<Arc<str>>,
+    written: FastMap<Arc<str>, i64>,
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
@@ -117,12 +118,15 @@ struct OpenFiles {
     clock: u64,
 }
 
-/// What one export will write, and the run's state once it is written.
+/// What one export will write, and what it changes in the run's state once it is written: only
+/// this export's tags and steps, so an export costs its points, not the run's series.
 struct Pending {
     buf: Vec<u8>,
     refused: Vec<(usize, DropReason)>,
-    tags_in_file: HashSet<Arc<str>>,
-    written: HashMap<Arc<str>, i64>,
+    /// Tags this export writes first in the file (with metadata).
+    new_tags: FastSet<Arc<str>>,
+    /// The last step this export writes per tag.
+    written: FastMap<Arc<str>, i64>,
     session_started: bool,
 }
 
@@ -130,7 +134,7 @@ struct Pending {
 #[derive(Debug)]
 pub struct TensorBoardExporter {
     settings: TensorBoardSettings,
-    runs: HashMap<String, RunFile>,
+    runs: FastMap<String, RunFile>,
     open: OpenFiles,
     run_dirs: RunDirs,
     /// The params each run first arrived with (what hparams shows, as MLflow keeps the first).
@@ -340,7 +344,7 @@ impl TensorBoardExporter {
     pub fn new(settings: TensorBoardSettings) -> Self {
         Self {
             settings,
-            runs: HashMap::new(),
+            runs: FastMap::default(),
             open: OpenFiles::default(),
             run_dirs: RunDirs::default(),
             params: HashMap::new(),
@@ -480,8 +484,8 @@ fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>
         buf: Vec::new(),
         refused: Vec::new(),
         // Tags first seen in this export get metadata; committed only after the write succeeds.
-        tags_in_file: if new_file { HashSet::new() } else { rf.tags_in_file.clone() },
-        written: rf.written.clone(),
+        new_tags: FastSet::default(),
+        written: FastMap::default(),
         session_started: rf.session_started,
     };
     if new_file {
@@ -489,13 +493,13 @@ fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>
     }
     let mut i = 0;
     while i < points.len() {
-        i = encode_step(run, points, base, i, start_at, params, &mut p);
+        i = encode_step(run, points, base, i, start_at, params, (rf, new_file), &mut p);
     }
     p
 }
 
 /// Encodes the points of the step starting at index `i` as one event; returns the next step's
-/// index.
+/// index. `rf` is the run's state before this export (with `new_file`, its tags start over).
 fn encode_step(
     run: &RunInfo,
     points: &[OutPoint],
@@ -503,6 +507,7 @@ fn encode_step(
     i: usize,
     start_at: Option<i64>,
     params: &BTreeMap<String, String>,
+    (rf, new_file): (&RunFile, bool),
     p: &mut Pending,
 ) -> usize {
     let step = points[i].step;
@@ -514,17 +519,18 @@ fn encode_step(
     let mut time = 0u64;
     while j < points.len() && points[j].step == step {
         let pt = &points[j];
-        let written = p.written.get_mut(&*pt.series);
-        if written.as_ref().is_some_and(|w| step <= **w) {
+        let last = p.written.get(&*pt.series).or_else(|| rf.written.get(&*pt.series));
+        if last.is_some_and(|w| step <= *w) {
             p.refused.push((base + j, DropReason::Late));
         } else {
-            match written {
+            match p.written.get_mut(&*pt.series) {
                 Some(w) => *w = step,
                 None => {
                     p.written.insert(pt.series.clone(), step);
                 }
             }
-            let first = !p.tags_in_file.contains(&*pt.series) && p.tags_in_file.insert(pt.series.clone());
+            let in_file = (!new_file && rf.tags_in_file.contains(&*pt.series)) || p.new_tags.contains(&*pt.series);
+            let first = !in_file && p.new_tags.insert(pt.series.clone());
             match &pt.histogram {
                 None if values.is_empty() => scalars.push((&*pt.series, pt.scalar as f32, first)),
                 None => values.push(encoder::scalar_value(&pt.series, pt.scalar as f32, first)),
@@ -573,8 +579,12 @@ impl TensorBoardExporter {
         }
         self.write(run, &p.buf)?;
         let rf = self.runs.entry(key.into_owned()).or_default();
-        rf.tags_in_file = p.tags_in_file;
-        rf.written = p.written;
+        if new_file {
+            rf.tags_in_file = p.new_tags;
+        } else {
+            rf.tags_in_file.extend(p.new_tags);
+        }
+        rf.written.extend(p.written);
         rf.session_started = p.session_started;
         Ok(p.refused)
     }
