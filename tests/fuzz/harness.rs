@@ -196,8 +196,8 @@ pub(crate) fn mutate(mut data: Vec<u8>, ms: &[Mutation]) -> Vec<u8> {
     data
 }
 
-/// Bytes: random, or a seed (protobuf when `json` is false) with a few mutations.
-
+/// Decodes a request twice with one decoder (the second pass exercises the decoder's state) and
+/// checks that every data point is accounted for.
 pub(crate) fn check_decoder(req: &ExportMetricsServiceRequest, settings: DecodeSettings) -> Vec<Decoded> {
     let mut d = Decoder::new(settings);
     let total = count_data_points(req);

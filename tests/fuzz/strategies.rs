@@ -18,6 +18,7 @@ use trainmetrics::decode::{DecodeSettings, NonFinitePolicy};
 use trainmetrics::cadence::{Aggregation, CadenceSettings};
 use crate::harness::*;
 
+/// Bytes: random, or a seed (protobuf when `json` is false) with a few mutations.
 pub(crate) fn input_bytes(seeds: Arc<Vec<(Vec<u8>, Vec<u8>)>>, json: bool) -> impl Strategy<Value = Vec<u8>> {
     let n = seeds.len();
     prop_oneof![
@@ -31,10 +32,6 @@ pub(crate) fn input_bytes(seeds: Arc<Vec<(Vec<u8>, Vec<u8>)>>, json: bool) -> im
         2 => request_strategy().prop_map(move |r| if json { serde_json::to_vec(&r).unwrap_or_else(|_| r.encode_to_vec()) } else { r.encode_to_vec() }),
     ]
 }
-
-/// Decodes a request twice with one decoder (the second pass exercises the decoder's state) and
-/// checks that every data point is accounted for.
-
 
 pub(crate) fn text() -> impl Strategy<Value = String> {
     prop_oneof![

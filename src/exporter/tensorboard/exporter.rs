@@ -493,13 +493,15 @@ fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>
     }
     let mut i = 0;
     while i < points.len() {
-        i = encode_step(run, points, base, i, start_at, params, (rf, new_file), &mut p);
+        i = encode_step(run, points, base, i, start_at, params, rf, &mut p);
     }
     p
 }
 
 /// Encodes the points of the step starting at index `i` as one event; returns the next step's
-/// index. `rf` is the run's state before this export (with `new_file`, its tags start over).
+/// index. `rf` is the run's state before this export (a new file's tags start over).
+// The export's inputs one by one: the step loop reads them while it writes only `p`.
+#[allow(clippy::too_many_arguments)]
 fn encode_step(
     run: &RunInfo,
     points: &[OutPoint],
@@ -507,9 +509,10 @@ fn encode_step(
     i: usize,
     start_at: Option<i64>,
     params: &BTreeMap<String, String>,
-    (rf, new_file): (&RunFile, bool),
+    rf: &RunFile,
     p: &mut Pending,
 ) -> usize {
+    let new_file = rf.path.is_none();
     let step = points[i].step;
     let mut j = i;
     // Scalars are encoded straight into the buffer; a step with a histogram goes through the
