@@ -326,24 +326,14 @@ fn parse_metric(
             numbers(m, &metric_data.data_points, monotonic, &mut push, out)
         }
         Some(metric::Data::Histogram(h)) => {
-            let cumulative = h.aggregation_temporality == CUMULATIVE;
-            for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
-                let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
-                match histogram(dp) {
-                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), cum, out),
-                    Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
-                }
-            }
+            let points = h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0);
+            let points = points.map(|dp| (dp.attributes.as_slice(), dp.time_unix_nano, dp.start_time_unix_nano, dp.flags, histogram(dp)));
+            histograms(m, h.aggregation_temporality == CUMULATIVE, points, &mut push, out)
         }
         Some(metric::Data::ExponentialHistogram(h)) => {
-            let cumulative = h.aggregation_temporality == CUMULATIVE;
-            for dp in h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0) {
-                let cum = cumulative.then_some(Cumulative { start: dp.start_time_unix_nano, monotonic: true });
-                match exponential_histogram(dp) {
-                    Ok(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), cum, out),
-                    Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
-                }
-            }
+            let points = h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0);
+            let points = points.map(|dp| (dp.attributes.as_slice(), dp.time_unix_nano, dp.start_time_unix_nano, dp.flags, exponential_histogram(dp)));
+            histograms(m, h.aggregation_temporality == CUMULATIVE, points, &mut push, out)
         }
         Some(metric::Data::Summary(sm)) => {
             for dp in &sm.data_points {
@@ -353,6 +343,24 @@ fn parse_metric(
             }
         }
         None => {}
+    }
+}
+
+/// Pushes a metric's histograms (explicit or exponential, already converted): each data point's
+/// attributes, time, start time, flags and histogram, or why it is not one.
+fn histograms<'a>(
+    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    cumulative: bool,
+    points: impl Iterator<Item = (&'a [KeyValue], u64, u64, u32, Result<Histogram, String>)>,
+    push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
+    out: &mut Decoded,
+) {
+    for (attributes, time, start, flags, converted) in points {
+        let cum = cumulative.then_some(Cumulative { start, monotonic: true });
+        match converted {
+            Ok(v) => push(attributes, time, flags, PointValue::Histogram(Box::new(v)), cum, out),
+            Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
+        }
     }
 }
 
