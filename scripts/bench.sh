@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks, printed as one table: record-call cost and TensorBoard write rate against their
-# peers (benches/throughput.rs, tests/support/bench_tb_writer.py), then the real trainer's step
-# time (examples/train.rs, release build) with no MLflow, with MLflow reachable, and with MLflow
-# unreachable (nothing listening): the trainer must not slow down when MLflow is down; then
-# serve against the Collector built here, CPU per point on the same OTLP load (bench-ingest.sh).
+# peers (benches/throughput.rs, tests/support/bench_tb_writer.py, scripts/bench-peer-tbrs.sh),
+# then the real trainer's step time (examples/train.rs, release build) with no MLflow, with
+# MLflow reachable, and with MLflow unreachable (nothing listening): the trainer must not slow
+# down when MLflow is down; then serve against the Collector built here, CPU per point on the
+# same OTLP load (bench-ingest.sh).
 #   scripts/bench.sh [--steps N]      (default 3000)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +23,7 @@ echo "| benchmark | value | unit | note |"
 echo "|---|---|---|---|"
 cargo bench --locked -q --bench throughput 2>/dev/null | grep '^|'
 .venv/bin/python tests/support/bench_tb_writer.py
+scripts/bench-peer-tbrs.sh
 
 uri="$(scripts/mlflow-server.sh start --port "$(free_port)" --dir "$mdir" | tail -n 1)"
 dead="http://127.0.0.1:$(free_port)"
