@@ -101,7 +101,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::fastmap::FastMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -241,20 +241,10 @@ impl Batch {
     }
 }
 
+/// One open window's aggregate. Kept small (one per held point at every-step cadence): what
+/// only cumulative points or histograms need is boxed in [`AccMore`].
 #[derive(Debug, Clone)]
 struct Acc {
-    agg: Aggregation,
-    opened: Instant,
-    /// [`identity`] of every delta point taken (see "Duplicates" in the module docs).
-    seen: Seen,
-    /// Cumulative points by step: (time, identity, value). A later one for the same step
-    /// replaces the earlier; they are folded into the aggregate when the window is written.
-    cumulative: BTreeMap<i64, (u64, u64, PointValue)>,
-    /// (step, identity) of each gauge point stamped with its collection time, remembered
-    /// like cumulative steps once written (a cumulative SDK re-sends them).
-    /// Usually one (a window of one step), so it holds one without an allocation.
-    collected: smallvec::SmallVec<[(i64, u64); 1]>,
-    inputs: u64,
     n: u64,
     sum: f64,
     min: f64,
@@ -263,20 +253,27 @@ struct Acc {
     last_step: i64,
     max_step: i64,
     time: u64,
-    /// Boxed: most windows hold scalars, and an accumulator is moved in and out of its queue.
+    inputs: u64,
+    opened: Instant,
+    /// [`identity`] of every delta point taken (see "Duplicates" in the module docs).
+    seen: Seen,
+    more: Option<Box<AccMore>>,
+    agg: Aggregation,
+}
+
+/// The parts of a window that only cumulative points and histograms use.
+#[derive(Debug, Clone, Default)]
+struct AccMore {
+    /// Cumulative points by step: (time, identity, value). A later one for the same step
+    /// replaces the earlier; they are folded into the aggregate when the window is written.
+    cumulative: BTreeMap<i64, (u64, u64, PointValue)>,
+    /// The merged histogram, when the window holds histograms.
     hist: Option<Box<Histogram>>,
-    hist_count: u64,
 }
 
 impl Acc {
     fn new(agg: Aggregation, opened: Instant) -> Self {
         Self {
-            agg,
-            opened,
-            seen: Seen::None,
-            cumulative: BTreeMap::new(),
-            collected: smallvec::SmallVec::new(),
-            inputs: 0,
             n: 0,
             sum: 0.0,
             min: f64::NAN,
@@ -285,48 +282,60 @@ impl Acc {
             last_step: i64::MIN,
             max_step: i64::MIN,
             time: 0,
-            hist: None,
-            hist_count: 0,
+            inputs: 0,
+            opened,
+            seen: Seen::None,
+            more: None,
+            agg,
         }
+    }
+
+    fn more(&mut self) -> &mut AccMore {
+        self.more.get_or_insert_with(Box::default)
     }
 
     /// Takes one data point of the window's series; `id` is its [`identity`].
     fn take(&mut self, p: &Point, id: u64) -> Taken {
         if p.cumulative.is_none() {
-            if !self.seen.insert(id) {
+            if !self.seen.insert(p.step, id, p.collected, self.last_step) {
                 return Taken::Duplicate;
-            }
-            if p.collected {
-                self.collected.push((p.step, id));
             }
             self.inputs += 1;
             self.add(p.step, p.time_unix_nano, &p.value);
             return Taken::Added;
         }
-        match self.cumulative.get_mut(&p.step) {
-            Some(e) if e.1 == id => Taken::Duplicate,
-            Some(e) => {
-                // The newer total stands for the older one too: both are inputs of the point.
-                self.inputs += 1;
-                self.time = self.time.max(p.time_unix_nano);
-                if p.time_unix_nano >= e.0 {
-                    *e = (p.time_unix_nano, id, p.value.clone());
+        let (time, step) = (p.time_unix_nano, p.step);
+        match self.more().cumulative.entry(step) {
+            std::collections::btree_map::Entry::Occupied(e) if e.get().1 == id => return Taken::Duplicate,
+            // The newer total stands for the older one too: both are inputs of the point.
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if time >= e.get().0 {
+                    *e.get_mut() = (time, id, p.value.clone());
                 }
-                Taken::Added
             }
-            None => {
-                self.inputs += 1;
-                self.time = self.time.max(p.time_unix_nano);
-                self.max_step = self.max_step.max(p.step);
-                self.cumulative.insert(p.step, (p.time_unix_nano, id, p.value.clone()));
-                Taken::Added
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert((time, id, p.value.clone()));
+                self.max_step = self.max_step.max(step);
             }
         }
+        self.inputs += 1;
+        self.time = self.time.max(time);
+        Taken::Added
+    }
+
+    /// (step, identity) of each cumulative point and each gauge point stamped with its
+    /// collection time: remembered once written (a cumulative SDK re-sends them).
+    fn resendable(&self) -> impl Iterator<Item = (i64, u64)> + '_ {
+        let cumulative = self.more.iter().flat_map(|m| m.cumulative.iter().map(|(step, (_, id, _))| (*step, *id)));
+        // Before the cumulative points are folded in, `last_step` is the step of the delta points'
+        // newest, so of the one point of a window that took one.
+        cumulative.chain(self.seen.collected(self.last_step))
     }
 
     /// Folds the latest cumulative value of each step into the aggregate (before it is read).
     fn fold_cumulative(&mut self) {
-        for (step, (time, _, value)) in std::mem::take(&mut self.cumulative) {
+        let Some(more) = self.more.as_mut() else { return };
+        for (step, (time, _, value)) in std::mem::take(&mut more.cumulative) {
             self.add(step, time, &value);
         }
     }
@@ -337,7 +346,7 @@ impl Acc {
         let (contrib_n, contrib_sum, lo, hi, last) = match value {
             PointValue::Scalar(v) => (1, *v, *v, *v, *v),
             PointValue::Histogram(h) => {
-                self.merge_histogram(h);
+                merge_histogram(&mut self.more().hist, h);
                 (h.count, h.sum, h.min.unwrap_or(f64::NAN), h.max.unwrap_or(f64::NAN), h.mean())
             }
         };
@@ -349,30 +358,6 @@ impl Acc {
         if step >= self.last_step {
             self.last_step = step;
             self.last = last;
-        }
-    }
-
-    fn merge_histogram(&mut self, h: &Histogram) {
-        self.hist_count += 1;
-        match &mut self.hist {
-            Some(acc) if acc.bounds == h.bounds => {
-                for (a, b) in acc.counts.iter_mut().zip(&h.counts) {
-                    *a = a.saturating_add(*b);
-                }
-                acc.count = acc.count.saturating_add(h.count);
-                acc.sum += h.sum;
-                acc.min = match (acc.min, h.min) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                acc.max = match (acc.max, h.max) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            // Bounds changed inside a window (a producer reconfigured its buckets): the buckets
-            // cannot be merged, so the latest layout is kept; the scalar stays exact.
-            _ => self.hist = Some(Box::new(h.clone())),
         }
     }
 
@@ -393,25 +378,80 @@ impl Acc {
     }
 }
 
-/// Identities taken by a window: most windows (every step) take one point, so one needs no
-/// allocation.
+/// Merges histogram `h` into a window's histogram `acc`.
+fn merge_histogram(acc: &mut Option<Box<Histogram>>, h: &Histogram) {
+    match acc {
+        Some(acc) if acc.bounds == h.bounds => {
+            for (a, b) in acc.counts.iter_mut().zip(&h.counts) {
+                *a = a.saturating_add(*b);
+            }
+            acc.count = acc.count.saturating_add(h.count);
+            acc.sum += h.sum;
+            acc.min = match (acc.min, h.min) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            acc.max = match (acc.max, h.max) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        // Bounds changed inside a window (a producer reconfigured its buckets): the buckets
+        // cannot be merged, so the latest layout is kept; the scalar stays exact.
+        _ => *acc = Some(Box::new(h.clone())),
+    }
+}
+
+/// Identities taken by a window, and which of them are gauge points stamped with their
+/// collection time (with their steps). Most windows (every step) take one point, so one needs
+/// no allocation; its step is the window's [`Acc::last_step`].
 #[derive(Debug, Clone)]
 enum Seen {
     None,
-    One(u64),
-    Many(HashSet<u64>),
+    One { id: u64, collected: bool },
+    Many(Box<ManySeen>),
+}
+
+#[derive(Debug, Clone, Default)]
+struct ManySeen {
+    ids: HashSet<u64>,
+    collected: Vec<(i64, u64)>,
 }
 
 impl Seen {
-    /// Adds `id`; false if it was there.
-    fn insert(&mut self, id: u64) -> bool {
+    /// Adds `id` (of a point at `step`; `one_step` is the step of the one point taken so far,
+    /// if one); false if it was there.
+    fn insert(&mut self, step: i64, id: u64, collected: bool, one_step: i64) -> bool {
         match self {
-            Seen::None => *self = Seen::One(id),
-            Seen::One(x) if *x == id => return false,
-            Seen::One(x) => *self = Seen::Many(HashSet::from([*x, id])),
-            Seen::Many(set) => return set.insert(id),
+            Seen::None => *self = Seen::One { id, collected },
+            Seen::One { id: x, .. } if *x == id => return false,
+            Seen::One { id: x, collected: c } => {
+                let mut many = ManySeen { ids: HashSet::from([*x, id]), collected: Vec::new() };
+                many.collected.extend(c.then_some((one_step, *x)));
+                many.collected.extend(collected.then_some((step, id)));
+                *self = Seen::Many(Box::new(many));
+            }
+            Seen::Many(m) => {
+                if !m.ids.insert(id) {
+                    return false;
+                }
+                if collected {
+                    m.collected.push((step, id));
+                }
+            }
         }
         true
+    }
+
+    /// (step, identity) of the gauge points stamped with their collection time (`one_step`:
+    /// the step of the one point taken, if one).
+    fn collected(&self, one_step: i64) -> impl Iterator<Item = (i64, u64)> + '_ {
+        let (one, many) = match self {
+            Seen::One { id, collected: true } => (Some((one_step, *id)), None),
+            Seen::Many(m) => (None, Some(m.collected.iter().copied())),
+            _ => (None, None),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
@@ -430,10 +470,11 @@ pub const WRITTEN_CUMULATIVE_STEPS: usize = 4096;
 
 /// The identity of a data point within its series (see "Duplicates" in the module docs):
 /// step, time and value; for a cumulative point, step, start time and value (its time changes
-/// at every collection). A 64-bit hash: two distinct points of one window collide with
-/// probability about 2^-64.
-fn identity(p: &Point) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+/// at every collection). A 64-bit hash (`ids`: the exporter's own randomly seeded foldhash, so
+/// a client cannot aim collisions): two distinct points of one window collide with probability
+/// about 2^-64.
+fn identity(ids: &foldhash::quality::RandomState, p: &Point) -> u64 {
+    let mut h = ids.build_hasher();
     p.step.hash(&mut h);
     match p.cumulative {
         Some(start) => (1u8, start).hash(&mut h),
@@ -469,6 +510,15 @@ impl OpenWindows {
 
     fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Frees the queue's buffer once every window is written: a series between windows then
+    /// holds no accumulator space (a queue keeps its largest size otherwise, and most series
+    /// of a service are between windows most of the time).
+    fn release_if_empty(&mut self) {
+        if self.0.is_empty() {
+            self.0 = std::collections::VecDeque::new();
+        }
     }
 
     fn values(&self) -> impl Iterator<Item = &Acc> {
@@ -543,6 +593,21 @@ struct SeriesState {
     last_arrival: Instant,
 }
 
+impl SeriesState {
+    fn new(now: Instant) -> Self {
+        SeriesState {
+            windows: OpenWindows::default(),
+            written_cumulative: WrittenSteps::default(),
+            max_start: 0,
+            written_upto: None,
+            max_step: i64::MIN,
+            max_time: 0,
+            max_fingerprint: 0,
+            last_arrival: now,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RunState {
     run: Arc<RunInfo>,
@@ -614,18 +679,26 @@ fn fingerprint(v: &PointValue) -> u64 {
 /// does not repeat the series' point at its largest step unchanged.
 fn resume_step(state: &RunState, points: &[Point]) -> Option<i64> {
     // Per series: (smallest step of the newer points, whether the largest-step point repeats).
+    // A series' points come one after another: each stretch is looked up once.
     let mut per: FastMap<&str, (i64, bool)> = FastMap::default();
-    for p in points {
-        let Some(s) = state.series.get(&*p.series) else { continue };
-        let e = per.entry(&*p.series).or_insert((i64::MAX, false));
-        // A cumulative producer re-sends old steps, newer in time, at every collection; only a
-        // new start time (a restarted producer) can mean a resume.
-        let resend = p.cumulative.is_some_and(|start| start <= s.max_start);
-        if p.time_unix_nano > s.max_time && !resend {
-            e.0 = e.0.min(p.step);
-        }
-        if p.step == s.max_step && fingerprint(&p.value) == s.max_fingerprint {
-            e.1 = true;
+    let mut i = 0;
+    while i < points.len() {
+        let name = &points[i].series;
+        let stretch = points[i..].iter().take_while(|p| Arc::ptr_eq(&p.series, name)).count();
+        let (mine, next) = (&points[i..i + stretch], i + stretch);
+        i = next;
+        let Some(s) = state.series.get(&**name) else { continue };
+        let e = per.entry(&**name).or_insert((i64::MAX, false));
+        for p in mine {
+            // A cumulative producer re-sends old steps, newer in time, at every collection; only
+            // a new start time (a restarted producer) can mean a resume.
+            let resend = p.cumulative.is_some_and(|start| start <= s.max_start);
+            if p.time_unix_nano > s.max_time && !resend {
+                e.0 = e.0.min(p.step);
+            }
+            if p.step == s.max_step && fingerprint(&p.value) == s.max_fingerprint {
+                e.1 = true;
+            }
         }
     }
     per.into_iter()
@@ -640,6 +713,8 @@ pub struct Windows {
     settings: CadenceSettings,
     runs: FastMap<String, RunState>,
     interval_started: Instant,
+    /// Seeds the data point identities ([`identity`]).
+    ids: foldhash::quality::RandomState,
     pending: u64,
     superseded: u64,
     duplicates: u64,
@@ -657,7 +732,15 @@ pub enum Close {
 impl Windows {
     /// Empty windows for this cadence; `now` starts the interval clock.
     pub fn new(settings: CadenceSettings, now: Instant) -> Self {
-        Self { settings, runs: FastMap::default(), interval_started: now, pending: 0, superseded: 0, duplicates: 0 }
+        Self {
+            settings,
+            runs: FastMap::default(),
+            interval_started: now,
+            ids: foldhash::quality::RandomState::default(),
+            pending: 0,
+            superseded: 0,
+            duplicates: 0,
+        }
     }
 
     /// Adds points. Returns the number of points that were late (see the module docs); points
@@ -676,23 +759,22 @@ impl Windows {
             self.superseded += dropped;
         }
         let mut late = 0;
+        let RunState { series, max_step: run_max_step, resumed, ended, .. } = state;
+        // A request holds a series' points one after another (one attribute set over many
+        // steps, sharing one name): its state is looked up once per such stretch, not per point.
+        let mut current: Option<(&Arc<str>, &mut SeriesState)> = None;
         for p in &rp.points {
-            if state.resumed.is_some_and(|(step, time)| p.step >= step && p.time_unix_nano < time) {
+            if resumed.is_some_and(|(step, time)| p.step >= step && p.time_unix_nano < time) {
                 self.superseded += 1;
                 continue;
             }
-            let s = state.series.entry(p.series.clone()).or_insert_with(|| SeriesState {
-                windows: OpenWindows::default(),
-                written_cumulative: WrittenSteps::default(),
-                max_start: 0,
-                written_upto: None,
-                max_step: i64::MIN,
-                max_time: 0,
-                max_fingerprint: 0,
-                last_arrival: now,
-            });
+            if !current.as_ref().is_some_and(|(name, _)| Arc::ptr_eq(name, &p.series)) {
+                let s = series.entry(p.series.clone()).or_insert_with(|| SeriesState::new(now));
+                current = Some((&p.series, s));
+            }
+            let Some((_, s)) = current.as_mut() else { continue };
             s.max_time = s.max_time.max(p.time_unix_nano);
-            let id = identity(p);
+            let id = identity(&self.ids, p);
             if s.written_upto.is_some_and(|w| p.step <= w) {
                 if (p.cumulative.is_some() || p.collected) && s.written_cumulative.get(p.step) == Some(id) {
                     self.duplicates += 1;
@@ -704,18 +786,17 @@ impl Windows {
             if let Some(start) = p.cumulative {
                 s.max_start = s.max_start.max(start);
             }
-            state.max_step = state.max_step.max(p.step);
+            *run_max_step = (*run_max_step).max(p.step);
             if p.step >= s.max_step {
                 s.max_fingerprint = fingerprint(&p.value);
             }
             s.max_step = s.max_step.max(p.step);
             s.last_arrival = now;
-            let agg = settings.aggregation_for(&p.metric, &p.series);
-            let acc = s.windows.get_or_open(settings.window_end(p.step), || Acc::new(agg, now));
+            let acc = s.windows.get_or_open(settings.window_end(p.step), || Acc::new(settings.aggregation_for(&p.metric, &p.series), now));
             match acc.take(p, id) {
                 Taken::Added => {
                     self.pending += 1;
-                    state.ended = false;
+                    *ended = false;
                 }
                 Taken::Duplicate => self.duplicates += 1,
             }
@@ -823,7 +904,8 @@ impl Windows {
                 && self.settings.idle_after.is_some_and(|t| now.saturating_duration_since(state.last_arrival) >= t);
             let ending = state.ending.filter(|(_, at)| now >= *at || close == Close::All).map(|(end, _)| end);
             let all = all || idle || ending.is_some();
-            let mut points = Vec::new();
+            // Each writing series' points, in step order.
+            let mut per_series: Vec<Vec<OutPoint>> = Vec::new();
             // Whether a series' first window closes now (the loop below closes it and the next).
             let due = |s: &SeriesState| {
                 s.windows.first_key_value().is_some_and(|(&end, first)| {
@@ -832,12 +914,13 @@ impl Windows {
                         && (s.max_step > end || (now.saturating_duration_since(s.last_arrival) >= linger && run_max >= end)))
                 })
             };
-            // The series that write, in name order, so the batch is in (step, series) order
-            // after a stable sort by step alone: names are compared once per series, not once
+            // The series that write, in name order, so merging their points by step alone puts
+            // the batch in (step, series) order: names are compared once per series, not once
             // per point.
             let mut ready: Vec<(&Arc<str>, &mut SeriesState)> = state.series.iter_mut().filter(|(_, s)| due(s)).collect();
             ready.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (series, s) in ready {
+                let mut points = Vec::with_capacity(s.windows.len());
                 let quiet = now.saturating_duration_since(s.last_arrival) >= linger;
                 while let Some((&end, first)) = s.windows.first_key_value() {
                     let settled = now.saturating_duration_since(first.opened) >= self.settings.reorder_window;
@@ -846,8 +929,8 @@ impl Windows {
                         break;
                     }
                     let Some((_, mut acc)) = s.windows.pop_first() else { break };
-                    for (step, id) in acc.cumulative.iter().map(|(step, (_, id, _))| (step, id)).chain(acc.collected.iter().map(|(s, i)| (s, i))) {
-                        s.written_cumulative.insert(*step, *id);
+                    for (step, id) in acc.resendable() {
+                        s.written_cumulative.insert(step, id);
                     }
                     acc.fold_cumulative();
                     let step = if reached { end } else { acc.max_step };
@@ -858,10 +941,12 @@ impl Windows {
                         step,
                         time_unix_nano: acc.time,
                         scalar: acc.scalar(),
-                        histogram: acc.hist.take(),
+                        histogram: acc.more.and_then(|m| m.hist),
                         inputs: acc.inputs,
                     });
                 }
+                s.windows.release_if_empty();
+                per_series.push(points);
             }
             if idle {
                 state.idle_reported = true;
@@ -872,9 +957,9 @@ impl Windows {
                 // Ended, not idle: an idle end must not overwrite the status the trainer gave.
                 state.idle_reported = true;
             }
-            if !points.is_empty() || idle || ending.is_some() {
+            if per_series.iter().any(|p| !p.is_empty()) || idle || ending.is_some() {
                 // (step, series) is unique in a batch: one window per series end.
-                points.sort_by_key(|p| p.step);
+                let points = merge_by_step(per_series);
                 let resumed_at = state.announce_resume.take();
                 // Cut into pieces of at most MAX_BATCH_POINTS, in order (see the module docs).
                 let pieces = points.len().div_ceil(MAX_BATCH_POINTS).max(1);
@@ -893,6 +978,25 @@ impl Windows {
         out.sort_by(|a, b| a.run.process_key().cmp(&b.run.process_key()));
         out
     }
+}
+
+/// Merges lists each in step order into one in (step, list) order: every point moves once
+/// (a sort of the concatenation moved each point once per merge level).
+fn merge_by_step(lists: Vec<Vec<OutPoint>>) -> Vec<OutPoint> {
+    use std::cmp::Reverse;
+    let total = lists.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(total);
+    let mut iters: Vec<std::iter::Peekable<std::vec::IntoIter<OutPoint>>> = lists.into_iter().map(|l| l.into_iter().peekable()).collect();
+    let mut heap: std::collections::BinaryHeap<Reverse<(i64, usize)>> =
+        iters.iter_mut().enumerate().filter_map(|(i, it)| Some(Reverse((it.peek()?.step, i)))).collect();
+    while let Some(Reverse((_, i))) = heap.pop() {
+        let Some(p) = iters[i].next() else { continue };
+        out.push(p);
+        if let Some(next) = iters[i].peek() {
+            heap.push(Reverse((next.step, i)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -4,6 +4,3 @@
 
 /// A `HashMap` hashed with [`foldhash::quality::RandomState`].
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
-
-/// A `HashSet` hashed with [`foldhash::quality::RandomState`].
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;

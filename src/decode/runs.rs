@@ -223,11 +223,22 @@ impl Runs {
         let mut kept = Vec::with_capacity(pending.len());
         let mut refused = 0u64;
         let mut first_refused = None;
+        // A series' points come one after another (one name shared): its kind is looked up
+        // once per stretch.
+        let mut known: Option<(Arc<str>, bool)> = None;
         for p in pending {
             let histogram = matches!(p.value, PointValue::Histogram(_));
-            match state.series.get(&p.series) {
-                Some(&kind) if kind == histogram => kept.push(p),
-                Some(&kind) => {
+            let kind = match &known {
+                Some((name, kind)) if Arc::ptr_eq(name, &p.series) => Some(*kind),
+                _ => {
+                    let kind = state.series.get(&p.series).copied();
+                    known = kind.map(|k| (p.series.clone(), k));
+                    kind
+                }
+            };
+            match kind {
+                Some(kind) if kind == histogram => kept.push(p),
+                Some(kind) => {
                     let (was, is) = if kind { ("histograms", "a scalar") } else { ("scalars", "a histogram") };
                     out.drop(DropReason::InvalidValue, || {
                         format!("series {:?} holds {was}; {is} point cannot share its TensorBoard tag", short(&p.series))
@@ -235,6 +246,7 @@ impl Runs {
                 }
                 None if state.series.len() < max_series => {
                     state.series.insert(p.series.clone(), histogram);
+                    known = Some((p.series.clone(), histogram));
                     kept.push(p);
                 }
                 None => {

@@ -73,7 +73,7 @@ use super::record::{append_record, append_record_with};
 use crate::decode::RunInfo;
 use crate::cadence::{Batch, OutPoint};
 use crate::exporter::{ExportError, Exported, Exporter, RunOutcome};
-use crate::fastmap::{FastMap, FastSet};
+use crate::fastmap::FastMap;
 use crate::names::{fnv1a32, run_dir_name};
 use crate::stats::DropReason;
 
@@ -100,14 +100,26 @@ struct RunFile {
     dir: Option<PathBuf>,
     /// The current event file (open or not); `None` makes the next write start a new one.
     path: Option<PathBuf>,
-    tags_in_file: FastSet<Arc<str>>,
-    written: FastMap<Arc<str>, i64>,
+    /// Every tag written in the run, with its last step and the file that has its metadata.
+    tags: FastMap<Arc<str>, Tag>,
+    /// The number of the current event file among the run's files (see [`Tag::file`]).
+    file: u64,
     session_started: bool,
     /// Written to since the last fsync.
     unsynced: bool,
     /// The resume step last handled (see [`Batch::resumed_at`]), so a retried batch does not
     /// start yet another session.
     resumed_at: Option<i64>,
+}
+
+/// One tag of a run (one map entry per tag: this is most of the exporter's memory per series).
+#[derive(Debug, Clone, Copy)]
+struct Tag {
+    /// The last step written.
+    written: i64,
+    /// [`RunFile::file`] of the event file whose first record of the tag carries its metadata:
+    /// another number means the current file has not had it yet.
+    file: u64,
 }
 
 /// The open event files by run key, closed least recently used first beyond [`MAX_OPEN_FILES`].
@@ -120,14 +132,59 @@ struct OpenFiles {
 
 /// What one export will write, and what it changes in the run's state once it is written: only
 /// this export's tags and steps, so an export costs its points, not the run's series.
-struct Pending {
+struct Pending<'a> {
     buf: Vec<u8>,
     refused: Vec<(usize, DropReason)>,
-    /// Tags this export writes first in the file (with metadata).
-    new_tags: FastSet<Arc<str>>,
-    /// The last step this export writes per tag.
-    written: FastMap<Arc<str>, i64>,
+    /// The tags this export touches, each resolved once against the run's state.
+    slots: Slots<'a>,
     session_started: bool,
+}
+
+/// One tag as an export sees it: its state before the export, then what the export wrote.
+struct Slot<'a> {
+    tag: &'a Arc<str>,
+    /// The last step written (by earlier exports, then by this one).
+    written: Option<i64>,
+    /// The current file has had the tag's metadata (or this export writes it).
+    in_file: bool,
+    /// This export writes the tag's metadata.
+    first_here: bool,
+    /// This export writes a point of the tag.
+    touched: bool,
+}
+
+/// The tags of one export. A batch is ordered by step, so one tag's points are far apart: each
+/// tag is resolved once, by its name's allocation (shared from the decoder on), else by name.
+#[derive(Default)]
+struct Slots<'a> {
+    by_ptr: FastMap<usize, usize>,
+    by_name: FastMap<&'a str, usize>,
+    list: Vec<Slot<'a>>,
+}
+
+impl<'a> Slots<'a> {
+    /// The slot of `tag`, resolved against run state `rf` the first time.
+    fn get(&mut self, tag: &'a Arc<str>, rf: &RunFile) -> &mut Slot<'a> {
+        let ptr = Arc::as_ptr(tag) as *const u8 as usize;
+        let i = match self.by_ptr.get(&ptr) {
+            Some(&i) => i,
+            None => {
+                let i = match self.by_name.get(&**tag) {
+                    Some(&i) => i,
+                    None => {
+                        let state = rf.tags.get(&**tag);
+                        let in_file = rf.path.is_some() && state.is_some_and(|t| t.file == rf.file);
+                        self.list.push(Slot { tag, written: state.map(|t| t.written), in_file, first_here: false, touched: false });
+                        self.by_name.insert(&**tag, self.list.len() - 1);
+                        self.list.len() - 1
+                    }
+                };
+                self.by_ptr.insert(ptr, i);
+                i
+            }
+        };
+        &mut self.list[i]
+    }
 }
 
 /// Writes TensorBoard event files. See the module docs.
@@ -478,14 +535,13 @@ impl TensorBoardExporter {
 /// Encodes `points` (of `run`, at indices from `base` of their batch) not yet written for run
 /// state `rf`, refusing late ones. A session that starts here starts at `start_at` if given
 /// (a resume), else at the first step written.
-fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending {
+fn encode<'a>(run: &RunInfo, points: &'a [OutPoint], base: usize, start_at: Option<i64>, rf: &RunFile, params: &BTreeMap<String, String>) -> Pending<'a> {
     let new_file = rf.path.is_none();
     let mut p = Pending {
         buf: Vec::new(),
         refused: Vec::new(),
-        // Tags first seen in this export get metadata; committed only after the write succeeds.
-        new_tags: FastSet::default(),
-        written: FastMap::default(),
+        // What the export writes per tag; committed only after the write succeeds.
+        slots: Slots::default(),
         session_started: rf.session_started,
     };
     if new_file {
@@ -502,17 +558,16 @@ fn encode(run: &RunInfo, points: &[OutPoint], base: usize, start_at: Option<i64>
 /// index. `rf` is the run's state before this export (a new file's tags start over).
 // The export's inputs one by one: the step loop reads them while it writes only `p`.
 #[allow(clippy::too_many_arguments)]
-fn encode_step(
+fn encode_step<'a>(
     run: &RunInfo,
-    points: &[OutPoint],
+    points: &'a [OutPoint],
     base: usize,
     i: usize,
     start_at: Option<i64>,
     params: &BTreeMap<String, String>,
     rf: &RunFile,
-    p: &mut Pending,
+    p: &mut Pending<'a>,
 ) -> usize {
-    let new_file = rf.path.is_none();
     let step = points[i].step;
     let mut j = i;
     // Scalars are encoded straight into the buffer; a step with a histogram goes through the
@@ -522,18 +577,17 @@ fn encode_step(
     let mut time = 0u64;
     while j < points.len() && points[j].step == step {
         let pt = &points[j];
-        let last = p.written.get(&*pt.series).or_else(|| rf.written.get(&*pt.series));
-        if last.is_some_and(|w| step <= *w) {
+        let slot = p.slots.get(&pt.series, rf);
+        if slot.written.is_some_and(|w| step <= w) {
             p.refused.push((base + j, DropReason::Late));
         } else {
-            match p.written.get_mut(&*pt.series) {
-                Some(w) => *w = step,
-                None => {
-                    p.written.insert(pt.series.clone(), step);
-                }
+            slot.written = Some(step);
+            slot.touched = true;
+            let first = !slot.in_file;
+            if first {
+                slot.in_file = true;
+                slot.first_here = true;
             }
-            let in_file = (!new_file && rf.tags_in_file.contains(&*pt.series)) || p.new_tags.contains(&*pt.series);
-            let first = !in_file && p.new_tags.insert(pt.series.clone());
             match &pt.histogram {
                 None if values.is_empty() => scalars.push((&*pt.series, pt.scalar as f32, first)),
                 None => values.push(encoder::scalar_value(&pt.series, pt.scalar as f32, first)),
@@ -583,11 +637,22 @@ impl TensorBoardExporter {
         self.write(run, &p.buf)?;
         let rf = self.runs.entry(key.into_owned()).or_default();
         if new_file {
-            rf.tags_in_file = p.new_tags;
-        } else {
-            rf.tags_in_file.extend(p.new_tags);
+            rf.file += 1;
         }
-        rf.written.extend(p.written);
+        for slot in p.slots.list.iter().filter(|s| s.touched) {
+            let written = slot.written.unwrap_or(i64::MIN);
+            match rf.tags.get_mut(&**slot.tag) {
+                Some(t) => {
+                    t.written = written;
+                    if slot.first_here {
+                        t.file = rf.file;
+                    }
+                }
+                None => {
+                    rf.tags.insert(slot.tag.clone(), Tag { written, file: rf.file });
+                }
+            }
+        }
         rf.session_started = p.session_started;
         Ok(p.refused)
     }
@@ -609,8 +674,8 @@ impl TensorBoardExporter {
         rf.session_started = false;
         rf.unsynced = false;
         let below = step.saturating_sub(1);
-        for w in rf.written.values_mut() {
-            *w = (*w).min(below);
+        for t in rf.tags.values_mut() {
+            t.written = t.written.min(below);
         }
         rf.resumed_at = Some(step);
         tracing::info!(run = %key, step, "run resumed from an earlier step: new event file");
@@ -664,7 +729,7 @@ impl TensorBoardExporter {
             let rf = self.runs.entry(key.to_string()).or_default();
             if rf.resumed_at != Some(resumed) {
                 rf.session_started = false;
-                rf.written.values_mut().for_each(|w| *w = (*w).min(resumed.saturating_sub(1)));
+                rf.tags.values_mut().for_each(|t| t.written = t.written.min(resumed.saturating_sub(1)));
                 rf.resumed_at = Some(resumed);
             }
         }
