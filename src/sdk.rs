@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::{Gauge, Histogram, Meter, MeterProvider as _};
@@ -35,6 +35,7 @@ use crate::decode::{NAME_ATTRIBUTE, NONFINITE_ATTRIBUTE, TIME_ATTRIBUTE};
 use crate::config::{
     AnyExporterConfig,ConfigError, PipelineConfig, PipelineSettings, RunSettings, ScalarValue};
 use crate::delivery::{Delivery, FlushError};
+use crate::fastmap::FastMap;
 use crate::exporter::RunOutcome;
 use crate::names::run_dir_name;
 use crate::factory::Destination;
@@ -515,8 +516,9 @@ pub struct StepRecorder {
     step_key: Key,
     gauges: Arc<Mutex<HashMap<String, Gauge<f64>>>>,
     /// Per metric name: its gauge and, for a name the OTel API rejects, the attribute that
-    /// carries it, so a record call checks the name once per metric, not once per call.
-    by_name: Arc<Mutex<HashMap<String, NamedGauge>>>,
+    /// carries it, so a record call checks the name once per metric, not once per call. A
+    /// read lock: record calls of several threads share it, and record under it (no clone).
+    by_name: Arc<RwLock<FastMap<String, NamedGauge>>>,
     histograms: Arc<Mutex<HashMap<String, Histogram<f64>>>>,
     early: Option<Arc<EarlyCollection>>,
 }
@@ -597,13 +599,11 @@ impl StepRecorder {
 
     /// The gauge and extra attribute for metric `name` ([`StepRecorder::instrument_for`]),
     /// remembered for the first [`MAX_NAMES`] names.
+    /// The gauge of a metric not yet in `by_name` (remembered there while it has room).
     fn gauge_for(&self, name: &str) -> Option<NamedGauge> {
-        if let Some(found) = self.by_name.lock().ok()?.get(name) {
-            return Some(found.clone());
-        }
         let (instrument, attr) = Self::instrument_for(name);
         let named = (self.gauge(instrument)?, attr);
-        let mut by_name = self.by_name.lock().ok()?;
+        let mut by_name = self.by_name.write().ok()?;
         if by_name.len() < MAX_NAMES {
             by_name.insert(name.to_string(), named.clone());
         }
@@ -640,7 +640,18 @@ impl StepRecorder {
     /// Names the OTel API rejects (`acc@1`, `lossé`, …) are recorded on a shared instrument
     /// with the attribute `trainmetrics.name`, which the exporters turn back into the name.
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
-        let Some((g, name_attr)) = self.gauge_for(name) else { return };
+        if let Ok(by_name) = self.by_name.read() {
+            if let Some(named) = by_name.get(name) {
+                return self.record_on(named, step, value, attributes);
+            }
+        }
+        if let Some(named) = self.gauge_for(name) {
+            self.record_on(&named, step, value, attributes);
+        }
+    }
+
+    /// [`StepRecorder::record_with`] on a metric's gauge.
+    fn record_on(&self, (g, name_attr): &NamedGauge, step: i64, value: f64, attributes: &[KeyValue]) {
         if attributes.is_empty() && name_attr.is_none() && value.is_finite() {
             // The common case without a heap allocation.
             g.record(value, &[KeyValue::new(self.step_key.clone(), step), record_time()]);
@@ -652,7 +663,7 @@ impl StepRecorder {
         let mut attrs = Vec::with_capacity(attributes.len() + 4);
         attrs.push(KeyValue::new(self.step_key.clone(), step));
         attrs.push(record_time());
-        attrs.extend(name_attr);
+        attrs.extend(name_attr.iter().cloned());
         attrs.extend_from_slice(attributes);
         match nonfinite_text(value) {
             None => g.record(value, &attrs),

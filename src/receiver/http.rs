@@ -95,12 +95,13 @@ impl IntoResponse for Reply {
     }
 }
 
-/// Decompresses `body` per `encoding`, refusing output beyond `max` bytes.
-fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Refusal> {
+/// Decompresses `body` per `encoding`, refusing output beyond `max` bytes (an uncompressed
+/// body is used as it is: axum's limit already bounds it).
+fn decompress<'a>(encoding: &str, body: &'a [u8], max: usize) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
     let mut out = Vec::new();
     let limit = max as u64 + 1;
     let read = match encoding {
-        "" | "identity" => return Ok(body.to_vec()),
+        "" | "identity" => return Ok(body.into()),
         "gzip" => flate2::read::MultiGzDecoder::new(body).take(limit).read_to_end(&mut out),
         "zstd" => match zstd::stream::read::Decoder::new(body) {
             Ok(d) => d.take(limit).read_to_end(&mut out),
@@ -110,7 +111,7 @@ fn decompress(encoding: &str, body: &[u8], max: usize) -> Result<Vec<u8>, Refusa
     };
     match read {
         Ok(_) if out.len() > max => Err(Refusal::TooLarge(format!("decompressed body exceeds {max} bytes"))),
-        Ok(_) => Ok(out),
+        Ok(_) => Ok(out.into()),
         Err(e) => Err(Refusal::Malformed(format!("cannot decompress the body: {e}"))),
     }
 }
@@ -142,7 +143,7 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
             req
         })
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {
-        ExportMetricsServiceRequest::decode(raw.as_slice()).map_err(|e| e.to_string())
+        ExportMetricsServiceRequest::decode(&*raw).map_err(|e| e.to_string())
     } else {
         return Err(Refusal::Unsupported(format!("unsupported Content-Type {content_type:?}")));
     };
