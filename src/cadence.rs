@@ -1065,6 +1065,64 @@ mod tests {
         assert!(out[0].points.is_empty() && out[0].ended == Some(end) && out[0].run.process_key() == "q#rank-1");
     }
 
+    /// The merge of per-series lists equals a stable sort of their concatenation by step:
+    /// (step, series) order, with uneven lists, gaps, repeated steps across series and empty lists.
+    #[test]
+    fn merging_by_step_orders_points_as_a_stable_sort_does() {
+        let list = |name: &str, steps: &[i64]| -> Vec<OutPoint> {
+            steps
+                .iter()
+                .map(|&step| OutPoint { series: name.into(), step, time_unix_nano: 0, scalar: step as f64, histogram: None, inputs: 1 })
+                .collect()
+        };
+        let lists = vec![list("a", &[1, 2, 5, 9]), list("b", &[]), list("c", &[2, 3, 5]), list("d", &[-4, 9, 10]), list("e", &[5])];
+        let mut expected: Vec<OutPoint> = lists.iter().flatten().cloned().collect();
+        expected.sort_by_key(|p| p.step);
+        let merged = merge_by_step(lists);
+        let key = |ps: &[OutPoint]| ps.iter().map(|p| (p.step, p.series.to_string())).collect::<Vec<_>>();
+        assert_eq!(key(&merged), key(&expected));
+        assert_eq!(key(&merged)[..4], [(-4, "d".to_string()), (1, "a".into()), (2, "a".into()), (2, "c".into())]);
+    }
+
+    /// A gauge point stamped with its collection time (`collected`) is re-sent by a cumulative
+    /// SDK at every collection with a new time: once written, the same step and value again is a
+    /// `duplicate`, another value at that step is `late`; for windows of one point and of two.
+    #[test]
+    fn collected_gauge_re_sends_after_the_write_are_duplicates() {
+        for every in [1, 2] {
+            let t = Instant::now();
+            let mut w = Windows::new(settings(Some(every), Aggregation::Last), t);
+            let collected = |steps: &[(i64, f64)], time: u64| {
+                let mut rp = pts("g", steps.iter().copied());
+                for p in &mut rp.points {
+                    p.collected = true;
+                    p.time_unix_nano = time;
+                }
+                rp
+            };
+            assert_eq!(w.push(collected(&[(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)], 10), t), 0);
+            let written = flat(w.take_ready(t + Duration::from_secs(3), Close::Due));
+            let expect: Vec<(String, i64, f64, u64)> = if every == 1 {
+                (1..=4).map(|s| ("g".to_string(), s, s as f64, 1)).collect()
+            } else {
+                vec![("g".into(), 2, 2.0, 2), ("g".into(), 4, 4.0, 2)]
+            };
+            assert_eq!(written, expect, "every {every}");
+            // The next collection re-sends every step with a new time; step 3 changed.
+            let late = w.push(collected(&[(1, 1.0), (2, 2.0), (3, 30.0), (4, 4.0)], 20), t + Duration::from_secs(4));
+            assert_eq!((late, w.take_duplicates()), (1, 3), "every {every}");
+            assert_eq!(w.pending_inputs(), 0);
+        }
+    }
+
+    /// An open window is what a held point costs at every-step cadence (memory per point in
+    /// flight, `scripts/bench-series.sh`): what only cumulative points and histograms need stays
+    /// boxed.
+    #[test]
+    fn an_open_window_stays_small() {
+        assert!(std::mem::size_of::<Acc>() <= 120, "Acc is {} bytes", std::mem::size_of::<Acc>());
+    }
+
     #[test]
     fn window_ends_are_multiples() {
         let s = settings(Some(100), Aggregation::Last);

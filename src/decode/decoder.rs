@@ -58,7 +58,12 @@ impl Decoder {
                 let rank = p.rank.or(run.rank);
                 match by_rank.iter_mut().find(|(r, _)| *r == rank) {
                     Some((_, v)) => v.push(pending),
-                    None => by_rank.push((rank, vec![pending])),
+                    None => {
+                        // Most resources are one process: its points are all of the resource's.
+                        let mut points = Vec::with_capacity(if by_rank.is_empty() { res.points.len() } else { 0 });
+                        points.push(pending);
+                        by_rank.push((rank, points));
+                    }
                 }
             }
             for (rank, pending) in by_rank {

@@ -267,6 +267,11 @@ fn parse_metric(
     let metric_name: Arc<str> = Arc::from(bounded_name(&m.name));
     let gauge = matches!(m.data, Some(metric::Data::Gauge(_)));
     let mut last = LastName::default();
+    points.reserve(match &m.data {
+        Some(metric::Data::Gauge(g)) => g.data_points.len(),
+        Some(metric::Data::Sum(s)) => s.data_points.len(),
+        _ => 0,
+    });
     let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
         if flags & NO_RECORDED_VALUE != 0 {
             return;

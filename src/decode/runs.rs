@@ -205,7 +205,7 @@ impl Runs {
 
     /// Applies `max_runs` and `max_series_per_run`: returns the points of admitted series, or
     /// `None` when none is left. Dropped points count `series_limit`.
-    pub(crate) fn admit(&mut self, settings: &DecodeSettings, run_key: &str, pending: Vec<Pending>, out: &mut Decoded) -> Option<Vec<Pending>> {
+    pub(crate) fn admit(&mut self, settings: &DecodeSettings, run_key: &str, mut pending: Vec<Pending>, out: &mut Decoded) -> Option<Vec<Pending>> {
         let max_series = settings.max_series_per_run;
         if !self.run_admitted(settings, run_key) {
             out.drop_quiet(DropReason::SeriesLimit, pending.len() as u64);
@@ -220,13 +220,12 @@ impl Runs {
         }
         let state = self.states.entry(run_key.to_string()).or_default();
         state.last_seen = Some(std::time::Instant::now());
-        let mut kept = Vec::with_capacity(pending.len());
         let mut refused = 0u64;
         let mut first_refused = None;
         // A series' points come one after another (one name shared): its kind is looked up
-        // once per stretch.
+        // once per stretch. Kept points stay where they are (no second vector).
         let mut known: Option<(Arc<str>, bool)> = None;
-        for p in pending {
+        pending.retain(|p| {
             let histogram = matches!(p.value, PointValue::Histogram(_));
             let kind = match &known {
                 Some((name, kind)) if Arc::ptr_eq(name, &p.series) => Some(*kind),
@@ -237,26 +236,28 @@ impl Runs {
                 }
             };
             match kind {
-                Some(kind) if kind == histogram => kept.push(p),
+                Some(kind) if kind == histogram => true,
                 Some(kind) => {
                     let (was, is) = if kind { ("histograms", "a scalar") } else { ("scalars", "a histogram") };
                     out.drop(DropReason::InvalidValue, || {
                         format!("series {:?} holds {was}; {is} point cannot share its TensorBoard tag", short(&p.series))
                     });
+                    false
                 }
                 None if state.series.len() < max_series => {
                     state.series.insert(p.series.clone(), histogram);
                     known = Some((p.series.clone(), histogram));
-                    kept.push(p);
+                    true
                 }
                 None => {
                     refused += 1;
                     if first_refused.is_none() {
-                        first_refused = Some(p.series);
+                        first_refused = Some(p.series.clone());
                     }
+                    false
                 }
             }
-        }
+        });
         if refused > 0 {
             out.drop_quiet(DropReason::SeriesLimit, refused);
             if !state.limit_reported {
@@ -268,6 +269,6 @@ impl Runs {
                 ));
             }
         }
-        (!kept.is_empty()).then_some(kept)
+        (!pending.is_empty()).then_some(pending)
     }
 }
