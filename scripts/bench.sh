@@ -39,7 +39,9 @@ row() {
 row "no MLflow exporter" --no-mlflow
 row "MLflow reachable" --tracking-uri "$uri"
 row "MLflow unreachable" --tracking-uri "$dead"
-# Memory under 100 000 distinct series, with and without max_series_per_run (scripts/bench-series.sh).
-cargo build --release --locked --bin trainmetrics -q && scripts/bench-series.sh target/release/trainmetrics
+# Memory: heap bytes per live series and per point in flight (benches/memory.rs, counted by
+# its allocator), then serve's RSS for the same (scripts/bench-series.sh).
+cargo bench --locked -q --bench memory 2>/dev/null | grep '^|'
+cargo build --release --locked --bin trainmetrics --example otlp_load -q && scripts/bench-series.sh target/release/trainmetrics
 # serve against the Collector built here on the same OTLP/HTTP load (scripts/bench-ingest.sh).
 scripts/bench-ingest.sh

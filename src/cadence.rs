@@ -241,15 +241,16 @@ impl Batch {
     }
 }
 
-/// One open window's aggregate. Kept small (one per held point at every-step cadence): what
-/// only cumulative points or histograms need is boxed in [`AccMore`].
+/// One open window's aggregate. Kept small (one per held point at every-step cadence): it
+/// keeps only its own aggregation's running value, and what only cumulative points or
+/// histograms need is boxed in [`AccMore`].
 #[derive(Debug, Clone)]
 struct Acc {
+    /// The running value of `agg`: the sum (mean, sum), the smallest (min), the largest (max)
+    /// or the value at `last_step` (last).
+    value: f64,
+    /// Measurements taken (a histogram's count): the mean's divisor.
     n: u64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    last: f64,
     last_step: i64,
     max_step: i64,
     time: u64,
@@ -274,11 +275,11 @@ struct AccMore {
 impl Acc {
     fn new(agg: Aggregation, opened: Instant) -> Self {
         Self {
+            value: match agg {
+                Aggregation::Mean | Aggregation::Sum => 0.0,
+                Aggregation::Last | Aggregation::Min | Aggregation::Max => f64::NAN,
+            },
             n: 0,
-            sum: 0.0,
-            min: f64::NAN,
-            max: f64::NAN,
-            last: f64::NAN,
             last_step: i64::MIN,
             max_step: i64::MIN,
             time: 0,
@@ -351,27 +352,28 @@ impl Acc {
             }
         };
         self.n = self.n.saturating_add(contrib_n);
-        self.sum += contrib_sum;
-        // f64::min/max return the non-NaN operand, which is the documented NaN rule.
-        self.min = self.min.min(lo);
-        self.max = self.max.max(hi);
-        if step >= self.last_step {
+        let newest = step >= self.last_step;
+        match self.agg {
+            Aggregation::Mean | Aggregation::Sum => self.value += contrib_sum,
+            // f64::min/max return the non-NaN operand, which is the documented NaN rule.
+            Aggregation::Min => self.value = self.value.min(lo),
+            Aggregation::Max => self.value = self.value.max(hi),
+            Aggregation::Last if newest => self.value = last,
+            Aggregation::Last => {}
+        }
+        if newest {
             self.last_step = step;
-            self.last = last;
         }
     }
 
     fn scalar(&self) -> f64 {
         match self.agg {
-            Aggregation::Last => self.last,
-            Aggregation::Sum => self.sum,
-            Aggregation::Min => self.min,
-            Aggregation::Max => self.max,
+            Aggregation::Last | Aggregation::Sum | Aggregation::Min | Aggregation::Max => self.value,
             Aggregation::Mean => {
                 if self.n == 0 {
                     f64::NAN
                 } else {
-                    self.sum / self.n as f64
+                    self.value / self.n as f64
                 }
             }
         }
@@ -539,6 +541,12 @@ impl OpenWindows {
                 Err(i) => i,
             },
         };
+        // Doubling up to 1024 windows, then a quarter more at a time: a long hold (a reorder
+        // window, a cadence of many steps) keeps little unused room per held point.
+        if self.0.len() == self.0.capacity() {
+            let more = if self.0.len() < 1024 { self.0.len().max(4) } else { self.0.len() / 4 };
+            self.0.reserve_exact(more);
+        }
         self.0.insert(at, (end, open()));
         &mut self.0[at].1
     }
@@ -568,7 +576,14 @@ impl WrittenSteps {
     fn insert(&mut self, step: i64, id: u64) {
         match self.position(step) {
             Ok(i) => self.0[i].1 = id,
-            Err(i) => self.0.insert(i, (step, id)),
+            Err(i) => {
+                // Most series of a service write few steps of this kind: the first takes room
+                // for one (a queue's first growth takes room for four).
+                if self.0.capacity() == 0 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, (step, id))
+            }
         }
         while self.0.len() > WRITTEN_CUMULATIVE_STEPS {
             self.0.pop_front();
@@ -1120,7 +1135,7 @@ mod tests {
     /// boxed.
     #[test]
     fn an_open_window_stays_small() {
-        assert!(std::mem::size_of::<Acc>() <= 120, "Acc is {} bytes", std::mem::size_of::<Acc>());
+        assert!(std::mem::size_of::<Acc>() <= 96, "Acc is {} bytes", std::mem::size_of::<Acc>());
     }
 
     #[test]
