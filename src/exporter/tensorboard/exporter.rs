@@ -153,33 +153,33 @@ struct Slot<'a> {
     touched: bool,
 }
 
-/// The tags of one export. A batch is ordered by step, so one tag's points are far apart: each
-/// tag is resolved once, by its name's allocation (shared from the decoder on), else by name.
-#[derive(Default)]
+/// The tags of one export, each resolved once against the run's state. A batch is ordered by
+/// (step, tag) with each pair once, so a batch of one step (most exports) names each tag once
+/// and needs no index; a longer batch finds a tag's slot by name.
 struct Slots<'a> {
-    by_ptr: FastMap<usize, usize>,
-    by_name: FastMap<&'a str, usize>,
+    by_name: Option<FastMap<&'a str, usize>>,
     list: Vec<Slot<'a>>,
 }
 
 impl<'a> Slots<'a> {
+    fn new(points: &[OutPoint]) -> Self {
+        let one_step = points.first().map(|p| p.step) == points.last().map(|p| p.step);
+        Slots { by_name: (!one_step).then(FastMap::default), list: Vec::new() }
+    }
+
     /// The slot of `tag`, resolved against run state `rf` the first time.
     fn get(&mut self, tag: &'a Arc<str>, rf: &RunFile) -> &mut Slot<'a> {
-        let ptr = Arc::as_ptr(tag) as *const u8 as usize;
-        let i = match self.by_ptr.get(&ptr) {
-            Some(&i) => i,
+        let known = self.by_name.as_ref().and_then(|m| m.get(&**tag).copied());
+        let i = match known {
+            Some(i) => i,
             None => {
-                let i = match self.by_name.get(&**tag) {
-                    Some(&i) => i,
-                    None => {
-                        let state = rf.tags.get(&**tag);
-                        let in_file = rf.path.is_some() && state.is_some_and(|t| t.file == rf.file);
-                        self.list.push(Slot { tag, written: state.map(|t| t.written), in_file, first_here: false, touched: false });
-                        self.by_name.insert(&**tag, self.list.len() - 1);
-                        self.list.len() - 1
-                    }
-                };
-                self.by_ptr.insert(ptr, i);
+                let state = rf.tags.get(&**tag);
+                let in_file = rf.path.is_some() && state.is_some_and(|t| t.file == rf.file);
+                self.list.push(Slot { tag, written: state.map(|t| t.written), in_file, first_here: false, touched: false });
+                let i = self.list.len() - 1;
+                if let Some(m) = self.by_name.as_mut() {
+                    m.insert(&**tag, i);
+                }
                 i
             }
         };
@@ -541,7 +541,7 @@ fn encode<'a>(run: &RunInfo, points: &'a [OutPoint], base: usize, start_at: Opti
         buf: Vec::new(),
         refused: Vec::new(),
         // What the export writes per tag; committed only after the write succeeds.
-        slots: Slots::default(),
+        slots: Slots::new(points),
         session_started: rf.session_started,
     };
     if new_file {
