@@ -640,24 +640,23 @@ impl StepRecorder {
     /// Names the OTel API rejects (`acc@1`, `lossé`, …) are recorded on a shared instrument
     /// with the attribute `trainmetrics.name`, which the exporters turn back into the name.
     pub fn record_with(&self, step: i64, name: &str, value: f64, attributes: &[KeyValue]) {
-        if let Ok(by_name) = self.by_name.read() {
-            if let Some(named) = by_name.get(name) {
-                return self.record_on(named, step, value, attributes);
-            }
-        }
-        if let Some(named) = self.gauge_for(name) {
-            self.record_on(&named, step, value, attributes);
+        let known = match self.by_name.read() {
+            Ok(by_name) => by_name.get(name).map(|named| self.record_on(named, step, value, attributes)).is_some(),
+            Err(_) => false,
+        };
+        // Outside the read lock: counting may collect early (a flush), which must not hold up
+        // a thread that registers a new name, nor through it the other recording threads.
+        let recorded = known || self.gauge_for(name).map(|named| self.record_on(&named, step, value, attributes)).is_some();
+        if let Some(c) = self.early.as_ref().filter(|_| recorded) {
+            c.recorded_one();
         }
     }
 
-    /// [`StepRecorder::record_with`] on a metric's gauge.
+    /// [`StepRecorder::record_with`] on a metric's gauge (without the early collection count).
     fn record_on(&self, (g, name_attr): &NamedGauge, step: i64, value: f64, attributes: &[KeyValue]) {
         if attributes.is_empty() && name_attr.is_none() && value.is_finite() {
             // The common case without a heap allocation.
             g.record(value, &[KeyValue::new(self.step_key.clone(), step), record_time()]);
-            if let Some(c) = &self.early {
-                c.recorded_one();
-            }
             return;
         }
         let mut attrs = Vec::with_capacity(attributes.len() + 4);
@@ -671,9 +670,6 @@ impl StepRecorder {
                 attrs.push(KeyValue::new(NONFINITE_ATTRIBUTE, t));
                 g.record(0.0, &attrs);
             }
-        }
-        if let Some(c) = &self.early {
-            c.recorded_one();
         }
     }
 

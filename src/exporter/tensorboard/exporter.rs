@@ -908,4 +908,219 @@ mod tests {
         let r = e.export(&batch("r", &[(1, "a", 1.0)]), Duration::from_secs(1));
         assert!(matches!(r, Err(ExportError::Retryable { .. })), "{r:?}");
     }
+
+    // Metadata once per tag per event file, late points and resumes, read back with
+    // TensorBoard's own loader.
+
+    /// (file index, step, tag, has plugin metadata) of every summary value of a run dir, read
+    /// with TensorBoard's own event file loader (tests/support/tb_records.py, in `./.venv`).
+    fn records_in_files(run_dir: &Path) -> (usize, Vec<(usize, i64, String, bool)>) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/support/tb_records.py"))
+            .arg(run_dir)
+            .output();
+        let Ok(out) = out else { panic!("missing component: .venv/bin/python with tensorboard (scripts/setup.sh): {out:?}") };
+        assert!(out.status.success(), "tb_records.py: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let files = v["files"].as_u64().unwrap_or(0) as usize;
+        let recs = v["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r[2].as_str() != Some("__session__") && !r[2].as_str().unwrap_or("").starts_with("_hparams_"))
+            .map(|r| (r[0].as_u64().unwrap_or(99) as usize, r[1].as_i64().unwrap_or(-1), r[2].as_str().unwrap_or("").to_string(), r[3].as_bool().unwrap_or(false)))
+            .collect();
+        (files, recs)
+    }
+
+    /// Every tag's first record in each file carries its metadata, and no later one does.
+    fn assert_metadata_once_per_file(recs: &[(usize, i64, String, bool)]) {
+        let mut seen = std::collections::HashSet::new();
+        for (file, step, tag, has) in recs {
+            let first = seen.insert((*file, tag.clone()));
+            assert_eq!(*has, first, "file {file} step {step} tag {tag}: metadata {has}, first in file {first}; all: {recs:?}");
+        }
+    }
+
+    fn exporter_in_tempdir() -> (tempfile::TempDir, TensorBoardExporter) {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir: {dir:?}") };
+        let e = TensorBoardExporter::new(TensorBoardSettings { logdir: dir.path().to_path_buf() });
+        (dir, e)
+    }
+
+    fn refused(r: Result<Exported, ExportError>) -> Vec<(usize, DropReason)> {
+        match r {
+            Ok(x) => x.refused,
+            Err(e) => panic!("export failed: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn multi_step_batches_and_late_points_keep_metadata_once_per_file() {
+        let (dir, mut e) = exporter_in_tempdir();
+        let d = Duration::from_secs(1);
+        // A tag at several steps of one batch.
+        assert!(refused(e.export(&batch("r", &[(1, "a", 1.0), (1, "b", 1.0), (2, "a", 2.0), (3, "a", 3.0), (3, "b", 3.0)]), d)).is_empty());
+        // Late points in a multi-step batch: at and below the last written step.
+        let r = refused(e.export(&batch("r", &[(2, "a", 9.0), (3, "b", 9.0), (4, "a", 4.0), (4, "b", 4.0), (4, "c", 4.0)]), d));
+        assert_eq!(r, vec![(0, DropReason::Late), (1, DropReason::Late)]);
+        // Late in a single-step batch.
+        assert_eq!(refused(e.export(&batch("r", &[(4, "a", 9.0), (4, "b", 9.0)]), d)), vec![(0, DropReason::Late), (1, DropReason::Late)]);
+        assert_eq!(refused(e.export(&batch("r", &[(4, "a", 9.0)]), d)), vec![(0, DropReason::Late)]);
+        // A single-step batch where one tag is late and a new tag comes.
+        assert_eq!(refused(e.export(&batch("r", &[(5, "a", 5.0), (5, "d", 5.0)]), d)), vec![]);
+        assert_eq!(refused(e.export(&batch("r", &[(5, "b", 5.0), (5, "d", 9.0)]), d)), vec![(1, DropReason::Late)]);
+        // Multi-step batch where a tag is late at its first step and new at the next.
+        assert_eq!(refused(e.export(&batch("r", &[(5, "a", 9.0), (6, "a", 6.0), (6, "e", 6.0), (7, "e", 7.0)]), d)), vec![(0, DropReason::Late)]);
+        let (files, recs) = records_in_files(&dir.path().join("r"));
+        assert_eq!(files, 1);
+        assert_metadata_once_per_file(&recs);
+        let steps = |tag: &str| recs.iter().filter(|r| r.2 == tag).map(|r| r.1).collect::<Vec<_>>();
+        assert_eq!(steps("a"), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(steps("b"), vec![1, 3, 4, 5]);
+        assert_eq!(steps("c"), vec![4]);
+        assert_eq!(steps("d"), vec![5]);
+        assert_eq!(steps("e"), vec![6, 7]);
+    }
+
+    #[test]
+    fn resumes_write_metadata_again_in_each_new_file() {
+        let (dir, mut e) = exporter_in_tempdir();
+        let d = Duration::from_secs(1);
+        let pts: Vec<(i64, &str, f64)> = (1..=5).flat_map(|s| [(s, "a", s as f64), (s, "b", s as f64), (s, "c", s as f64)]).collect();
+        assert!(refused(e.export(&batch("r", &pts), d)).is_empty());
+        // Resume at 3: only a in the first export of the new file, b at the next, c a file later.
+        let resumed = |pts: &[(i64, &str, f64)], at: i64| Batch { resumed_at: Some(at), ..batch("r", pts) };
+        assert!(refused(e.export(&resumed(&[(3, "a", 30.0)], 3), d)).is_empty());
+        assert!(refused(e.export(&batch("r", &[(4, "a", 40.0), (4, "b", 40.0)]), d)).is_empty());
+        // A late point in the new session (below the resume's last written step).
+        assert_eq!(refused(e.export(&batch("r", &[(4, "b", 41.0)]), d)), vec![(0, DropReason::Late)]);
+        // A second resume at 2, with old-session points below it in the same batch (file 2's),
+        // then a multi-step batch: a tag of file 1 only (c) and one of file 2 (a).
+        assert!(refused(e.export(&resumed(&[(1, "d", 10.0), (2, "b", 200.0), (3, "b", 300.0)], 2), d)).is_empty());
+        assert!(refused(e.export(&batch("r", &[(4, "a", 400.0), (4, "c", 400.0), (5, "a", 500.0), (5, "c", 500.0)]), d)).is_empty());
+        // A resume at a step where every point is late for nothing written: the tag's first
+        // write lands in a later export.
+        assert!(refused(e.export(&resumed(&[(5, "b", 5000.0)], 5), d)).is_empty());
+        assert!(refused(e.export(&batch("r", &[(6, "a", 6.0), (6, "b", 6.0), (6, "c", 6.0)]), d)).is_empty());
+        // The run ends (close_run) and goes on in the same file.
+        assert!(refused(e.export(&Batch { ended: Some(crate::cadence::RunEnd { status: crate::cadence::EndStatus::Finished, time_unix_nano: 1 }), ..batch("r", &[(7, "a", 7.0)]) }, d)).is_empty());
+        assert!(refused(e.export(&batch("r", &[(8, "a", 8.0), (8, "d", 8.0)]), d)).is_empty());
+        // A resume after the end.
+        assert!(refused(e.export(&resumed(&[(8, "d", 80.0), (9, "c", 9.0)], 8), d)).is_empty());
+        let (files, recs) = records_in_files(&dir.path().join("r"));
+        assert_metadata_once_per_file(&recs);
+        assert_eq!(files, 5, "{recs:?}");
+        let in_file = |f: usize| recs.iter().filter(|r| r.0 == f).map(|r| (r.1, r.2.clone())).collect::<Vec<_>>();
+        let s = |v: &[(i64, &str)]| v.iter().map(|(a, b)| (*a, b.to_string())).collect::<Vec<_>>();
+        assert_eq!(in_file(1), s(&[(3, "a"), (4, "a"), (4, "b"), (1, "d")]));
+        assert_eq!(in_file(2), s(&[(2, "b"), (3, "b"), (4, "a"), (4, "c"), (5, "a"), (5, "c")]));
+        assert_eq!(in_file(3), s(&[(5, "b"), (6, "a"), (6, "b"), (6, "c"), (7, "a"), (8, "a"), (8, "d")]));
+        assert_eq!(in_file(4), s(&[(8, "d"), (9, "c")]));
+    }
+
+    #[test]
+    fn failed_writes_leave_metadata_for_the_retry() {
+        let (dir, mut e) = exporter_in_tempdir();
+        let d = Duration::from_secs(1);
+        let run_dir = dir.path().join("r");
+        assert!(refused(e.export(&batch("r", &[(1, "a", 1.0)]), d)).is_empty());
+        // A new tag's first write fails in the existing file (cut back): the retry carries it.
+        DISK_LEFT.set(Some(3));
+        assert!(e.export(&batch("r", &[(2, "a", 2.0), (2, "b", 2.0)]), d).is_err());
+        DISK_LEFT.set(None);
+        assert!(refused(e.export(&batch("r", &[(2, "a", 2.0), (2, "b", 2.0)]), d)).is_empty());
+        // A resume whose new file fails (removed): the retry's new file carries every tag's.
+        DISK_LEFT.set(Some(3));
+        let b = Batch { resumed_at: Some(2), ..batch("r", &[(2, "a", 20.0), (2, "b", 20.0), (3, "a", 30.0)]) };
+        assert!(e.export(&b, d).is_err());
+        DISK_LEFT.set(None);
+        assert!(refused(e.export(&b, d)).is_empty());
+        // The same resume again fails once more inside the now existing file, then a tag of the
+        // old file only.
+        DISK_LEFT.set(Some(3));
+        assert!(e.export(&batch("r", &[(4, "c", 4.0), (4, "a", 4.0)]), d).is_err());
+        DISK_LEFT.set(None);
+        assert!(refused(e.export(&batch("r", &[(4, "a", 4.0), (4, "c", 4.0)]), d)).is_empty());
+        let (files, recs) = records_in_files(&run_dir);
+        assert_eq!(files, 2, "{recs:?}");
+        assert_metadata_once_per_file(&recs);
+    }
+
+    /// Random exports (one- and multi-step batches, resumes, failed writes, run ends): in every
+    /// event file each tag's first record has metadata and no other does, each tag's steps rise
+    /// within a file, and every point an export accepted is in the files.
+    #[test]
+    fn random_exports_keep_the_per_file_invariants() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let tags = ["a", "b", "c", "d"];
+        for seed in 0..40 {
+            let (dir, mut e) = exporter_in_tempdir();
+            let d = Duration::from_secs(1);
+            let mut accepted = 0usize;
+            let mut step: i64 = 1;
+            let mut log = Vec::new();
+            let mut last_resume = None;
+            for _ in 0..25 {
+                let multi = rnd(2) == 0;
+                let resume = rnd(6) == 0;
+                if resume {
+                    step = (step - 1 - rnd(4) as i64).max(0);
+                }
+                let nsteps = if multi { 2 + rnd(3) as i64 } else { 1 };
+                let mut pts: Vec<(i64, &str, f64)> = Vec::new();
+                let first = if !resume && rnd(4) == 0 { step - 1 - rnd(2) as i64 } else { step };
+                for s in first..first + nsteps {
+                    for t in tags {
+                        if rnd(2) == 0 {
+                            pts.push((s, t, s as f64));
+                        }
+                    }
+                }
+                if pts.is_empty() {
+                    continue;
+                }
+                step = first + nsteps;
+                let mut b = batch("r", &pts);
+                if resume {
+                    // The cadence announces a resume once (a retry repeats a whole batch; not modelled).
+                    let at = pts[0].0 + rnd(2) as i64;
+                    if last_resume != Some(at) {
+                        b.resumed_at = Some(at);
+                        last_resume = Some(at);
+                    }
+                }
+                if rnd(8) == 0 {
+                    b.ended = Some(crate::cadence::RunEnd { status: crate::cadence::EndStatus::Finished, time_unix_nano: 1 });
+                }
+                let fail = rnd(7) == 0;
+                if fail {
+                    DISK_LEFT.set(Some(rnd(40) as usize));
+                }
+                let r = e.export(&b, d);
+                DISK_LEFT.set(None);
+                log.push(format!("{pts:?} resumed {:?} ended {} fail {fail} -> {:?}", b.resumed_at, b.ended.is_some(), r.as_ref().map(|x| x.refused.clone())));
+                if let Ok(x) = r {
+                    accepted += pts.len() - x.refused.len();
+                }
+            }
+            let (_, recs) = records_in_files(&dir.path().join("r"));
+            let ctx = format!("seed {seed}:\n{}\n{recs:?}", log.join("\n"));
+            let mut seen = std::collections::HashMap::new();
+            for (file, s, tag, has) in &recs {
+                let prev = seen.insert((*file, tag.clone()), *s);
+                assert_eq!(*has, prev.is_none(), "metadata of {tag} at {s} in file {file}; {ctx}");
+                assert!(prev.is_none_or(|p| p < *s), "{tag} goes from {prev:?} to {s} in file {file}; {ctx}");
+            }
+            assert_eq!(recs.len(), accepted, "{ctx}");
+        }
+    }
 }
