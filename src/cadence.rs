@@ -1001,6 +1001,19 @@ fn merge_by_step(lists: Vec<Vec<OutPoint>>) -> Vec<OutPoint> {
     use std::cmp::Reverse;
     let total = lists.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(total);
+    // The series of a run usually hold the same steps (a trainer records each of them at every
+    // step): the merge is then a transposition, read in order, without a heap.
+    let aligned = lists
+        .split_first()
+        .is_some_and(|(first, rest)| rest.iter().all(|l| l.len() == first.len() && l.iter().zip(first).all(|(a, b)| a.step == b.step)));
+    if aligned {
+        let rows = lists.first().map_or(0, Vec::len);
+        let mut iters: Vec<std::vec::IntoIter<OutPoint>> = lists.into_iter().map(Vec::into_iter).collect();
+        for _ in 0..rows {
+            out.extend(iters.iter_mut().filter_map(Iterator::next));
+        }
+        return out;
+    }
     let mut iters: Vec<std::iter::Peekable<std::vec::IntoIter<OutPoint>>> = lists.into_iter().map(|l| l.into_iter().peekable()).collect();
     let mut heap: std::collections::BinaryHeap<Reverse<(i64, usize)>> =
         iters.iter_mut().enumerate().filter_map(|(i, it)| Some(Reverse((it.peek()?.step, i)))).collect();
@@ -1090,13 +1103,30 @@ mod tests {
                 .map(|&step| OutPoint { series: name.into(), step, time_unix_nano: 0, scalar: step as f64, histogram: None, inputs: 1 })
                 .collect()
         };
-        let lists = vec![list("a", &[1, 2, 5, 9]), list("b", &[]), list("c", &[2, 3, 5]), list("d", &[-4, 9, 10]), list("e", &[5])];
-        let mut expected: Vec<OutPoint> = lists.iter().flatten().cloned().collect();
-        expected.sort_by_key(|p| p.step);
-        let merged = merge_by_step(lists);
         let key = |ps: &[OutPoint]| ps.iter().map(|p| (p.step, p.series.to_string())).collect::<Vec<_>>();
-        assert_eq!(key(&merged), key(&expected));
-        assert_eq!(key(&merged)[..4], [(-4, "d".to_string()), (1, "a".into()), (2, "a".into()), (2, "c".into())]);
+        let stable_sort = |lists: &[Vec<OutPoint>]| {
+            let mut expected: Vec<OutPoint> = lists.iter().flatten().cloned().collect();
+            expected.sort_by_key(|p| p.step);
+            key(&expected)
+        };
+        let lists = vec![list("a", &[1, 2, 5, 9]), list("b", &[]), list("c", &[2, 3, 5]), list("d", &[-4, 9, 10]), list("e", &[5])];
+        let expected = stable_sort(&lists);
+        let merged = key(&merge_by_step(lists));
+        assert_eq!(merged, expected);
+        assert_eq!(merged[..4], [(-4, "d".to_string()), (1, "a".into()), (2, "a".into()), (2, "c".into())]);
+        // Lists of the same steps (the transposition), and lists that differ only in their last
+        // step or their length (the general merge).
+        for lists in [
+            vec![list("a", &[3, 4, 7]), list("b", &[3, 4, 7]), list("c", &[3, 4, 7])],
+            vec![list("a", &[3, 4, 7]), list("b", &[3, 4, 8]), list("c", &[3, 4, 7])],
+            vec![list("a", &[3, 4, 7]), list("b", &[3, 4]), list("c", &[3, 4, 7])],
+            vec![list("a", &[]), list("b", &[])],
+        ] {
+            let expected = stable_sort(&lists);
+            assert_eq!(key(&merge_by_step(lists)), expected);
+        }
+        let aligned = key(&merge_by_step(vec![list("a", &[3, 4]), list("b", &[3, 4])]));
+        assert_eq!(aligned, [(3, "a".to_string()), (3, "b".into()), (4, "a".into()), (4, "b".into())]);
     }
 
     /// A gauge point stamped with its collection time (`collected`) is re-sent by a cumulative
