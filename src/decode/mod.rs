@@ -127,7 +127,7 @@ pub mod values;
 
 pub use decoder::Decoder;
 pub use model::*;
-pub use request::{count_data_points, parse, Parsed, ParsedPoint, ParsedResource};
+pub use request::{count_data_points, parse, parse_sized, Parsed, ParsedPoint, ParsedResource};
 pub use runs::{MAX_ATTRIBUTE_VALUE_CHARS, MAX_RUN_ATTRIBUTES};
 pub use settings::*;
 pub use steps::parse_step;

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::metrics::v1::metric;
+use opentelemetry_proto::tonic::metrics::v1::{metric, Metric};
 
 use super::model::*;
 use super::runs::run_info;
@@ -24,25 +24,23 @@ const NO_RECORDED_VALUE: u32 = 1;
 /// "no recorded value" carry nothing to deliver and are not counted (the decoder skips them
 /// first), so `count_data_points(req)` equals [`Decoded::accounted`] for every request.
 pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
+    let metrics = req.resource_metrics.iter().flat_map(|rm| &rm.scope_metrics).flat_map(|sm| &sm.metrics);
+    metrics.filter(|m| m.name != RUN_END_METRIC).map(valued_points).sum()
+}
+
+/// The data points of one metric that [`count_data_points`] counts.
+fn valued_points(m: &Metric) -> u64 {
     fn valued<'a>(flags: impl Iterator<Item = &'a u32>) -> u64 {
         flags.filter(|f| *f & NO_RECORDED_VALUE == 0).count() as u64
     }
-    let mut n = 0u64;
-    for rm in &req.resource_metrics {
-        for sm in &rm.scope_metrics {
-            for m in sm.metrics.iter().filter(|m| m.name != RUN_END_METRIC) {
-                n += match &m.data {
-                    Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
-                    Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
-                    Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
-                    Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
-                    Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
-                    None => 0,
-                };
-            }
-        }
+    match &m.data {
+        Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
+        Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
+        Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+        Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
+        Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
+        None => 0,
     }
-    n
 }
 
 pub(crate) fn now_unix_nano() -> u64 {
@@ -102,7 +100,8 @@ pub struct Parsed {
     pub(crate) outcome: Decoded,
     /// Data points the request holds ([`count_data_points`]).
     pub data_points: u64,
-    /// The request's protobuf size, bytes (what admission counts it for).
+    /// The request's protobuf size, bytes (what admission counts it for): the body it was decoded
+    /// from ([`parse_sized`]), else its encoded length.
     pub bytes: u64,
 }
 
@@ -153,9 +152,18 @@ impl Parsed {
 /// values, names). Only `settings.step_key` and `settings.identity` are used: they are the
 /// pipeline's, while prefix, limits and the non-finite policy belong to each exporter's
 /// [`super::Decoder`]. Never fails: unusable data points are counted in [`Parsed::dropped`].
+/// [`Parsed::bytes`] is the request's encoded size; a receiver that has the request as it came
+/// over the wire gives its size to [`parse_sized`] instead.
 pub fn parse(req: &ExportMetricsServiceRequest, settings: &DecodeSettings) -> Parsed {
+    parse_sized(req, prost::Message::encoded_len(req) as u64, settings)
+}
+
+/// [`parse`] of a request whose protobuf size, `bytes`, the caller knows (a receiver: the body
+/// it decoded), which spares encoding it again to measure it.
+pub fn parse_sized(req: &ExportMetricsServiceRequest, bytes: u64, settings: &DecodeSettings) -> Parsed {
     let mut outcome = Decoded::default();
     let received_at = now_unix_nano();
+    let mut data_points = 0;
     let mut resources = Vec::with_capacity(req.resource_metrics.len());
     for rm in &req.resource_metrics {
         let attrs = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
@@ -165,13 +173,15 @@ pub fn parse(req: &ExportMetricsServiceRequest, settings: &DecodeSettings) -> Pa
                 if m.name == RUN_END_METRIC {
                     run_ends(settings, m, received_at, &mut res.ends, &mut outcome);
                 } else {
+                    // Counted here, metric by metric, rather than in a second walk of the request.
+                    data_points += valued_points(m);
                     parse_metric(settings, m, received_at, &mut res.points, &mut outcome);
                 }
             }
         }
         resources.push(res);
     }
-    Parsed { resources, outcome, data_points: count_data_points(req), bytes: prost::Message::encoded_len(req) as u64 }
+    Parsed { resources, outcome, data_points, bytes }
 }
 
 /// Splits attributes into step, name override, non-finite override, overflow and the rest.
@@ -212,7 +222,7 @@ fn split_attributes(settings: &DecodeSettings, attrs: &[KeyValue]) -> Result<Spl
 /// Reads the data points of a [`RUN_END_METRIC`] (see the module docs' "Run end").
 fn run_ends(
     settings: &DecodeSettings,
-    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    m: &Metric,
     received_at: u64,
     ends: &mut Vec<(Option<i64>, RunEnd)>,
     out: &mut Decoded,
@@ -258,7 +268,7 @@ struct LastName {
 
 fn parse_metric(
     settings: &DecodeSettings,
-    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    m: &Metric,
     received_at: u64,
     points: &mut Vec<ParsedPoint>,
     out: &mut Decoded,
@@ -354,7 +364,7 @@ fn parse_metric(
 /// Pushes a metric's histograms (explicit or exponential, already converted): each data point's
 /// attributes, time, start time, flags and histogram, or why it is not one.
 fn histograms<'a>(
-    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    m: &Metric,
     cumulative: bool,
     points: impl Iterator<Item = (&'a [KeyValue], u64, u64, u32, Result<Histogram, String>)>,
     push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
@@ -370,7 +380,7 @@ fn histograms<'a>(
 }
 
 fn numbers(
-    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    m: &Metric,
     points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
     cumulative_monotonic: Option<bool>,
     push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),

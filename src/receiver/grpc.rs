@@ -118,7 +118,7 @@ impl Export {
     fn answer(&self, request: &[u8]) -> Result<Accepted, Refusal> {
         let req = ExportMetricsServiceRequest::decode(request)
             .map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
-        Ok(self.fanout.accept(req)?)
+        Ok(self.fanout.accept(req, Some(request.len() as u64))?)
     }
 }
 

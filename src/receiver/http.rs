@@ -137,18 +137,19 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
     let raw = decompress(encoding.trim(), &body, state.max_body)?;
     // Data points of a JSON body that the typed decode could not keep (see `decode_json`).
     let mut unreadable = 0;
-    let req = if json {
-        decode_json(&raw).map(|(req, lost)| {
+    let (req, protobuf_bytes) = if json {
+        let req = decode_json(&raw).map(|(req, lost)| {
             unreadable = lost;
             req
-        })
+        });
+        (req, None)
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {
-        ExportMetricsServiceRequest::decode(&*raw).map_err(|e| e.to_string())
+        (ExportMetricsServiceRequest::decode(&*raw).map_err(|e| e.to_string()), Some(raw.len() as u64))
     } else {
         return Err(Refusal::Unsupported(format!("unsupported Content-Type {content_type:?}")));
     };
     let req = req.map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
-    let mut accepted = state.fanout.accept(req)?;
+    let mut accepted = state.fanout.accept(req, protobuf_bytes)?;
     if unreadable > 0 {
         accepted.add_rejected(unreadable, format!("{unreadable} data point(s) of the OTLP/JSON body could not be read (a malformed field drops its whole metric in the JSON decoding)"));
     }
