@@ -115,7 +115,8 @@
 //! Downward only: [`model`] (the point model and the attribute conventions) and [`settings`]
 //! are leaves; [`values`] reads numbers and histograms; [`steps`] reads step attributes and
 //! gives unstepped points their step; [`runs`] describes runs and admits them and their series;
-//! [`request`] reads a request once ([`parse`]) for every exporter; [`decoder`] applies one exporter's rules.
+//! [`wire`] is the protobuf form a request is read from; [`request`] reads a request once
+//! ([`parse`]) for every exporter; [`decoder`] applies one exporter's rules.
 
 pub mod decoder;
 pub mod model;
@@ -124,10 +125,11 @@ pub mod runs;
 pub mod settings;
 pub mod steps;
 pub mod values;
+pub(crate) mod wire;
 
 pub use decoder::Decoder;
 pub use model::*;
-pub use request::{count_data_points, parse, parse_sized, Parsed, ParsedPoint, ParsedResource};
+pub use request::{count_data_points, parse, parse_protobuf, Parsed, ParsedPoint, ParsedResource};
 pub use runs::{MAX_ATTRIBUTE_VALUE_CHARS, MAX_RUN_ATTRIBUTES};
 pub use settings::*;
 pub use steps::parse_step;

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::metrics::v1::{metric, Metric};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::metric;
+use prost::bytes::Bytes;
+use prost::{DecodeError, Message};
 
 use super::model::*;
 use super::runs::run_info;
 use super::settings::DecodeSettings;
 use super::steps::parse_step;
 use super::values::{exponential_histogram, histogram, number};
+use super::wire;
 use crate::names::{self, bounded_name};
 use crate::stats::DropReason;
 
@@ -25,22 +28,32 @@ const NO_RECORDED_VALUE: u32 = 1;
 /// first), so `count_data_points(req)` equals [`Decoded::accounted`] for every request.
 pub fn count_data_points(req: &ExportMetricsServiceRequest) -> u64 {
     let metrics = req.resource_metrics.iter().flat_map(|rm| &rm.scope_metrics).flat_map(|sm| &sm.metrics);
-    metrics.filter(|m| m.name != RUN_END_METRIC).map(valued_points).sum()
+    let points = |m: &opentelemetry_proto::tonic::metrics::v1::Metric| match &m.data {
+        Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| p.flags)),
+        Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| p.flags)),
+        Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| p.flags)),
+        Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| p.flags)),
+        Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| p.flags)),
+        None => 0,
+    };
+    metrics.filter(|m| m.name != RUN_END_METRIC).map(points).sum()
 }
 
-/// The data points of one metric that [`count_data_points`] counts.
-fn valued_points(m: &Metric) -> u64 {
-    fn valued<'a>(flags: impl Iterator<Item = &'a u32>) -> u64 {
-        flags.filter(|f| *f & NO_RECORDED_VALUE == 0).count() as u64
-    }
+/// The data points of one metric that [`count_data_points`] counts, on the wire form.
+fn valued_points(m: &wire::Metric) -> u64 {
     match &m.data {
-        Some(metric::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| &p.flags)),
-        Some(metric::Data::Sum(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
-        Some(metric::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
-        Some(metric::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| &p.flags)),
-        Some(metric::Data::Summary(s)) => valued(s.data_points.iter().map(|p| &p.flags)),
+        Some(wire::Data::Gauge(g)) => valued(g.data_points.iter().map(|p| p.flags)),
+        Some(wire::Data::Sum(s)) => valued(s.data_points.iter().map(|p| p.flags)),
+        Some(wire::Data::Histogram(h)) => valued(h.data_points.iter().map(|p| p.flags)),
+        Some(wire::Data::ExponentialHistogram(h)) => valued(h.data_points.iter().map(|p| p.flags)),
+        Some(wire::Data::Summary(s)) => valued(s.data_points.iter().map(|p| p.flags)),
         None => 0,
     }
+}
+
+/// How many of these data point flags do not say "no recorded value".
+fn valued(flags: impl Iterator<Item = u32>) -> u64 {
+    flags.filter(|f| f & NO_RECORDED_VALUE == 0).count() as u64
 }
 
 pub(crate) fn now_unix_nano() -> u64 {
@@ -152,15 +165,32 @@ impl Parsed {
 /// values, names). Only `settings.step_key` and `settings.identity` are used: they are the
 /// pipeline's, while prefix, limits and the non-finite policy belong to each exporter's
 /// [`super::Decoder`]. Never fails: unusable data points are counted in [`Parsed::dropped`].
-/// [`Parsed::bytes`] is the request's encoded size; a receiver that has the request as it came
-/// over the wire gives its size to [`parse_sized`] instead.
+///
+/// The request is read in its protobuf form ([`parse_protobuf`], the one reading of both
+/// routes); a receiver that has the body parses that directly.
 pub fn parse(req: &ExportMetricsServiceRequest, settings: &DecodeSettings) -> Parsed {
-    parse_sized(req, prost::Message::encoded_len(req) as u64, settings)
+    let body = Bytes::from(req.encode_to_vec());
+    let bytes = body.len() as u64;
+    parse_protobuf(body, settings).unwrap_or_else(|e| {
+        // Only a request nested deeper than prost's recursion limit gets here (no receiver
+        // passes one on): its data points are counted as dropped, not lost without a trace.
+        let data_points = count_data_points(req);
+        let mut outcome = Decoded::default();
+        outcome.drop_quiet(DropReason::InvalidValue, data_points);
+        outcome.messages.push((DropReason::InvalidValue, format!("the request cannot be read: {e}")));
+        Parsed { resources: Vec::new(), outcome, data_points, bytes }
+    })
 }
 
-/// [`parse`] of a request whose protobuf size, `bytes`, the caller knows (a receiver: the body
-/// it decoded), which spares encoding it again to measure it.
-pub fn parse_sized(req: &ExportMetricsServiceRequest, bytes: u64, settings: &DecodeSettings) -> Parsed {
+/// [`parse`] of an `ExportMetricsServiceRequest` in its protobuf form, e.g. the body a receiver
+/// took ([`Parsed::bytes`] is its size). Attribute keys borrow `body` while it is read (see
+/// [`wire`]), so it is not copied.
+///
+/// Errors: `body` is not an `ExportMetricsServiceRequest` (exactly when opentelemetry-proto's
+/// typed decoding fails on it).
+pub fn parse_protobuf(body: Bytes, settings: &DecodeSettings) -> Result<Parsed, DecodeError> {
+    let bytes = body.len() as u64;
+    let req = wire::ExportMetricsServiceRequest::decode(body)?;
     let mut outcome = Decoded::default();
     let received_at = now_unix_nano();
     let mut data_points = 0;
@@ -181,21 +211,37 @@ pub fn parse_sized(req: &ExportMetricsServiceRequest, bytes: u64, settings: &Dec
         }
         resources.push(res);
     }
-    Parsed { resources, outcome, data_points, bytes }
+    Ok(Parsed { resources, outcome, data_points, bytes })
 }
 
 /// Splits attributes into step, name override, non-finite override, overflow and the rest.
-fn split_attributes(settings: &DecodeSettings, attrs: &[KeyValue]) -> Result<Split, (DropReason, String)> {
+fn split_attributes(settings: &DecodeSettings, attrs: Attributes<'_>) -> Result<Split, (DropReason, String)> {
+    match attrs {
+        Attributes::Typed(a) => split_pairs(settings, a.iter().map(|kv| (kv.key.as_str(), kv.value.as_ref()))),
+        Attributes::Wire(a) => split_pairs(settings, a.iter().map(|kv| (kv.key(), kv.value.as_ref()))),
+    }
+}
+
+/// A data point's attributes: a histogram's or a summary's (typed), a gauge's or a sum's
+/// ([`wire`]).
+#[derive(Clone, Copy)]
+enum Attributes<'a> {
+    Typed(&'a [KeyValue]),
+    Wire(&'a [wire::KeyValue]),
+}
+
+/// [`split_attributes`] of (key, value) pairs.
+fn split_pairs<'a>(settings: &DecodeSettings, attrs: impl Iterator<Item = (&'a str, Option<&'a AnyValue>)>) -> Result<Split, (DropReason, String)> {
     let mut split = Split { step: None, rank: None, rest: Vec::new(), nonfinite: None, overflow: false, name: None, time: None };
-    for kv in attrs {
-        if kv.key == settings.step_key {
-            split.step = Some(parse_step(kv.value.as_ref()).ok_or_else(|| {
-                (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(kv.value.as_ref()))))
+    for (key, value) in attrs {
+        if key == settings.step_key {
+            split.step = Some(parse_step(value).ok_or_else(|| {
+                (DropReason::InvalidStep, format!("step attribute {:?} is not an integer", short(&any_value_text(value))))
             })?);
-        } else if let Some(r) = (kv.key == settings.identity.rank).then(|| parse_step(kv.value.as_ref())).flatten() {
+        } else if let Some(r) = (key == settings.identity.rank).then(|| parse_step(value)).flatten() {
             split.rank = Some(r);
-        } else if kv.key == NONFINITE_ATTRIBUTE {
-            split.nonfinite = match any_value_text(kv.value.as_ref()).as_str() {
+        } else if key == NONFINITE_ATTRIBUTE {
+            split.nonfinite = match any_value_text(value).as_str() {
                 "NaN" => Some(f64::NAN),
                 "Infinity" => Some(f64::INFINITY),
                 "-Infinity" => Some(f64::NEG_INFINITY),
@@ -206,50 +252,43 @@ fn split_attributes(settings: &DecodeSettings, attrs: &[KeyValue]) -> Result<Spl
                     ))
                 }
             };
-        } else if kv.key == OVERFLOW_ATTRIBUTE {
+        } else if key == OVERFLOW_ATTRIBUTE {
             split.overflow = true;
-        } else if kv.key == NAME_ATTRIBUTE {
-            split.name = Some(any_value_text(kv.value.as_ref()));
-        } else if kv.key == TIME_ATTRIBUTE {
-            split.time = parse_step(kv.value.as_ref()).and_then(|t| u64::try_from(t).ok());
+        } else if key == NAME_ATTRIBUTE {
+            split.name = Some(any_value_text(value));
+        } else if key == TIME_ATTRIBUTE {
+            split.time = parse_step(value).and_then(|t| u64::try_from(t).ok());
         } else {
-            split.rest.push((kv.key.clone(), any_value_text(kv.value.as_ref())));
+            split.rest.push((key.to_string(), any_value_text(value)));
         }
     }
     Ok(split)
 }
 
 /// Reads the data points of a [`RUN_END_METRIC`] (see the module docs' "Run end").
-fn run_ends(
-    settings: &DecodeSettings,
-    m: &Metric,
-    received_at: u64,
-    ends: &mut Vec<(Option<i64>, RunEnd)>,
-    out: &mut Decoded,
-) {
-    let points: Vec<(&[KeyValue], u64)> = match &m.data {
-        Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
-        Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| (p.attributes.as_slice(), p.time_unix_nano)).collect(),
+fn run_ends(settings: &DecodeSettings, m: &wire::Metric, received_at: u64, ends: &mut Vec<(Option<i64>, RunEnd)>, out: &mut Decoded) {
+    let points = match &m.data {
+        Some(wire::Data::Gauge(g)) => &g.data_points,
+        Some(wire::Data::Sum(s)) => &s.data_points,
         _ => {
             out.end_errors.push(format!("{RUN_END_METRIC} must be a gauge or a sum; this one ends nothing"));
             return;
         }
     };
-    for (attrs, time) in points {
-        let rank = attrs.iter().find(|kv| kv.key == settings.identity.rank).and_then(|kv| parse_step(kv.value.as_ref()));
-        let status = match attrs.iter().find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE) {
+    for p in points {
+        let find = |key: &str| p.attributes.iter().find(|kv| kv.key() == key);
+        let rank = find(&settings.identity.rank).and_then(|kv| parse_step(kv.value.as_ref()));
+        let status_text = find(RUN_END_STATUS_ATTRIBUTE).map(|kv| any_value_text(kv.value.as_ref()));
+        let status = match &status_text {
             None => Some(EndStatus::Finished),
-            Some(kv) => EndStatus::parse(&any_value_text(kv.value.as_ref())),
+            Some(text) => EndStatus::parse(text),
         };
+        let time = p.time_unix_nano;
         match status {
             Some(status) => ends.push((rank, RunEnd { status, time_unix_nano: if time == 0 { received_at } else { time } })),
             None if out.end_errors.is_empty() => out.end_errors.push(format!(
                 "{RUN_END_METRIC} has {RUN_END_STATUS_ATTRIBUTE}={:?}, not FINISHED, FAILED or KILLED; it ends nothing",
-                attrs
-                    .iter()
-                    .find(|kv| kv.key == RUN_END_STATUS_ATTRIBUTE)
-                    .map(|kv| short(&any_value_text(kv.value.as_ref())).into_owned())
-                    .unwrap_or_default()
+                status_text.as_deref().map(short).unwrap_or_default()
             )),
             None => {}
         }
@@ -268,21 +307,21 @@ struct LastName {
 
 fn parse_metric(
     settings: &DecodeSettings,
-    m: &Metric,
+    m: &wire::Metric,
     received_at: u64,
     points: &mut Vec<ParsedPoint>,
     out: &mut Decoded,
 ) {
     // Bounded once per metric: its name is shared by all its data points (see `names`).
     let metric_name: Arc<str> = Arc::from(bounded_name(&m.name));
-    let gauge = matches!(m.data, Some(metric::Data::Gauge(_)));
+    let gauge = matches!(m.data, Some(wire::Data::Gauge(_)));
     let mut last = LastName::default();
     points.reserve(match &m.data {
-        Some(metric::Data::Gauge(g)) => g.data_points.len(),
-        Some(metric::Data::Sum(s)) => s.data_points.len(),
+        Some(wire::Data::Gauge(g)) => g.data_points.len(),
+        Some(wire::Data::Sum(s)) => s.data_points.len(),
         _ => 0,
     });
-    let mut push = |attrs: &[KeyValue], time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
+    let mut push = |attrs: Attributes<'_>, time: u64, flags: u32, value: PointValue, cumulative: Option<Cumulative>, out: &mut Decoded| {
         if flags & NO_RECORDED_VALUE != 0 {
             return;
         }
@@ -335,26 +374,26 @@ fn parse_metric(
         });
     };
     match &m.data {
-        Some(metric::Data::Gauge(metric_data)) => numbers(m, &metric_data.data_points, None, &mut push, out),
-        Some(metric::Data::Sum(metric_data)) => {
+        Some(wire::Data::Gauge(metric_data)) => numbers(m, &metric_data.data_points, None, &mut push, out),
+        Some(wire::Data::Sum(metric_data)) => {
             let monotonic = (metric_data.aggregation_temporality == CUMULATIVE).then_some(metric_data.is_monotonic);
             numbers(m, &metric_data.data_points, monotonic, &mut push, out)
         }
-        Some(metric::Data::Histogram(h)) => {
+        Some(wire::Data::Histogram(h)) => {
             let points = h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0);
             let points = points.map(|dp| (dp.attributes.as_slice(), dp.time_unix_nano, dp.start_time_unix_nano, dp.flags, histogram(dp)));
             histograms(m, h.aggregation_temporality == CUMULATIVE, points, &mut push, out)
         }
-        Some(metric::Data::ExponentialHistogram(h)) => {
+        Some(wire::Data::ExponentialHistogram(h)) => {
             let points = h.data_points.iter().filter(|dp| dp.flags & NO_RECORDED_VALUE == 0);
             let points = points.map(|dp| (dp.attributes.as_slice(), dp.time_unix_nano, dp.start_time_unix_nano, dp.flags, exponential_histogram(dp)));
             histograms(m, h.aggregation_temporality == CUMULATIVE, points, &mut push, out)
         }
-        Some(metric::Data::Summary(sm)) => {
+        Some(wire::Data::Summary(sm)) => {
             for dp in &sm.data_points {
                 // Quantiles cannot be aggregated across windows; count and sum can.
                 let v = Histogram { count: dp.count, sum: dp.sum, min: None, max: None, bounds: vec![], counts: vec![dp.count] };
-                push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), None, out);
+                push(Attributes::Typed(&dp.attributes), dp.time_unix_nano, dp.flags, PointValue::Histogram(Box::new(v)), None, out);
             }
         }
         None => {}
@@ -364,32 +403,32 @@ fn parse_metric(
 /// Pushes a metric's histograms (explicit or exponential, already converted): each data point's
 /// attributes, time, start time, flags and histogram, or why it is not one.
 fn histograms<'a>(
-    m: &Metric,
+    m: &wire::Metric,
     cumulative: bool,
     points: impl Iterator<Item = (&'a [KeyValue], u64, u64, u32, Result<Histogram, String>)>,
-    push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
+    push: &mut impl FnMut(Attributes<'_>, u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
     out: &mut Decoded,
 ) {
     for (attributes, time, start, flags, converted) in points {
         let cum = cumulative.then_some(Cumulative { start, monotonic: true });
         match converted {
-            Ok(v) => push(attributes, time, flags, PointValue::Histogram(Box::new(v)), cum, out),
+            Ok(v) => push(Attributes::Typed(attributes), time, flags, PointValue::Histogram(Box::new(v)), cum, out),
             Err(msg) => out.drop(DropReason::InvalidHistogram, || format!("metric {:?}: {msg}", short(&m.name))),
         }
     }
 }
 
 fn numbers(
-    m: &Metric,
-    points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
+    m: &wire::Metric,
+    points: &[wire::NumberDataPoint],
     cumulative_monotonic: Option<bool>,
-    push: &mut impl FnMut(&[KeyValue], u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
+    push: &mut impl FnMut(Attributes<'_>, u64, u32, PointValue, Option<Cumulative>, &mut Decoded),
     out: &mut Decoded,
 ) {
     for dp in points {
         let cum = cumulative_monotonic.map(|monotonic| Cumulative { start: dp.start_time_unix_nano, monotonic });
         match number(dp.value) {
-            Some(v) => push(&dp.attributes, dp.time_unix_nano, dp.flags, PointValue::Scalar(v), cum, out),
+            Some(v) => push(Attributes::Wire(&dp.attributes), dp.time_unix_nano, dp.flags, PointValue::Scalar(v), cum, out),
             // A point flagged "no recorded value" legitimately has none: skipped uncounted.
             None if dp.flags & NO_RECORDED_VALUE != 0 => {}
             None => out.drop(DropReason::InvalidValue, || format!("metric {:?}: data point without a value", short(&m.name))),

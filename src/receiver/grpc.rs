@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::SERVICE_NAME;
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::bytes::Buf;
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder, EnabledCompressionEncodings};
@@ -115,10 +115,8 @@ struct Export {
 }
 
 impl Export {
-    fn answer(&self, request: &[u8]) -> Result<Accepted, Refusal> {
-        let req = ExportMetricsServiceRequest::decode(request)
-            .map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
-        Ok(self.fanout.accept(req, Some(request.len() as u64))?)
+    fn answer(&self, request: Vec<u8>) -> Result<Accepted, Refusal> {
+        self.fanout.accept_protobuf(request.into())
     }
 }
 
@@ -128,7 +126,7 @@ impl tonic::server::UnaryService<Vec<u8>> for Export {
     fn call(&mut self, request: Request<Vec<u8>>) -> Self::Future {
         let export = self.clone();
         Box::pin(async move {
-            let answer = export.answer(request.get_ref());
+            let answer = export.answer(request.into_inner());
             export.admission.record(&answer);
             export.recorded.store(true, Ordering::Relaxed);
             let accepted = answer?;

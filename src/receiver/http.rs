@@ -97,13 +97,13 @@ impl IntoResponse for Reply {
 
 /// Decompresses `body` per `encoding`, refusing output beyond `max` bytes (an uncompressed
 /// body is used as it is: axum's limit already bounds it).
-fn decompress<'a>(encoding: &str, body: &'a [u8], max: usize) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
+fn decompress(encoding: &str, body: &Bytes, max: usize) -> Result<Bytes, Refusal> {
     let mut out = Vec::new();
     let limit = max as u64 + 1;
     let read = match encoding {
-        "" | "identity" => return Ok(body.into()),
-        "gzip" => flate2::read::MultiGzDecoder::new(body).take(limit).read_to_end(&mut out),
-        "zstd" => match zstd::stream::read::Decoder::new(body) {
+        "" | "identity" => return Ok(body.clone()),
+        "gzip" => flate2::read::MultiGzDecoder::new(&body[..]).take(limit).read_to_end(&mut out),
+        "zstd" => match zstd::stream::read::Decoder::new(&body[..]) {
             Ok(d) => d.take(limit).read_to_end(&mut out),
             Err(e) => Err(e),
         },
@@ -137,19 +137,15 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
     let raw = decompress(encoding.trim(), &body, state.max_body)?;
     // Data points of a JSON body that the typed decode could not keep (see `decode_json`).
     let mut unreadable = 0;
-    let (req, protobuf_bytes) = if json {
-        let req = decode_json(&raw).map(|(req, lost)| {
-            unreadable = lost;
-            req
-        });
-        (req, None)
+    let mut accepted = if json {
+        let (req, lost) = decode_json(&raw).map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+        unreadable = lost;
+        state.fanout.accept(req)?
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {
-        (ExportMetricsServiceRequest::decode(&*raw).map_err(|e| e.to_string()), Some(raw.len() as u64))
+        state.fanout.accept_protobuf(raw)?
     } else {
         return Err(Refusal::Unsupported(format!("unsupported Content-Type {content_type:?}")));
     };
-    let req = req.map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
-    let mut accepted = state.fanout.accept(req, protobuf_bytes)?;
     if unreadable > 0 {
         accepted.add_rejected(unreadable, format!("{unreadable} data point(s) of the OTLP/JSON body could not be read (a malformed field drops its whole metric in the JSON decoding)"));
     }

@@ -32,7 +32,8 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest};
 
-use crate::decode::{parse, parse_sized, DecodeSettings, CUMULATIVE_NOTICE};
+use crate::decode::{parse, parse_protobuf, DecodeSettings, Parsed, CUMULATIVE_NOTICE};
+use prost::bytes::Bytes;
 use crate::delivery::{Delivery, NoRoom};
 
 /// How long a sender is asked to wait when an exporter has no room. Short: held points drain
@@ -83,16 +84,25 @@ impl Fanout {
     /// A request whose points are all at or below the newest step already taken for their run
     /// is checked with [`Delivery::room`]'s doubled limits: it is data a collector's other
     /// consumer had in flight, and refusing it while newer data is taken would make it `late`.
-    ///
-    /// `protobuf_bytes` is the size of the protobuf body `req` was decoded from (`None` for a
-    /// request that did not come as protobuf: its encoded size is measured).
-    pub fn accept(&self, req: ExportMetricsServiceRequest, protobuf_bytes: Option<u64>) -> Result<Accepted, Busy> {
+    pub fn accept(&self, req: ExportMetricsServiceRequest) -> Result<Accepted, Busy> {
         // Parsed once here for the answer and for every exporter (each applies its own rules).
-        let parsed = match protobuf_bytes {
-            Some(bytes) => parse_sized(&req, bytes, &self.decode),
-            None => parse(&req, &self.decode),
-        };
+        let parsed = parse(&req, &self.decode);
         drop(req);
+        self.admit(parsed)
+    }
+
+    /// [`Fanout::accept`] of a request in its protobuf form, the body of an OTLP/HTTP or
+    /// OTLP/gRPC export: read once ([`parse_protobuf`]), without the typed request.
+    ///
+    /// Errors: [`Refusal::Malformed`] when `body` is not an `ExportMetricsServiceRequest`,
+    /// [`Refusal::Busy`] as [`Fanout::accept`].
+    pub fn accept_protobuf(&self, body: Bytes) -> Result<Accepted, Refusal> {
+        let parsed = parse_protobuf(body, &self.decode).map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+        Ok(self.admit(parsed)?)
+    }
+
+    /// Hands a parsed request to every exporter, or to none (see [`Fanout::accept`]).
+    fn admit(&self, parsed: Parsed) -> Result<Accepted, Busy> {
         let rejected: u64 = parsed.dropped().iter().map(|(_, n)| n).sum();
         if parsed.cumulative_runs().next().is_some() {
             let mut noticed = self.noticed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
