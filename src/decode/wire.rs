@@ -20,9 +20,12 @@ use prost::encoding::{self, DecodeContext, WireType};
 use prost::DecodeError;
 use smallvec::SmallVec;
 
-/// Attributes a number data point holds without an allocation: a step, a rank and a record
-/// time (what [`crate::StepRecorder`] and most trainers attach); more spill to the heap.
-pub const INLINE_ATTRIBUTES: usize = 3;
+/// Attributes a number data point holds without an allocation: a step and a record time (what
+/// [`crate::StepRecorder`] attaches; an SDK's points through a collector usually carry the step
+/// alone); more spill to the heap. Two, not three: the data points of a metric are moved as its
+/// list grows, and a third slot made that cost more than it saved (6% of `serve`'s CPU per point
+/// on `scripts/bench-ingest.sh`'s load).
+pub const INLINE_ATTRIBUTES: usize = 2;
 
 /// `ExportMetricsServiceRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
