@@ -115,7 +115,7 @@
 //! Downward only: [`model`] (the point model and the attribute conventions) and [`settings`]
 //! are leaves; [`values`] reads numbers and histograms; [`steps`] reads step attributes and
 //! gives unstepped points their step; [`runs`] describes runs and admits them and their series;
-//! [`wire`] is the protobuf form a request is read from; [`request`] reads a request once
+//! `wire` (private) is the protobuf form a request is read from; [`request`] reads a request once
 //! ([`parse`]) for every exporter; [`decoder`] applies one exporter's rules.
 
 pub mod decoder;

@@ -113,8 +113,8 @@ pub struct Parsed {
     pub(crate) outcome: Decoded,
     /// Data points the request holds ([`count_data_points`]).
     pub data_points: u64,
-    /// The request's protobuf size, bytes (what admission counts it for): the body it was decoded
-    /// from ([`parse_sized`]), else its encoded length.
+    /// The request's protobuf size, bytes (what admission counts it for): the body given to
+    /// [`parse_protobuf`], or the encoding [`parse`] reads a typed request from.
     pub bytes: u64,
 }
 
@@ -184,7 +184,7 @@ pub fn parse(req: &ExportMetricsServiceRequest, settings: &DecodeSettings) -> Pa
 
 /// [`parse`] of an `ExportMetricsServiceRequest` in its protobuf form, e.g. the body a receiver
 /// took ([`Parsed::bytes`] is its size). Attribute keys borrow `body` while it is read (see
-/// [`wire`]), so it is not copied.
+/// `decode/wire.rs`), so it is not copied.
 ///
 /// Errors: `body` is not an `ExportMetricsServiceRequest` (exactly when opentelemetry-proto's
 /// typed decoding fails on it).
