@@ -138,7 +138,7 @@ fn handle(state: &AppState, headers: &HeaderMap, json: bool, body: Result<Bytes,
     // Data points of a JSON body that the typed decode could not keep (see `decode_json`).
     let mut unreadable = 0;
     let mut accepted = if json {
-        let (req, lost) = decode_json(&raw).map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+        let (req, lost) = decode_json(&raw).map_err(Refusal::undecodable)?;
         unreadable = lost;
         state.fanout.accept(req)?
     } else if content_type.starts_with("application/x-protobuf") || content_type.is_empty() {

@@ -32,8 +32,9 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest};
 
-use crate::decode::{parse, parse_protobuf, DecodeSettings, Parsed, CUMULATIVE_NOTICE};
 use prost::bytes::Bytes;
+
+use crate::decode::{parse, parse_protobuf, DecodeSettings, Parsed, CUMULATIVE_NOTICE};
 use crate::delivery::{Delivery, NoRoom};
 
 /// How long a sender is asked to wait when an exporter has no room. Short: held points drain
@@ -97,7 +98,7 @@ impl Fanout {
     /// Errors: [`Refusal::Malformed`] when `body` is not an `ExportMetricsServiceRequest`,
     /// [`Refusal::Busy`] as [`Fanout::accept`].
     pub fn accept_protobuf(&self, body: Bytes) -> Result<Accepted, Refusal> {
-        let parsed = parse_protobuf(body, &self.decode).map_err(|e| Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {e}")))?;
+        let parsed = parse_protobuf(body, &self.decode).map_err(Refusal::undecodable)?;
         Ok(self.admit(parsed)?)
     }
 
@@ -198,6 +199,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// [`Refusal::Malformed`] for a body that is not an `ExportMetricsServiceRequest` (protobuf
+    /// or JSON), with the decoder's reason.
+    pub fn undecodable(reason: impl std::fmt::Display) -> Self {
+        Refusal::Malformed(format!("cannot decode ExportMetricsServiceRequest: {reason}"))
+    }
+
     /// The outcome it is counted as.
     pub fn outcome(&self) -> Outcome {
         match self {
